@@ -1,0 +1,196 @@
+"""Record codec of the cold tier: header, byte-shuffle, zstd, checksum.
+
+A record is ``header ‖ payload``. The header (little-endian, :data:`HEADER` layout) holds:
+
+=============  ======  ====================================================
+field          bytes   meaning
+=============  ======  ====================================================
+magic          4       ``b"KVTR"``
+version        1       record format version (:data:`FORMAT_VERSION`)
+codec id       1       how the payload is encoded (:class:`CodecId`)
+dtype code     1       :data:`tiering.layout.DTYPES` code
+flags          1       reserved, 0
+tokens         4       tokens in the block (shape follows from the layout)
+layers         4       ┐
+kv_heads       4       │ the block's shape ``[2, layers, kv_heads, tokens, head_dim]``
+head_dim       4       ┘
+raw length     8       bytes of the decoded block
+checksum       8       XXH3-64 of the decoded (raw) bytes
+=============  ======  ====================================================
+
+The byte-shuffle groups the bytes of every element by significance (all low bytes, then all high
+bytes…) so that zstd sees the slowly varying exponent bytes together; on real bf16 KV this lifts the
+ratio noticeably. Decoding always verifies the checksum of the raw bytes: a corrupted record raises
+:class:`~tiering.errors.ChecksumError` and is never returned.
+
+Copies: encode = shuffle (1 copy) + compress; decode = decompress (1) + unshuffle (1) into a fresh
+buffer the caller owns.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+import zstandard
+
+from .errors import ChecksumError, InvalidBlock
+from .layout import DTYPE_BY_CODE, DTYPES, itemsize
+
+MAGIC = b"KVTR"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sBBBBIIIIQQ")
+
+
+class CodecId(enum.IntEnum):
+    """Payload encodings. Part of the on-disk format: never renumber, only append."""
+
+    RAW = 0
+    ZSTD = 1
+    SHUFFLE_ZSTD = 2
+
+
+def checksum(data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """XXH3-64 of ``data``: the checksum kvtier stores and sends with every block."""
+    return xxhash.xxh3_64_intdigest(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
+
+
+def shuffle(raw: memoryview | bytes, item: int) -> bytes:
+    """Group the bytes of each ``item``-byte element by significance (1 copy)."""
+    if item == 1:
+        return bytes(raw)
+    arr = np.frombuffer(raw, dtype=np.uint8).reshape(-1, item)
+    return arr.T.tobytes()
+
+
+def unshuffle(data: bytes, item: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`shuffle`; returns a fresh uint8 array (or fills ``out``)."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if item == 1:
+        if out is None:
+            return arr.copy()
+        out[:] = arr
+        return out
+    src = arr.reshape(item, -1).T
+    if out is None:
+        return np.ascontiguousarray(src).reshape(-1)
+    out.reshape(-1, item)[:] = src
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    """Decoded header of a cold record."""
+
+    codec: CodecId
+    dtype: str
+    tokens: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    raw_length: int
+    checksum: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (2, self.layers, self.kv_heads, self.tokens, self.head_dim)
+
+
+class Codec:
+    """Encodes blocks to records and back. Thread-safe: zstd contexts are kept per thread.
+
+    :param level: zstd compression level (1 fast … 19 small; negative levels are faster still).
+    :param codec: payload encoding for new records; any known codec can always be decoded.
+    """
+
+    def __init__(self, level: int = 3, codec: CodecId = CodecId.SHUFFLE_ZSTD) -> None:
+        self.level = level
+        self.codec = CodecId(codec)
+        self._local = threading.local()
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+        return c
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def encode(self, raw: memoryview | bytes, dtype: str, shape: tuple[int, ...], csum: int | None = None) -> bytes:
+        """Encode one block into a record.
+
+        :param raw: the block's bytes (C-contiguous).
+        :param dtype: element type name.
+        :param shape: ``[2, layers, kv_heads, tokens, head_dim]``.
+        :param csum: the raw bytes' checksum when already known (saves a pass).
+        :returns: header ‖ payload.
+        :raises InvalidBlock: if ``raw`` does not hold ``shape`` elements of ``dtype``.
+        """
+        item = itemsize(dtype)
+        raw = memoryview(raw).cast("B")
+        if len(shape) != 5 or shape[0] != 2 or int(np.prod(shape)) * item != len(raw):
+            raise InvalidBlock(f"{len(raw)} bytes do not hold a {dtype} block of shape {tuple(shape)}", field="payload")
+        csum = checksum(raw) if csum is None else csum
+        if self.codec is CodecId.RAW:
+            payload = bytes(raw)
+        elif self.codec is CodecId.ZSTD:
+            payload = self._cctx().compress(raw)
+        else:
+            payload = self._cctx().compress(shuffle(raw, item))
+        _, layers, heads, tokens, head_dim = shape
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, int(self.codec), DTYPES[dtype][1], 0,
+                             tokens, layers, heads, head_dim, len(raw), csum)
+        return header + payload
+
+    @staticmethod
+    def read_header(record: bytes | memoryview) -> RecordHeader:
+        """Parse a record's header without touching the payload.
+
+        :raises ChecksumError: if the header is damaged or of an unknown version/codec/dtype.
+        """
+        if len(record) < HEADER.size:
+            raise ChecksumError("record shorter than its header")
+        magic, version, codec, dtype_code, _flags, tokens, layers, heads, head_dim, raw_len, csum = \
+            HEADER.unpack_from(record)
+        if magic != MAGIC or version != FORMAT_VERSION or dtype_code not in DTYPE_BY_CODE:
+            raise ChecksumError("record header is damaged or of an unknown format")
+        try:
+            codec_id = CodecId(codec)
+        except ValueError:
+            raise ChecksumError(f"unknown codec id {codec}") from None
+        dtype = DTYPE_BY_CODE[dtype_code]
+        if 2 * layers * heads * tokens * head_dim * itemsize(dtype) != raw_len:
+            raise ChecksumError("record header's shape and length disagree")
+        return RecordHeader(codec_id, dtype, tokens, layers, heads, head_dim, raw_len, csum)
+
+    def decode(self, record: bytes | memoryview, out: np.ndarray | None = None) -> tuple[RecordHeader, np.ndarray]:
+        """Decode a record into a fresh uint8 array (or into ``out``), verifying its checksum.
+
+        :param out: optional destination of exactly ``raw_length`` bytes (e.g. a pinned buffer).
+        :returns: the header and the raw bytes.
+        :raises ChecksumError: on any damage; no bytes that failed the check are returned.
+        """
+        header = self.read_header(record)
+        payload = memoryview(record)[HEADER.size:]
+        try:
+            if header.codec is CodecId.RAW:
+                data = bytes(payload)
+            else:
+                data = self._dctx().decompress(payload, max_output_size=header.raw_length)
+        except zstandard.ZstdError as exc:
+            raise ChecksumError(f"payload does not decompress: {exc}") from exc
+        if len(data) != header.raw_length:
+            raise ChecksumError("payload decodes to the wrong length")
+        item = itemsize(header.dtype) if header.codec is CodecId.SHUFFLE_ZSTD else 1
+        raw = unshuffle(data, item, out)
+        if checksum(raw) != header.checksum:
+            raise ChecksumError("checksum of the decoded block does not match its record")
+        return header, raw

@@ -1,0 +1,287 @@
+"""The cold tier: zstd-compressed block records in LMDB on local disk; LMDB is also its index.
+
+Nothing about cold blocks is held in Python memory: contains/get are B-tree lookups in the memory-
+mapped file, so reopening a store of a million blocks costs only opening the file. Named databases
+inside the one environment (all updated in the same transactions, so they never disagree):
+
+============  ===========================================  ==========================================
+database      key → value                                  purpose
+============  ===========================================  ==========================================
+``blocks``    key(16) → record (``tiering/codec.py``)      the bytes
+``meta``      key(16) → seq(8 BE) ‖ ns_id(16) ‖ size(4)    where the block stands in ``order``
+``order``     seq(8 BE) → key(16)                          write order, oldest first: eviction order
+``ns_keys``   ns_id(16) → key(16), duplicates sorted       invalidate a namespace without a scan
+``namespaces`` ns_id(16) → JSON namespace                  invalidate by model fingerprint
+``sessions``  tenant ‖ 0 ‖ session id → JSON record        sessions (``tiering/sessions.py``)
+``info``      name → value                                 ``used`` bytes, next ``seq``
+============  ===========================================  ==========================================
+
+Eviction is oldest-written first (a block promoted and demoted again is written again only in
+write-back mode; in write-through the memory tiers' policies absorb the reads). Writes come in
+batches, one short write transaction each; compression happens before the transaction opens.
+Thread-safety: any thread may read; writes serialise on LMDB's own writer lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import lmdb
+import numpy as np
+import torch
+
+from .codec import Codec, RecordHeader
+from .errors import CapacityExceeded, ChecksumError, TierUnavailable
+from .keys import BlockKey
+from .tier import Block, Tier
+
+log = logging.getLogger(__name__)
+
+_META = struct.Struct(">Q16sI")
+_U64 = struct.Struct(">Q")
+#: Share of the LMDB map that records may fill; the rest is B-tree pages and the free list.
+FILL_RATIO = 0.80
+
+
+@dataclass(slots=True)
+class ColdWrite:
+    """One block to write: its key, its encoded record and its namespace."""
+
+    key: BlockKey
+    record: bytes
+    ns_id: bytes
+
+
+class ColdTier(Tier):
+    """LMDB-backed tier.
+
+    :param path: directory of the LMDB environment (created if missing).
+    :param capacity: LMDB map size in bytes; records may use :data:`FILL_RATIO` of it.
+    :param codec: encodes/decodes records.
+    :param durable_sync: fsync at every commit (True: a committed batch survives power loss; False:
+        survives a process crash only).
+    :raises TierUnavailable: if the directory cannot be created, opened or written.
+    """
+
+    name = "cold"
+
+    def __init__(self, path: str, capacity: int, codec: Codec, *, durable_sync: bool = True,
+                 readonly: bool = False) -> None:
+        self.path = path
+        self.codec = codec
+        self._capacity = int(capacity)
+        try:
+            if not readonly:
+                os.makedirs(path, exist_ok=True)
+            self.env = lmdb.open(path, map_size=self._capacity, max_dbs=8, subdir=True, readonly=readonly,
+                                 sync=durable_sync, metasync=durable_sync, readahead=False, max_readers=512,
+                                 lock=not readonly)
+            self.db = {name: self.env.open_db(name.encode(), dupsort=(name == "ns_keys"), create=not readonly)
+                       for name in ("blocks", "meta", "order", "ns_keys", "namespaces", "sessions", "info")}
+        except (lmdb.Error, OSError) as exc:
+            raise TierUnavailable(
+                f"cannot open the cold tier at {path!r}: {exc}. Check that the directory exists, is "
+                "writable by this user, and holds a kvtier LMDB store (or is empty)") from exc
+        self.checksum_failures = 0
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def contains(self, key: BlockKey) -> bool:
+        with self.env.begin(db=self.db["meta"]) as txn:
+            return txn.get(key.digest) is not None
+
+    def contains_many(self, keys: Iterable[BlockKey]) -> list[bool]:
+        """Membership of several keys in one read transaction."""
+        with self.env.begin(db=self.db["meta"]) as txn:
+            return [txn.get(k.digest) is not None for k in keys]
+
+    def get_record(self, key: BlockKey) -> bytes | None:
+        """The encoded record (one copy out of the map), or ``None``."""
+        with self.env.begin(db=self.db["blocks"]) as txn:
+            return txn.get(key.digest)
+
+    def decode(self, key: BlockKey, record: bytes, out: np.ndarray | None = None) -> Block | None:
+        """Decode a record fetched by :meth:`get_record`; a damaged one is deleted and gives ``None``."""
+        try:
+            header, raw = self.codec.decode(record, out)
+        except ChecksumError as exc:
+            self.checksum_failures += 1
+            log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
+            self.delete(key)
+            return None
+        return self._block(header, raw, self.ns_of(key) or b"")
+
+    @staticmethod
+    def _block(header: RecordHeader, raw: np.ndarray, ns_id: bytes) -> Block:
+        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, ns_id)
+
+    def get(self, key: BlockKey) -> Block | None:
+        record = self.get_record(key)
+        return None if record is None else self.decode(key, record)
+
+    def ns_of(self, key: BlockKey) -> bytes | None:
+        with self.env.begin(db=self.db["meta"]) as txn:
+            meta = txn.get(key.digest)
+        return None if meta is None else _META.unpack(meta)[1]
+
+    def keys(self) -> Iterator[BlockKey]:
+        with self.env.begin(db=self.db["meta"]) as txn:
+            keys = [BlockKey(bytes(k)) for k in txn.cursor().iternext(keys=True, values=False)]
+        return iter(keys)
+
+    def keys_of_namespace(self, ns_id: bytes) -> list[BlockKey]:
+        with self.env.begin(db=self.db["ns_keys"]) as txn:
+            cur = txn.cursor()
+            if not cur.set_key(ns_id):
+                return []
+            return [BlockKey(bytes(v)) for v in cur.iternext_dup(keys=False, values=True)]
+
+    def block_count(self) -> int:
+        """Blocks stored (from LMDB's own page statistics: O(1))."""
+        with self.env.begin() as txn:
+            return txn.stat(self.db["meta"])["entries"]
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def put(self, key: BlockKey, block: Block) -> None:
+        record = self.codec.encode(block.data.cpu().numpy(), block.dtype, block.shape, block.checksum)
+        self.write_batch([ColdWrite(key, record, block.ns_id)])
+
+    def write_batch(self, writes: list[ColdWrite], *, sessions: dict[bytes, bytes | None] | None = None,
+                    namespaces: dict[bytes, bytes] | None = None,
+                    protected: Callable[[BlockKey], bool] = lambda k: False) -> list[BlockKey]:
+        """Commit blocks (and session/namespace records) in one transaction, evicting the oldest
+        unprotected blocks first if they would not fit.
+
+        :param sessions: session id key → JSON record, or ``None`` to delete that session.
+        :param namespaces: ns_id → JSON namespace, registered once.
+        :returns: keys evicted to make room.
+        :raises CapacityExceeded: if enough room cannot be made; nothing is written then.
+        """
+        for attempt in range(3):
+            try:
+                with self.env.begin(write=True) as txn:
+                    evicted = self._write(txn, writes, sessions or {}, namespaces or {}, protected,
+                                          extra=attempt * sum(len(w.record) for w in writes) * 2)
+                return evicted
+            except lmdb.MapFullError:
+                log.warning("cold tier: LMDB map full (attempt %d); evicting more and retrying", attempt + 1)
+        raise CapacityExceeded(f"cold tier at {self.path!r} is full and nothing more can be evicted; "
+                               "raise cold.capacity or delete sessions")
+
+    def _write(self, txn, writes, sessions, namespaces, protected, extra: int) -> list[BlockKey]:
+        info = self.db["info"]
+        used = _U64.unpack(txn.get(b"used", db=info) or _U64.pack(0))[0]
+        seq = _U64.unpack(txn.get(b"seq", db=info) or _U64.pack(0))[0]
+        incoming = {}
+        for w in writes:
+            incoming[w.key] = w
+        new_bytes = 0
+        for w in incoming.values():
+            old = txn.get(w.key.digest, db=self.db["meta"])
+            new_bytes += len(w.record) - (_META.unpack(old)[2] if old else 0)
+        evicted: list[BlockKey] = []
+        need = used + new_bytes + extra - self.capacity_bytes
+        if need > 0:
+            cur = txn.cursor(db=self.db["order"])
+            for _seq, kd in cur.iternext():
+                key = BlockKey(bytes(kd))
+                if key in incoming or protected(key):
+                    continue
+                evicted.append(key)
+                meta = txn.get(key.digest, db=self.db["meta"])
+                need -= _META.unpack(meta)[2]
+                if need <= 0:
+                    break
+            if need > 0:
+                raise CapacityExceeded(f"cold tier full: {need} more bytes needed and every remaining "
+                                       "block is pinned or part of this write")
+            for key in evicted:
+                used -= self._delete(txn, key)
+        for w in incoming.values():
+            used -= self._delete(txn, w.key)
+            seq += 1
+            txn.put(w.key.digest, w.record, db=self.db["blocks"])
+            txn.put(w.key.digest, _META.pack(seq, w.ns_id, len(w.record)), db=self.db["meta"])
+            txn.put(_U64.pack(seq), w.key.digest, db=self.db["order"])
+            txn.put(w.ns_id, w.key.digest, db=self.db["ns_keys"])
+            used += len(w.record)
+        for ns_id, rec in namespaces.items():
+            txn.put(ns_id, rec, db=self.db["namespaces"], overwrite=False)
+        for sid, rec in sessions.items():
+            if rec is None:
+                txn.delete(sid, db=self.db["sessions"])
+            else:
+                txn.put(sid, rec, db=self.db["sessions"])
+        txn.put(b"used", _U64.pack(used), db=info)
+        txn.put(b"seq", _U64.pack(seq), db=info)
+        return evicted
+
+    def _delete(self, txn, key: BlockKey) -> int:
+        """Remove one block from every database; returns the record bytes freed (0 if absent)."""
+        meta = txn.get(key.digest, db=self.db["meta"])
+        if meta is None:
+            return 0
+        seq, ns_id, size = _META.unpack(meta)
+        txn.delete(key.digest, db=self.db["blocks"])
+        txn.delete(key.digest, db=self.db["meta"])
+        txn.delete(_U64.pack(seq), db=self.db["order"])
+        txn.delete(ns_id, key.digest, db=self.db["ns_keys"])
+        return size
+
+    def delete_many(self, keys: Iterable[BlockKey]) -> int:
+        """Delete several blocks in one transaction. Returns how many were there."""
+        n = 0
+        with self.env.begin(write=True) as txn:
+            freed = 0
+            for key in keys:
+                size = self._delete(txn, key)
+                freed += size
+                n += size > 0
+            used = _U64.unpack(txn.get(b"used", db=self.db["info"]) or _U64.pack(0))[0]
+            txn.put(b"used", _U64.pack(max(used - freed, 0)), db=self.db["info"])
+        return n
+
+    def delete(self, key: BlockKey) -> bool:
+        return self.delete_many([key]) > 0
+
+    # -- sessions and namespaces (records owned by tiering/sessions.py) ------------------------------
+    def session_get(self, sid: bytes) -> bytes | None:
+        with self.env.begin(db=self.db["sessions"]) as txn:
+            return txn.get(sid)
+
+    def session_items(self) -> list[tuple[bytes, bytes]]:
+        with self.env.begin(db=self.db["sessions"]) as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor().iternext()]
+
+    def namespaces(self) -> dict[bytes, dict]:
+        with self.env.begin(db=self.db["namespaces"]) as txn:
+            return {bytes(k): json.loads(bytes(v)) for k, v in txn.cursor().iternext()}
+
+    # -- accounting -----------------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return int(self._capacity * FILL_RATIO)
+
+    @property
+    def used_bytes(self) -> int:
+        with self.env.begin(db=self.db["info"]) as txn:
+            return _U64.unpack(txn.get(b"used") or _U64.pack(0))[0]
+
+    def stored_raw_bytes(self) -> int:
+        """Sum of the raw (decoded) lengths of every record: for the compression ratio. O(blocks)."""
+        total = 0
+        with self.env.begin(db=self.db["blocks"]) as txn:
+            for _k, rec in txn.cursor().iternext():
+                total += Codec.read_header(rec).raw_length
+        return total
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+

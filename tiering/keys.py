@@ -1,0 +1,124 @@
+"""Namespaces and block keys: the chained prefix hash that names every block.
+
+The hash is part of kvtier's public contract (clients in any language compute keys themselves), so
+it is specified here exactly and pinned by test vectors in ``tests/tiering/test_keys.py`` and the README:
+
+* ``H(x) = BLAKE2b(x, digest_size=16)`` (RFC 7693, no key, no salt, no personalisation).
+* A string field is encoded as its UTF-8 length, a 4-byte little-endian unsigned integer, then its
+  UTF-8 bytes. The namespace root is
+  ``key_0 = H(b"kvtier-ns-v1" ‖ str(tenant) ‖ str(model) ‖ str(revision) ‖ str(layout.describe()))``.
+* Token ids are encoded as 4-byte little-endian unsigned integers (0 ≤ id < 2**32).
+* ``key_i = H(key_{i-1} ‖ tokens of block i)``, where block i covers tokens
+  ``[i*block_tokens, (i+1)*block_tokens)``; the last block may be shorter (partial).
+
+A partial block's key never becomes the parent of another key: when the sequence grows, the full
+block gets its own key from the same parent, so partial blocks cannot poison later keys. Two tenants,
+two model revisions or two layouts never share a key because the root differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidBlock
+from .layout import BlockLayout
+
+KEY_BYTES = 16
+MAX_ID_BYTES = 256
+_NS_MAGIC = b"kvtier-ns-v1"
+
+
+def _h(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
+
+
+def _field(value: str, name: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > MAX_ID_BYTES:
+        raise InvalidBlock(f"{name} is {len(raw)} bytes long; at most {MAX_ID_BYTES}", field=name)
+    return struct.pack("<I", len(raw)) + raw
+
+
+@dataclass(frozen=True, slots=True)
+class BlockKey:
+    """The 16-byte content address of one block. A value type: frozen, slotted, hashable."""
+
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.digest, bytes) or len(self.digest) != KEY_BYTES:
+            raise InvalidBlock(f"a block key is exactly {KEY_BYTES} bytes", field="keys")
+
+    def hex(self) -> str:
+        return self.digest.hex()
+
+    @classmethod
+    def from_hex(cls, text: str) -> "BlockKey":
+        try:
+            return cls(bytes.fromhex(text))
+        except ValueError:
+            raise InvalidBlock(f"not a hex block key: {text[:40]!r}", field="keys") from None
+
+    def __repr__(self) -> str:
+        return f"BlockKey({self.digest.hex()[:12]}…)"
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """Where keys live: one tenant, one model at one weights revision, one block layout.
+
+    Changing any field changes every key (automatic invalidation); two tenants never share a key.
+    """
+
+    tenant: str
+    model: str
+    revision: str
+    layout: BlockLayout
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidBlock("namespace.model must name the model", field="namespace.model")
+        self.root()  # validates field lengths
+
+    def root(self) -> BlockKey:
+        """``key_0``: the hash of the namespace, parent of the first block."""
+        return BlockKey(_h(_NS_MAGIC + _field(self.tenant, "namespace.tenant") + _field(self.model, "namespace.model")
+                           + _field(self.revision, "namespace.revision") + _field(self.layout.describe(), "layout")))
+
+    @property
+    def ns_id(self) -> bytes:
+        """Stable 16-byte id of the namespace (its root key), used to index blocks by namespace."""
+        return self.root().digest
+
+
+def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise InvalidBlock("token ids must be a flat sequence", field="token_ids")
+    if arr.size and (arr.dtype.kind not in "iu" or int(arr.min()) < 0 or int(arr.max()) >= 2**32):
+        raise InvalidBlock("token ids must be integers in 0..2**32-1", field="token_ids")
+    return arr.astype("<u4", copy=False).tobytes()
+
+
+def chain_keys(namespace: Namespace, tokens: Sequence[int] | np.ndarray) -> list[BlockKey]:
+    """Keys of the blocks covering ``tokens`` under ``namespace``: one per block, the last maybe partial.
+
+    :returns: ``ceil(len(tokens) / block_tokens)`` keys, in prefix order.
+    :raises InvalidBlock: on token ids outside 0..2**32-1.
+    """
+    return list(iter_keys(namespace, tokens))
+
+
+def iter_keys(namespace: Namespace, tokens: Sequence[int] | np.ndarray) -> Iterator[BlockKey]:
+    """Lazy form of :func:`chain_keys` (stops early when the caller does)."""
+    raw = _token_bytes(tokens)
+    step = namespace.layout.block_tokens * 4
+    parent = namespace.root().digest
+    for start in range(0, len(raw), step):
+        parent = _h(parent + raw[start:start + step])
+        yield BlockKey(parent)

@@ -1,0 +1,113 @@
+"""MemoryTier: blocks as torch tensors on one device (the hot and warm tiers are both this).
+
+Not thread-safe on its own: the :class:`~tiering.store.TieredStore` holds its lock around every call,
+and copies bytes onto the tier's device *before* taking that lock (see :meth:`stage`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .errors import CapacityExceeded
+from .keys import BlockKey
+from .policies import EvictionPolicy
+from .tier import Block, Tier
+
+
+class MemoryTier(Tier):
+    """A dict of blocks on ``device`` with byte accounting and an eviction policy.
+
+    :param name: ``hot`` or ``warm``.
+    :param device: where the bytes live (``cuda:0``, ``cpu``).
+    :param capacity: bytes the tier may hold.
+    :param policy: orders the keys for eviction.
+    :param pin_memory: allocate host buffers page-locked (only meaningful for a CPU tier with CUDA
+        present: host→device copies from it are asynchronous).
+    """
+
+    def __init__(self, name: str, device: torch.device | str, capacity: int, policy: EvictionPolicy,
+                 *, pin_memory: bool = False) -> None:
+        self.name = name
+        self.device = torch.device(device)
+        self._capacity = int(capacity)
+        self.policy = policy
+        self.pin_memory = pin_memory and self.device.type == "cpu"
+        self._blocks: dict[BlockKey, Block] = {}
+        self._used = 0
+
+    # -- copies (no lock needed: they touch no shared state) ---------------------------------------
+    def stage(self, block: Block) -> Block:
+        """A copy of ``block`` whose bytes live on this tier's device (1 copy; async for pinned→CUDA).
+
+        The returned block is private to the caller until :meth:`put` publishes it.
+        """
+        src = block.data
+        if self.pin_memory:
+            dst = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
+            dst.copy_(src)
+        elif src.device == self.device:
+            dst = src.clone()
+        else:
+            non_blocking = self.device.type == "cuda" and src.device.type == "cpu" and src.is_pinned()
+            dst = src.to(self.device, non_blocking=non_blocking)
+            if non_blocking:
+                torch.cuda.current_stream(self.device).synchronize()
+        return block.with_data(dst)
+
+    # -- Tier ---------------------------------------------------------------------------------------
+    def contains(self, key: BlockKey) -> bool:
+        return key in self._blocks
+
+    def peek(self, key: BlockKey) -> Block | None:
+        """Like :meth:`get` but not an access (no recency change)."""
+        return self._blocks.get(key)
+
+    def get(self, key: BlockKey) -> Block | None:
+        block = self._blocks.get(key)
+        if block is not None:
+            self.policy.touch(key)
+        return block
+
+    def put(self, key: BlockKey, block: Block) -> None:
+        old = self._blocks.get(key)
+        delta = block.nbytes - (old.nbytes if old is not None else 0)
+        if self._used + delta > self._capacity:
+            raise CapacityExceeded(f"{self.name} tier: {block.nbytes} bytes do not fit "
+                                   f"({self._used}/{self._capacity} used)")
+        self._blocks[key] = block
+        self._used += delta
+        if old is None:
+            self.policy.insert(key)
+        else:
+            self.policy.touch(key)
+
+    def delete(self, key: BlockKey) -> bool:
+        return self.pop(key) is not None
+
+    def pop(self, key: BlockKey) -> Block | None:
+        """Remove and return the block (``None`` if absent)."""
+        block = self._blocks.pop(key, None)
+        if block is not None:
+            self._used -= block.nbytes
+            self.policy.remove(key)
+        return block
+
+    def keys(self) -> Iterator[BlockKey]:
+        return iter(list(self._blocks))
+
+    def victims(self, need: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey] | None:
+        """Keys to evict so that ``need`` more bytes fit; ``None`` if impossible. Mutates nothing."""
+        return self.policy.victims(need - self.free_bytes(), lambda k: self._blocks[k].nbytes, protected)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used

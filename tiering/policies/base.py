@@ -1,0 +1,53 @@
+"""EvictionPolicy: orders the keys of one tier and proposes victims; it owns no bytes.
+
+The tier calls :meth:`insert`, :meth:`touch` and :meth:`remove` as blocks come, are read and go, and
+asks :meth:`victims` for candidates when it needs room. ``victims`` never mutates the policy: the
+caller removes the chosen keys (through :meth:`remove`) only after it has committed to evicting them,
+so a failed eviction leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+
+
+class EvictionPolicy(ABC):
+    """Orders keys by value; not thread-safe (the owning store holds its lock around every call)."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def insert(self, key: Hashable) -> None:
+        """A key entered the tier."""
+
+    @abstractmethod
+    def touch(self, key: Hashable) -> None:
+        """A key already in the tier was read."""
+
+    @abstractmethod
+    def remove(self, key: Hashable) -> None:
+        """A key left the tier (evicted, demoted or deleted). Unknown keys are ignored."""
+
+    @abstractmethod
+    def order(self) -> list[Hashable]:
+        """Every key, least valuable first (the order victims are taken in)."""
+
+    def victims(self, need: int, size_of: Callable[[Hashable], int],
+                protected: Callable[[Hashable], bool]) -> list[Hashable] | None:
+        """Pick the least valuable unprotected keys whose sizes add up to at least ``need`` bytes.
+
+        :returns: the victims, least valuable first; ``[]`` when ``need <= 0``; ``None`` when the
+            unprotected keys cannot free enough (nothing changes in that case).
+        """
+        if need <= 0:
+            return []
+        chosen, freed = [], 0
+        for key in self.order():
+            if protected(key):
+                continue
+            chosen.append(key)
+            freed += size_of(key)
+            if freed >= need:
+                return chosen
+        return None

@@ -1,0 +1,34 @@
+"""LRU: evicts the least recently inserted-or-read key first."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from .base import EvictionPolicy
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used first. O(1) insert/touch/remove."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+
+    def insert(self, key: Hashable) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+
+    def touch(self, key: Hashable) -> None:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+
+    def remove(self, key: Hashable) -> None:
+        self._keys.pop(key, None)
+
+    def order(self) -> list[Hashable]:
+        return list(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

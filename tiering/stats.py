@@ -1,0 +1,47 @@
+"""Counters the store keeps: per tier, between tiers, and for the store as a whole.
+
+Plain integers bumped under the store's lock; :meth:`StoreStats.snapshot` copies them for readers
+(the Stats RPC, the metrics exporter), so readers never block the data path for long.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(slots=True)
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    promotions: int = 0  # blocks copied into this tier from a lower one
+    demotions: int = 0  # blocks moved out of this tier to a lower one
+    evictions: int = 0  # blocks dropped from this tier without a copy below being made now
+    checksum_failures: int = 0
+
+
+@dataclass(slots=True)
+class StoreStats:
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+    #: bytes moved between tiers, keyed ``"warm->hot"``, ``"cold->warm"``, ``"hot->warm"``, ``"mem->cold"``…
+    bytes_moved: Counter = field(default_factory=Counter)
+    puts: int = 0
+    blocks_stored: int = 0
+    blocks_skipped_present: int = 0
+    blocks_skipped_admission: int = 0
+    gets: int = 0
+    prefetches: int = 0
+    cold_raw_bytes_written: int = 0
+    cold_record_bytes_written: int = 0
+    write_errors: int = 0
+
+    def tier(self, name: str) -> TierStats:
+        t = self.tiers.get(name)
+        if t is None:
+            t = self.tiers[name] = TierStats()
+        return t
+
+    def snapshot(self) -> dict:
+        d = asdict(self)
+        d["bytes_moved"] = dict(self.bytes_moved)
+        return d

@@ -1,0 +1,779 @@
+"""TieredStore: places, finds, moves and forgets KV blocks across hot → warm → cold.
+
+Placement. A put lands in the highest enabled memory tier (hot if there is a GPU, else warm). A tier
+that runs out of room demotes its least valuable unpinned blocks (its policy decides) one tier down;
+blocks leaving the last memory tier are dropped (``write_through``: they are on disk already) or
+queued for disk (``write_back``). A read that hits a lower tier promotes the block to the top tier.
+
+Write policy. ``write_through`` queues every admitted block for the cold tier, so memory tiers are
+caches over the disk. ``write_back`` writes a block to disk only when it leaves memory. Either way a
+put may be *durable*: it returns only once its blocks and its session are committed to LMDB.
+
+Concurrency. One re-entrant lock guards the memory tiers, the policies, the pending-write table and
+the single-flight table; it is never held across LMDB I/O, decompression or a host→device copy
+(those happen before publishing under the lock). Concurrent reads of one block that must come from
+disk do the work once (single-flight). Reads and prefetches pin their blocks with expiring leases.
+
+Copies per path (bytes of one block): put → top tier 1 (stage); write to disk 2 (shuffle, compress);
+hit in top tier 0; warm → hot promotion 1; cold → top tier 3 (LMDB read, decompress+unshuffle,
+stage onto the tier's device).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from opentelemetry import trace
+
+from .codec import Codec, CodecId, checksum
+from .cold import ColdTier
+from .config import StoreConfig
+from .errors import InvalidBlock, LayoutMismatch, SessionNotFound, TierUnavailable
+from .hot import make_hot_tier
+from .keys import BlockKey, Namespace, chain_keys
+from .leases import LeaseTable
+from .memory import MemoryTier
+from .sessions import Session, namespace_to_dict, session_id_key
+from .stats import StoreStats
+from .tier import Block
+from .warm import make_warm_tier
+from .writer import ColdWriter, WriteJob
+
+log = logging.getLogger(__name__)
+
+_CODECS = {"shuffle_zstd": CodecId.SHUFFLE_ZSTD, "zstd": CodecId.ZSTD, "raw": CodecId.RAW}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+                 "uint8": torch.uint8, "int8": torch.int8}
+
+#: ``Payload`` is what callers may hand to :meth:`TieredStore.put`: a tensor or array whose dtype and
+#: shape match the layout, or raw bytes of the right length.
+Payload = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class PutResult:
+    """What a put did. ``keys`` covers every block of the token ids, in prefix order."""
+
+    keys: list[BlockKey]
+    stored: list[BlockKey] = field(default_factory=list)
+    skipped_present: list[BlockKey] = field(default_factory=list)
+    skipped_not_admitted: list[BlockKey] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class LookupResult:
+    """The longest cached prefix: ``tiers[i]`` is where block ``keys[i]`` is now."""
+
+    keys: list[BlockKey]
+    tiers: list[str]
+    tokens: int
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+
+@dataclass(slots=True)
+class PrefetchHandle:
+    """A running prefetch. ``future`` resolves to the number of blocks now in the top tier."""
+
+    keys: list[BlockKey]
+    future: Future
+    lease: int
+
+
+class TieredStore:
+    """The engine: see the module docstring. Thread-safe; blocking (run it off an event loop).
+
+    :param config: capacities, policies, paths.
+    :param tracer: OpenTelemetry tracer for tier spans (a no-op tracer when omitted).
+    :raises TierUnavailable: if the data directory is unusable or used by another process.
+    :raises ValueError: on an invalid config.
+    """
+
+    def __init__(self, config: StoreConfig | None = None, *, tracer: trace.Tracer | None = None) -> None:
+        self.config = (config or StoreConfig()).validate()
+        self.tracer = tracer or trace.get_tracer("kvtier.tiering")
+        self.stats = StoreStats()
+        self.leases = LeaseTable()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._lockfile = self._lock_data_dir(self.config.data_dir) if self.config.cold_enabled else None
+        cfg = self.config
+        self.memory: list[MemoryTier] = [t for t in (make_hot_tier(cfg.hot_device, cfg.hot_capacity, cfg.policy),
+                                                     make_warm_tier(cfg.warm_capacity, cfg.policy, cfg.warm_pin))
+                                         if t is not None]
+        self.codec = Codec(cfg.zstd_level, _CODECS[cfg.codec])
+        self.cold: ColdTier | None = None
+        self._writer: ColdWriter | None = None
+        if cfg.cold_enabled:
+            self.cold = ColdTier(os.path.join(cfg.data_dir, "cold"), cfg.cold_capacity, self.codec,
+                                 durable_sync=cfg.durable_sync)
+            self._writer = ColdWriter(self.cold, batch=cfg.writer_batch, threads=cfg.compress_threads,
+                                      protected=self.leases.is_pinned, on_commit=self._on_commit)
+        if not self.memory and self.cold is None:
+            raise ValueError("every tier is off: enable at least one of hot, warm or cold")
+        for t in self.tier_names():
+            self.stats.tier(t)
+        self._pending: dict[BlockKey, Block] = {}  # queued for the cold tier, not yet committed
+        self._inflight: dict[BlockKey, Future] = {}  # single-flight of loads from the cold tier
+        self._namespaces: dict[bytes, Namespace] = {}
+        self._mem_sessions: dict[bytes, bytes] = {}  # session records when there is no cold tier
+        self._pending_sessions: dict[bytes, bytes | None] = {}  # queued for the writer, newer than LMDB
+        if self.cold is not None:
+            from .sessions import namespace_from_dict
+            self._namespaces = {k: namespace_from_dict(v) for k, v in self.cold.namespaces().items()}
+        self._pool = ThreadPoolExecutor(cfg.prefetch_threads, thread_name_prefix="kvtier-fetch")
+        self._stop = threading.Event()
+        self._maint = threading.Thread(target=self._maintenance, name="kvtier-maintenance", daemon=True)
+        self._maint.start()
+        log.info("tiered store open: tiers %s, data dir %s, write policy %s",
+                 ", ".join(f"{t.name}={t.device}:{t.capacity_bytes}B" for t in self.memory)
+                 + (f", cold={cfg.cold_capacity}B" if self.cold else ""), cfg.data_dir, cfg.write_policy)
+
+    # ------------------------------------------------------------------------------------------------
+    # lifecycle
+    @staticmethod
+    def _lock_data_dir(data_dir: str):
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            fh = open(os.path.join(data_dir, "kvtier.lock"), "a+")
+        except OSError as exc:
+            raise TierUnavailable(f"cannot use data directory {data_dir!r}: {exc}. Create it, make it "
+                                  "writable, or pass another --data-dir") from exc
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            fh.close()
+            raise TierUnavailable(f"data directory {data_dir!r} is in use by another kvtier process (pid "
+                                  f"{owner}); stop it or pass another --data-dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        return fh
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every block and session queued for the cold tier so far is committed."""
+        if self._writer is not None:
+            self._writer.flush(timeout)
+
+    def close(self) -> None:
+        """Flush the write queue to disk, stop background threads, close the tiers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._maint.join(5)
+        self._pool.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.close()
+        if self.cold is not None:
+            self.cold.close()
+        if self._lockfile is not None:
+            self._lockfile.close()
+        log.info("tiered store closed")
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierUnavailable("the store is closed")
+
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.memory] + (["cold"] if self.cold is not None else [])
+
+    @property
+    def top_tier(self) -> str:
+        return self.tier_names()[0]
+
+    # ------------------------------------------------------------------------------------------------
+    # put
+    def _to_block(self, ns: Namespace, data: Payload, tokens: int, index: int) -> Block:
+        lay = ns.layout
+        shape = lay.shape(tokens)
+        if isinstance(data, np.ndarray):
+            if data.dtype == np.uint8 and data.ndim == 1:
+                data = data.tobytes() if not data.flags.c_contiguous else memoryview(data)
+            else:
+                data = torch.from_numpy(np.ascontiguousarray(data))
+        if isinstance(data, torch.Tensor):
+            if data.dtype != _TORCH_DTYPES[lay.dtype]:
+                raise LayoutMismatch(f"block {index} is {data.dtype} but the namespace's layout is {lay.dtype}")
+            if tuple(data.shape) != shape:
+                raise LayoutMismatch(f"block {index} has shape {tuple(data.shape)}; the layout "
+                                     f"{lay.describe()} wants {shape} for {tokens} tokens")
+            raw = data.detach().contiguous().to("cpu").reshape(-1).view(torch.uint8)
+        else:
+            mv = memoryview(data).cast("B")
+            if len(mv) != lay.block_bytes(tokens):
+                raise InvalidBlock(f"block {index} has {len(mv)} bytes; layout {lay.describe()} wants "
+                                   f"{lay.block_bytes(tokens)} for its {tokens} tokens", field="payload")
+            raw = torch.frombuffer(bytearray(mv), dtype=torch.uint8) if len(mv) else torch.empty(0, dtype=torch.uint8)
+        return Block(raw, lay.dtype, shape, checksum(raw.numpy()), ns.ns_id)
+
+    def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload], *,
+            first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
+            ttl_s: float | None = None) -> PutResult:
+        """Store the KV blocks of ``token_ids`` (and, with ``session_id``, the session's chain).
+
+        :param namespace: tenant, model, revision and layout the blocks belong to.
+        :param token_ids: every token the blocks cover, from the start of the sequence.
+        :param blocks: payloads of blocks ``first_block``, ``first_block+1``…; block i covers tokens
+            ``[i*block_tokens, (i+1)*block_tokens)`` (the last one may be partial). Blocks before
+            ``first_block`` are expected to be cached already (the client learnt that from a lookup).
+        :param session_id: record ``token_ids``' key chain as this session of the tenant (replacing an
+            older chain of the same session).
+        :param durable: return only once the blocks and the session are committed to LMDB.
+        :returns: the keys of all blocks and what happened to each block sent.
+        :raises InvalidBlock: on bad sizes, counts or ids. :raises LayoutMismatch: when a tensor's
+            dtype/shape disagrees with the layout. :raises CapacityExceeded: if a durable write finds
+            the cold tier full. :raises TierUnavailable: if the store is closed, or durability is asked
+            for without a cold tier. Nothing is stored when an error is raised before any block is.
+        """
+        self._check_open()
+        keys = chain_keys(namespace, token_ids)
+        n_tokens = len(token_ids)
+        bt = namespace.layout.block_tokens
+        if not 0 <= first_block <= len(keys) or first_block + len(blocks) > len(keys):
+            raise InvalidBlock(f"{len(blocks)} blocks from index {first_block} do not fit the {len(keys)} blocks "
+                               f"of {n_tokens} tokens", field="blocks")
+        if durable and self.cold is None:
+            raise TierUnavailable("a durable put needs the cold tier, which is off")
+        sid = session_id_key(namespace.tenant, session_id) if session_id is not None else None
+        prepared = [(keys[first_block + i], self._to_block(namespace, data, min(bt, n_tokens - (first_block + i) * bt),
+                                                           first_block + i))
+                    for i, data in enumerate(blocks)]
+        result = PutResult(keys)
+        with self._lock:
+            self.stats.puts += 1
+            if n_tokens < self.config.min_tokens:
+                result.skipped_not_admitted = [k for k, _ in prepared]
+                self.stats.blocks_skipped_admission += len(prepared)
+                return result
+        present = self._present([k for k, _ in prepared])
+        to_disk: list[tuple[BlockKey, Block]] = []
+        seen: set[BlockKey] = set()
+        with self.tracer.start_as_current_span("kvtier.store.put") as span:
+            for (key, block), here in zip(prepared, present):
+                if here or key in seen:
+                    result.skipped_present.append(key)
+                    continue
+                seen.add(key)
+                placed = self._place(key, block, 0)
+                if self.config.write_policy == "write_through" or durable or placed < 0:
+                    to_disk.append((key, block))
+                result.stored.append(key)
+            span.set_attribute("kvtier.blocks", len(result.stored))
+            span.set_attribute("kvtier.bytes", sum(b.nbytes for _, b in prepared))
+        with self._lock:
+            self.stats.blocks_stored += len(result.stored)
+            self.stats.blocks_skipped_present += len(result.skipped_present)
+            if namespace.ns_id not in self._namespaces:
+                self._namespaces[namespace.ns_id] = namespace
+                new_ns = {namespace.ns_id: json.dumps(namespace_to_dict(namespace)).encode()}
+            else:
+                new_ns = {}
+        job = WriteJob(blocks=to_disk, namespaces=new_ns)
+        if sid is not None:
+            now = time.time()
+            old = self._load_session(sid)
+            session = Session(namespace.tenant, session_id, namespace, keys, n_tokens,
+                              created=old.created if old else now, last_used=now, priority=priority,
+                              ttl_s=ttl_s if ttl_s is not None else self.config.session_ttl_s)
+            self._store_session(session, job)
+        if self._writer is not None and (job.blocks or job.sessions or job.namespaces):
+            with self._lock:
+                for key, block in job.blocks:
+                    self._pending[key] = block
+            fut = self._writer.submit(job)
+            if durable:
+                fut.result()
+        return result
+
+    def _present(self, keys: list[BlockKey]) -> list[bool]:
+        with self._lock:
+            found = [any(t.contains(k) for t in self.memory) or k in self._pending for k in keys]
+        if self.cold is not None and not all(found):
+            on_disk = self.cold.contains_many(keys)
+            found = [a or b for a, b in zip(found, on_disk)]
+        return found
+
+    def _place(self, key: BlockKey, block: Block, start: int) -> int:
+        """Put ``block`` into the first memory tier from ``start`` down that can make room.
+
+        :returns: the index of the tier that took it, or -1 when none could (everything pinned, or no
+            memory tier).
+        """
+        for i in range(start, len(self.memory)):
+            tier = self.memory[i]
+            staged = tier.stage(block) if block.data.device != tier.device or tier.pin_memory else block
+            with self._lock:
+                if self._insert(i, key, staged):
+                    return i
+        return -1
+
+    def _insert(self, i: int, key: BlockKey, block: Block) -> bool:
+        """Insert into memory tier ``i``, demoting victims. Caller holds the lock and staged the bytes."""
+        tier = self.memory[i]
+        if tier.contains(key):
+            tier.get(key)
+            return True
+        if block.nbytes > tier.capacity_bytes:
+            return False
+        self.leases.sweep()
+        victims = tier.victims(block.nbytes, self.leases.is_pinned)
+        if victims is None:
+            return False
+        for v in victims:
+            self._demote(i, v, tier.pop(v))
+        tier.put(key, block)
+        return True
+
+    def _demote(self, i: int, key: BlockKey, block: Block) -> None:
+        """Move a victim of memory tier ``i`` one tier down (caller holds the lock)."""
+        src = self.memory[i]
+        self.stats.tier(src.name).demotions += 1
+        if i + 1 < len(self.memory):
+            dst = self.memory[i + 1]
+            if self._insert(i + 1, key, dst.stage(block)):
+                self.stats.bytes_moved[f"{src.name}->{dst.name}"] += block.nbytes
+                return
+        if self.config.write_policy == "write_back" and self._writer is not None and key not in self._pending:
+            self._pending[key] = block
+            self._writer.submit(WriteJob(blocks=[(key, block)]))
+            self.stats.bytes_moved[f"{src.name}->cold"] += block.nbytes
+        else:
+            self.stats.tier(src.name).evictions += 1
+
+    def _on_commit(self, jobs: list[WriteJob], evicted: list[BlockKey], error: BaseException | None) -> None:
+        with self._lock:
+            for job in jobs:
+                for key, block in job.blocks:
+                    if self._pending.get(key) is block:
+                        del self._pending[key]
+                    if error is None:
+                        self.stats.cold_raw_bytes_written += block.nbytes
+                for sid, rec in job.sessions.items():
+                    if self._pending_sessions.get(sid, b"") is rec:
+                        del self._pending_sessions[sid]
+                self.stats.cold_record_bytes_written += job.record_bytes if error is None else 0
+            if error is not None:
+                self.stats.write_errors += 1
+            self.stats.tier("cold").evictions += len(evicted)
+
+    # ------------------------------------------------------------------------------------------------
+    # get
+    def get(self, key: BlockKey, *, promote: bool = True) -> tuple[Block, str] | None:
+        """The block and the tier it was served from, or ``None`` if no tier has it.
+
+        A hit below the top tier promotes the block to the top tier (unless ``promote`` is False).
+        Concurrent loads of one block from disk happen once. Bytes that fail their checksum are
+        never returned (the block becomes a miss and is dropped).
+        """
+        self._check_open()
+        owner = False
+        with self._lock:
+            for i, tier in enumerate(self.memory):
+                block = tier.get(key)
+                if block is not None:
+                    self.stats.tier(tier.name).hits += 1
+                    break
+                self.stats.tier(tier.name).misses += 1
+            else:
+                i, block = -1, self._pending.get(key)
+            if block is not None:
+                served = self.memory[i].name if i >= 0 else "warm"
+            else:
+                fut = self._inflight.get(key)
+                if fut is None and self.cold is not None:
+                    fut = self._inflight[key] = Future()
+                    owner = True
+        if block is not None:
+            if promote and i != 0 and self.memory:
+                self._promote(key, block, served)
+            return block, served
+        if self.cold is None:
+            return None
+        if not owner:
+            got = fut.result()
+            return None if got is None else (got, "cold")
+        try:
+            got = self._load_cold(key, promote)
+            fut.set_result(got)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+        return None if got is None else (got, "cold")
+
+    def _promote(self, key: BlockKey, block: Block, src: str) -> Block:
+        placed = self._place(key, block, 0)
+        if placed < 0:
+            return block
+        dst = self.memory[placed]
+        with self._lock:
+            if dst.name != src:
+                self.stats.tier(dst.name).promotions += 1
+                self.stats.bytes_moved[f"{src}->{dst.name}"] += block.nbytes
+            return dst.peek(key) or block
+
+    def _load_cold(self, key: BlockKey, promote: bool) -> Block | None:
+        cold = self.cold
+        with self.tracer.start_as_current_span("kvtier.cold.read") as span:
+            record = cold.get_record(key)
+            span.set_attribute("kvtier.tier", "cold")
+            span.set_attribute("kvtier.hit", record is not None)
+            if record is not None:
+                span.set_attribute("kvtier.bytes", len(record))
+        if record is None:
+            with self._lock:
+                self.stats.tier("cold").misses += 1
+            return None
+        with self.tracer.start_as_current_span("kvtier.codec.decode") as span:
+            before = cold.checksum_failures
+            block = cold.decode(key, record)
+            if block is not None:
+                span.set_attribute("kvtier.bytes", block.nbytes)
+                span.set_attribute("kvtier.compression_ratio", block.nbytes / max(len(record), 1))
+        with self._lock:
+            if block is None:
+                self.stats.tier("cold").checksum_failures += cold.checksum_failures - before
+                self.stats.tier("cold").misses += 1
+                return None
+            self.stats.tier("cold").hits += 1
+        if promote and self.memory:
+            with self.tracer.start_as_current_span("kvtier.promote") as span:
+                span.set_attribute("kvtier.to_tier", self.memory[0].name)
+                block = self._promote(key, block, "cold")
+        return block
+
+    def iter_blocks(self, keys: Sequence[BlockKey], *, window: int = 4,
+                    deadline: float | None = None) -> Iterator[tuple[BlockKey, Block | None, str]]:
+        """Yield ``(key, block, tier)`` in prefix order, stopping after the first miss (block None).
+
+        Up to ``window`` blocks are loaded ahead on the fetch threads, so disk reads and decompression
+        overlap with the caller consuming earlier blocks. The keys are pinned for the duration.
+        ``deadline`` is a ``time.monotonic()`` instant after which the iteration stops early.
+        """
+        self._check_open()
+        keys = list(keys)
+        lease = self.leases.acquire(keys, self.config.lease_s)
+        with self._lock:
+            self.stats.gets += 1
+        futures: list[Future] = []
+        try:
+            nxt = 0
+            for idx, key in enumerate(keys):
+                while nxt < len(keys) and nxt < idx + window:
+                    futures.append(self._pool.submit(self.get, keys[nxt]))
+                    nxt += 1
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                got = futures[idx].result()
+                if got is None:
+                    yield key, None, ""
+                    return
+                yield key, got[0], got[1]
+        finally:
+            for f in futures:
+                f.cancel()
+            self.leases.release(lease)
+
+    # ------------------------------------------------------------------------------------------------
+    # lookup, prefetch, sessions
+    def where(self, key: BlockKey) -> str | None:
+        """The highest tier holding ``key`` now (no data movement, no recency change)."""
+        return self._where([key])[0]
+
+    def _where(self, keys: list[BlockKey]) -> list[str | None]:
+        out: list[str | None] = []
+        with self._lock:
+            for k in keys:
+                out.append(next((t.name for t in self.memory if t.contains(k)), "warm" if k in self._pending else None))
+        missing = [i for i, t in enumerate(out) if t is None]
+        if missing and self.cold is not None:
+            on_disk = self.cold.contains_many([keys[i] for i in missing])
+            for i, here in zip(missing, on_disk):
+                if here:
+                    out[i] = "cold"
+        return out
+
+    def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray | None = None, *,
+               keys: Sequence[BlockKey] | None = None) -> LookupResult:
+        """The longest cached prefix of ``token_ids`` (or of ``keys``) and the tier of each block.
+
+        Moves no data and changes no recency. A partial last block counts its own tokens only.
+        """
+        self._check_open()
+        if keys is None:
+            if token_ids is None:
+                raise InvalidBlock("lookup needs token ids or keys", field="token_ids")
+            keys = chain_keys(namespace, token_ids)
+            n_tokens = len(token_ids)
+        else:
+            keys = list(keys)
+            n_tokens = None
+        with self.tracer.start_as_current_span("kvtier.lookup") as span:
+            tiers: list[str] = []
+            for t in self._where(list(keys)):
+                if t is None:
+                    break
+                tiers.append(t)
+            bt = namespace.layout.block_tokens
+            tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
+            span.set_attribute("kvtier.blocks", len(tiers))
+        return LookupResult(list(keys[:len(tiers)]), tiers, tokens)
+
+    def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None) -> PrefetchHandle:
+        """Start moving ``keys`` up to the top tier, in order, and return at once.
+
+        The keys stay pinned until the prefetch ends plus ``lease_s`` (or until ``deadline``, a
+        ``time.monotonic()`` instant, if that comes first), so the following get finds them. A get of
+        a block still being loaded waits for that load instead of reading it twice.
+        """
+        self._check_open()
+        keys = list(keys)
+        ttl = self.config.lease_s if deadline is None else max(0.0, min(self.config.lease_s, deadline - time.monotonic()))
+        lease = self.leases.acquire(keys, ttl + self.config.lease_s)
+        with self._lock:
+            self.stats.prefetches += 1
+        ctx = trace.get_current_span().get_span_context()
+        fut = self._pool.submit(self._prefetch_run, keys, deadline, ctx)
+        return PrefetchHandle(keys, fut, lease)
+
+    def _prefetch_run(self, keys: list[BlockKey], deadline: float | None, parent) -> int:
+        links = [trace.Link(parent)] if parent is not None and parent.is_valid else []
+        with self.tracer.start_as_current_span("kvtier.prefetch", links=links) as span:
+            done = 0
+            top = self.memory[0] if self.memory else None
+            for key in keys:
+                if self._closed or (deadline is not None and time.monotonic() > deadline):
+                    span.set_attribute("kvtier.deadline_hit", True)
+                    break
+                with self._lock:
+                    if top is not None and top.contains(key):
+                        done += 1
+                        continue
+                if self.get(key) is None:
+                    break
+                done += 1
+            span.set_attribute("kvtier.blocks", done)
+            return done
+
+    def _store_session(self, session: Session, job: WriteJob | None = None) -> None:
+        self._submit_sessions({session.id_key: session.to_json()}, job)
+
+    def _submit_sessions(self, records: dict[bytes, bytes | None], job: WriteJob | None = None) -> Future | None:
+        """Queue session records (None deletes) for the writer, or keep them in memory without a cold tier.
+
+        Until committed they are readable from ``_pending_sessions``, so a session written a moment ago
+        is visible to its next read without waiting for the disk.
+        """
+        with self._lock:
+            if self._writer is None:
+                for sid, rec in records.items():
+                    if rec is None:
+                        self._mem_sessions.pop(sid, None)
+                    else:
+                        self._mem_sessions[sid] = rec
+                return None
+            self._pending_sessions.update(records)
+        if job is not None:
+            job.sessions.update(records)
+            return None
+        return self._writer.submit(WriteJob(sessions=dict(records)))
+
+    def _load_session(self, sid: bytes) -> Session | None:
+        with self._lock:
+            if self._writer is None:
+                raw = self._mem_sessions.get(sid)
+            elif sid in self._pending_sessions:
+                raw = self._pending_sessions[sid]
+            else:
+                raw = self.cold.session_get(sid)
+        return None if raw is None else Session.from_json(raw)
+
+    def get_session(self, tenant: str, session_id: str) -> Session:
+        """The session's record.
+
+        :raises SessionNotFound: if there is none for this tenant, or it expired.
+        """
+        self._check_open()
+        session = self._load_session(session_id_key(tenant, session_id))
+        if session is None or session.expired():
+            raise SessionNotFound(f"no session {session_id!r} for this tenant (never stored, deleted or expired)")
+        return session
+
+    def resume(self, tenant: str, session_id: str, *, deadline: float | None = None
+               ) -> tuple[Session, list[str | None], PrefetchHandle]:
+        """Start bringing a session's blocks up to the top tier; return its manifest at once.
+
+        :returns: the session, the tier of each of its blocks *before* the prefetch (None: gone),
+            and the running prefetch.
+        :raises SessionNotFound: see :meth:`get_session`.
+        """
+        session = self.get_session(tenant, session_id)
+        tiers = self._where(session.keys)
+        handle = self.prefetch(session.keys, deadline=deadline)
+        session.last_used = time.time()
+        self._store_session(session)
+        return session, tiers, handle
+
+    def delete_session(self, tenant: str, session_id: str, *, erase_blocks: bool = False) -> int:
+        """Forget a session; with ``erase_blocks`` also delete its blocks from every tier (even if
+        other sessions of the tenant share them: they will miss and recompute — privacy first).
+
+        :returns: blocks erased.
+        :raises SessionNotFound: if there is no such session.
+        """
+        session = self.get_session(tenant, session_id)
+        erased = self._erase(session.keys) if erase_blocks else 0
+        fut = self._submit_sessions({session.id_key: None})
+        if fut is not None:
+            fut.result()
+        return erased
+
+    def _erase(self, keys: Sequence[BlockKey]) -> int:
+        keys = set(keys)
+        n = 0
+        with self._lock:
+            for tier in self.memory:
+                for k in keys:
+                    n += tier.delete(k)
+            for k in keys:
+                n += self._pending.pop(k, None) is not None
+        if self._writer is not None:
+            self._writer.flush()
+            n += self.cold.delete_many(keys)
+        return n
+
+    def invalidate(self, tenant: str, *, model: str | None = None, revision: str | None = None,
+                   namespace: Namespace | None = None) -> int:
+        """Delete every block and session of a namespace, or of every namespace of ``model`` (at
+        ``revision`` when given) of this tenant.
+
+        :returns: blocks deleted.
+        """
+        self._check_open()
+        self.flush()
+        if namespace is not None:
+            ns_ids = {namespace.ns_id}
+        elif model:
+            with self._lock:
+                ns_ids = {i for i, ns in self._namespaces.items() if ns.tenant == tenant and ns.model == model
+                          and (revision is None or ns.revision == revision)}
+        else:
+            raise InvalidBlock("invalidate needs a namespace or a model", field="model")
+        n = 0
+        with self._lock:
+            for tier in self.memory:
+                for k in list(tier.keys()):
+                    b = tier.peek(k)
+                    if b is not None and b.ns_id in ns_ids:
+                        n += tier.delete(k)
+        if self.cold is not None:
+            for ns_id in ns_ids:
+                n += self.cold.delete_many(self.cold.keys_of_namespace(ns_id))
+        dead = [s for s in self.sessions() if s.namespace.ns_id in ns_ids]
+        fut = self._submit_sessions({s.id_key: None for s in dead}) if dead else None
+        if fut is not None:
+            fut.result()
+        log.info("invalidated %d blocks and %d sessions in %d namespaces", n, len(dead), len(ns_ids))
+        return n
+
+    def sessions(self) -> list[Session]:
+        """Every session record (expired ones included until the sweeper removes them)."""
+        with self._lock:
+            if self.cold is None:
+                merged = dict(self._mem_sessions)
+            else:
+                merged = dict(self.cold.session_items())
+                merged.update(self._pending_sessions)
+        return [Session.from_json(r) for r in merged.values() if r is not None]
+
+    def expire_sessions(self) -> int:
+        """Delete sessions whose TTL has passed, with their blocks. Returns how many expired."""
+        now = time.time()
+        dead = [s for s in self.sessions() if s.expired(now)]
+        for s in dead:
+            try:
+                self.delete_session(s.tenant, s.session_id, erase_blocks=True)
+            except SessionNotFound:
+                pass
+        return len(dead)
+
+    def _maintenance(self) -> None:
+        last_ttl = 0.0
+        while not self._stop.wait(self.config.maintenance_s):
+            try:
+                self.leases.sweep()
+                if time.monotonic() - last_ttl > 10 * self.config.maintenance_s:
+                    last_ttl = time.monotonic()
+                    if self.expire_sessions():
+                        log.info("expired sessions removed")
+            except TierUnavailable:
+                return
+            except Exception:  # the sweeper must outlive any single failure
+                log.exception("maintenance pass failed")
+
+    # ------------------------------------------------------------------------------------------------
+    # stats
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Per tier: blocks, used bytes, capacity bytes."""
+        out = {}
+        with self._lock:
+            for t in self.memory:
+                out[t.name] = {"blocks": len(t), "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes}
+        if self.cold is not None:
+            out["cold"] = {"blocks": self.cold.block_count(), "used_bytes": self.cold.used_bytes,
+                           "capacity_bytes": self.cold.capacity_bytes}
+        return out
+
+    def snapshot(self) -> dict:
+        """Counters, usage, pins and queue depths in one dict (for the Stats RPC and metrics)."""
+        with self._lock:
+            snap = self.stats.snapshot()
+            snap["pending_writes"] = len(self._pending)
+            snap["inflight_loads"] = len(self._inflight)
+        snap["usage"] = self.usage()
+        snap["pinned_blocks"] = self.leases.pinned_keys()
+        snap["active_leases"] = self.leases.active()
+        snap["write_queue_depth"] = self._writer.depth() if self._writer else 0
+        raw, rec = snap["cold_raw_bytes_written"], snap["cold_record_bytes_written"]
+        snap["compression_ratio"] = raw / rec if rec else None
+        return snap
+
+    def check(self) -> list[str]:
+        """Verify internal invariants (accounting matches contents); returns problems found, [] if none."""
+        problems = []
+        with self._lock:
+            for t in self.memory:
+                real = sum(t.peek(k).nbytes for k in t.keys())
+                if real != t.used_bytes:
+                    problems.append(f"{t.name}: used_bytes {t.used_bytes} != sum of blocks {real}")
+                if t.used_bytes > t.capacity_bytes:
+                    problems.append(f"{t.name}: over capacity")
+                if len(t.policy) != len(t):
+                    problems.append(f"{t.name}: policy tracks {len(t.policy)} keys, tier holds {len(t)}")
+        return problems
+

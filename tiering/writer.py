@@ -1,0 +1,149 @@
+"""ColdWriter: the background thread that puts blocks and session records into the cold tier.
+
+Callers :meth:`submit` a :class:`WriteJob` and get a future; the writer drains the queue in batches,
+compresses the blocks on a small thread pool (zstd releases the GIL, so 2 cores really work in
+parallel) *before* opening the write transaction, commits one short LMDB transaction per batch, then
+resolves the futures of that batch. Jobs commit in submission order, so a session record submitted
+after its blocks is never visible without them. :meth:`flush` waits until everything submitted so far
+is committed; :meth:`close` flushes and stops the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .cold import ColdTier, ColdWrite
+from .errors import CapacityExceeded, KVTierError, TierUnavailable
+from .keys import BlockKey
+from .tier import Block
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WriteJob:
+    """Blocks, session records and namespace records to commit together, in order."""
+
+    blocks: list[tuple[BlockKey, Block]] = field(default_factory=list)
+    sessions: dict[bytes, bytes | None] = field(default_factory=dict)
+    namespaces: dict[bytes, bytes] = field(default_factory=dict)
+    future: Future = field(default_factory=Future)
+    #: encoded bytes of this job's blocks, set by the writer once encoded (for the compression ratio)
+    record_bytes: int = 0
+
+
+class ColdWriter:
+    """Single writer thread in front of a :class:`ColdTier`.
+
+    :param cold: the tier written to.
+    :param batch: blocks per transaction at most.
+    :param threads: compression threads.
+    :param protected: keys the cold tier must not evict (pinned ones).
+    :param on_commit: called after each commit with (committed job list, evicted keys) — the store
+        uses it to drop pending entries and count evictions. Called on the writer thread.
+    """
+
+    def __init__(self, cold: ColdTier, *, batch: int, threads: int,
+                 protected: Callable[[BlockKey], bool],
+                 on_commit: Callable[[list[WriteJob], list[BlockKey], BaseException | None], None]) -> None:
+        self.cold = cold
+        self.batch = batch
+        self._protected = protected
+        self._on_commit = on_commit
+        self._queue: queue.Queue[WriteJob | None] = queue.Queue()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-compress")
+        self._thread = threading.Thread(target=self._run, name="kvtier-cold-writer", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def submit(self, job: WriteJob) -> Future:
+        """Queue ``job``; its future resolves (to the number of blocks written) once committed.
+
+        :raises TierUnavailable: after :meth:`close`.
+        """
+        if self._closed:
+            raise TierUnavailable("the cold writer is closed (the store is shutting down)")
+        self._queue.put(job)
+        return job.future
+
+    def depth(self) -> int:
+        """Jobs waiting (not counting the batch being written)."""
+        return self._queue.qsize()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every job submitted before this call is committed (or failed)."""
+        if self._closed:
+            return
+        self.submit(WriteJob()).result(timeout)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Flush, then stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=True)
+
+    def _encode(self, item: tuple[BlockKey, Block]) -> ColdWrite:
+        key, block = item
+        raw = block.data if block.data.device.type == "cpu" else block.data.cpu()
+        return ColdWrite(key, self.cold.codec.encode(raw.numpy(), block.dtype, block.shape, block.checksum),
+                         block.ns_id)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, n = [job], len(job.blocks)
+            while n < self.batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                jobs.append(nxt)
+                n += len(nxt.blocks)
+            self._commit(jobs)
+
+    def _commit(self, jobs: list[WriteJob]) -> None:
+        items = [b for j in jobs for b in j.blocks]
+        sessions: dict[bytes, bytes | None] = {}
+        namespaces: dict[bytes, bytes] = {}
+        for j in jobs:
+            sessions.update(j.sessions)
+            namespaces.update(j.namespaces)
+        error: BaseException | None = None
+        evicted: list[BlockKey] = []
+        try:
+            writes = list(self._pool.map(self._encode, items)) if len(items) > 1 else [self._encode(i) for i in items]
+            at = 0
+            for j in jobs:
+                j.record_bytes = sum(len(w.record) for w in writes[at:at + len(j.blocks)])
+                at += len(j.blocks)
+            if writes or sessions or namespaces:
+                evicted = self.cold.write_batch(writes, sessions=sessions, namespaces=namespaces,
+                                                protected=self._protected)
+        except KVTierError as exc:
+            error = exc
+        except Exception as exc:  # an LMDB or disk error must not kill the writer thread
+            log.exception("cold writer: commit of %d blocks failed", len(items))
+            error = TierUnavailable(f"cold tier write failed: {exc}")
+        try:
+            self._on_commit(jobs, evicted, error)
+        except Exception:  # pragma: no cover - defensive: never lose the futures
+            log.exception("cold writer: commit callback failed")
+        for j in jobs:
+            if error is None:
+                j.future.set_result(len(j.blocks))
+            else:
+                j.future.set_exception(error if isinstance(error, KVTierError) else CapacityExceeded(str(error)))
