@@ -1,0 +1,90 @@
+"""Conversions between protobuf messages and tiering values: the only place where the two meet.
+
+Every ``*_from_proto`` validates as it converts and raises :class:`tiering.errors.InvalidBlock` with
+the offending field's path, so the error boundary can answer INVALID_ARGUMENT with a precise
+``BadRequest`` field violation.
+"""
+
+from __future__ import annotations
+
+from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from tiering.errors import InvalidBlock
+from tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace
+from tiering.layout import BlockLayout
+
+TIER_TO_PROTO = {"hot": pb.TIER_HOT, "warm": pb.TIER_WARM, "cold": pb.TIER_COLD, None: pb.TIER_UNSPECIFIED,
+                 "": pb.TIER_UNSPECIFIED}
+TIER_FROM_PROTO = {pb.TIER_HOT: "hot", pb.TIER_WARM: "warm", pb.TIER_COLD: "cold", pb.TIER_UNSPECIFIED: None}
+
+#: Tenant used when the server does not authenticate callers and the request names none.
+DEFAULT_TENANT = "default"
+
+
+def layout_to_proto(layout: BlockLayout) -> pb.BlockLayout:
+    return pb.BlockLayout(dtype=layout.dtype, layers=layout.layers, kv_heads=layout.kv_heads,
+                          head_dim=layout.head_dim, block_tokens=layout.block_tokens)
+
+
+def layout_from_proto(msg: pb.BlockLayout, field: str = "layout") -> BlockLayout:
+    try:
+        return BlockLayout(msg.dtype, msg.layers, msg.kv_heads, msg.head_dim, msg.block_tokens)
+    except InvalidBlock as exc:
+        sub = (exc.field or "layout").removeprefix("layout")
+        raise InvalidBlock(str(exc), field=f"{field}{sub}") from None
+
+
+def check_id(value: str, field: str, *, required: bool = True) -> str:
+    """Validate a free-text id (tenant, session, model): non-empty when required, ≤ 256 UTF-8 bytes."""
+    if required and not value:
+        raise InvalidBlock(f"{field} is required", field=field)
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise InvalidBlock(f"{field} is longer than {MAX_ID_BYTES} UTF-8 bytes", field=field)
+    if "\0" in value:
+        raise InvalidBlock(f"{field} must not contain NUL characters", field=field)
+    return value
+
+
+def tenant_of(requested: str, authenticated: str | None = None) -> str:
+    """The tenant a request acts for: the authenticated one if any, else the requested or default.
+
+    :raises InvalidBlock: if the request names another tenant than its credentials.
+    """
+    if authenticated is not None:
+        if requested and requested != authenticated:
+            raise InvalidBlock("tenant does not match the caller's credentials", field="tenant")
+        return authenticated
+    return check_id(requested, "tenant", required=False) or DEFAULT_TENANT
+
+
+def namespace_from_proto(msg: pb.Namespace, field: str = "namespace", *, tenant: str | None = None) -> Namespace:
+    """A validated Namespace; ``tenant`` (already resolved by :func:`tenant_of`) overrides the field."""
+    if not msg.ByteSize():
+        raise InvalidBlock(f"{field} is required", field=field)
+    check_id(msg.model, f"{field}.model")
+    check_id(msg.revision, f"{field}.revision", required=False)
+    if not msg.HasField("layout"):
+        raise InvalidBlock(f"{field}.layout is required", field=f"{field}.layout")
+    layout = layout_from_proto(msg.layout, f"{field}.layout")
+    return Namespace(tenant if tenant is not None else tenant_of(msg.tenant), msg.model, msg.revision, layout)
+
+
+def namespace_to_proto(ns: Namespace) -> pb.Namespace:
+    return pb.Namespace(model=ns.model, revision=ns.revision, layout=layout_to_proto(ns.layout), tenant=ns.tenant)
+
+
+def keys_from_proto(raw: list[bytes] | tuple[bytes, ...], field: str = "keys") -> list[BlockKey]:
+    """Validated keys: each exactly 16 bytes, no duplicates (a chain never repeats a key)."""
+    keys = []
+    seen = set()
+    for i, k in enumerate(raw):
+        if len(k) != KEY_BYTES:
+            raise InvalidBlock(f"{field}[{i}] is {len(k)} bytes; keys are {KEY_BYTES} bytes", field=f"{field}[{i}]")
+        if k in seen:
+            raise InvalidBlock(f"{field}[{i}] repeats an earlier key", field=f"{field}[{i}]")
+        seen.add(k)
+        keys.append(BlockKey(bytes(k)))
+    return keys
+
+
+def keys_to_proto(keys) -> list[bytes]:
+    return [k.digest for k in keys]
