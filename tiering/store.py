@@ -44,6 +44,7 @@ from .keys import BlockKey, Namespace, chain_keys
 from .leases import LeaseTable
 from .memory import MemoryTier
 from .sessions import Session, namespace_to_dict, session_id_key
+from .spans import TierOps, now_ns, session_hash
 from .stats import StoreStats
 from .tier import Block
 from .warm import make_warm_tier
@@ -105,6 +106,9 @@ class TieredStore:
     def __init__(self, config: StoreConfig | None = None, *, tracer: trace.Tracer | None = None) -> None:
         self.config = (config or StoreConfig()).validate()
         self.tracer = tracer or trace.get_tracer("kvtier.tiering")
+        #: metrics hook: called ``on_timing("prefetch"|"resume", seconds)`` when a prefetch or a resume's
+        #: prefetch finishes (set by ``service.metrics``; must not block).
+        self.on_timing = None
         self.stats = StoreStats()
         self.leases = LeaseTable()
         self._lock = threading.RLock()
@@ -134,7 +138,10 @@ class TieredStore:
         if self.cold is not None:
             from .sessions import namespace_from_dict
             self._namespaces = {k: namespace_from_dict(v) for k, v in self.cold.namespaces().items()}
-        self._pool = ThreadPoolExecutor(cfg.prefetch_threads, thread_name_prefix="kvtier-fetch")
+        # Block loads (LMDB read, decode, staging) run on the fetch pool; prefetch coordinators on their
+        # own pool so that a coordinator waiting for loads can never starve the loads it waits for.
+        self._pool = ThreadPoolExecutor(max(2, cfg.prefetch_threads * 2), thread_name_prefix="kvtier-fetch")
+        self._prefetch_pool = ThreadPoolExecutor(cfg.prefetch_threads, thread_name_prefix="kvtier-prefetch")
         self._stop = threading.Event()
         self._maint = threading.Thread(target=self._maintenance, name="kvtier-maintenance", daemon=True)
         self._maint.start()
@@ -178,6 +185,7 @@ class TieredStore:
         self._closed = True
         self._stop.set()
         self._maint.join(5)
+        self._prefetch_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         if self._writer is not None:
             self._writer.close()
@@ -386,10 +394,22 @@ class TieredStore:
 
         A hit below the top tier promotes the block to the top tier (unless ``promote`` is False).
         Concurrent loads of one block from disk happen once. Bytes that fail their checksum are
-        never returned (the block becomes a miss and is dropped).
+        never returned (the block becomes a miss and is dropped). Under a recording span, the tier
+        work becomes one ``kvtier.<tier>.read`` span per tier (see :mod:`tiering.spans`).
         """
+        parent = trace.get_current_span()
+        ops = TierOps(self.tracer, parent) if parent.is_recording() else None
+        try:
+            return self._get(key, promote, ops)
+        finally:
+            if ops is not None:
+                ops.finish()
+
+    def _get(self, key: BlockKey, promote: bool, ops: TierOps | None) -> tuple[Block, str] | None:
+        """:meth:`get`, recording its tier work into ``ops`` (when not None)."""
         self._check_open()
         owner = False
+        t0 = now_ns() if ops is not None else 0
         with self._lock:
             for i, tier in enumerate(self.memory):
                 block = tier.get(key)
@@ -406,9 +426,15 @@ class TieredStore:
                 if fut is None and self.cold is not None:
                     fut = self._inflight[key] = Future()
                     owner = True
+        if ops is not None:
+            t1 = now_ns()
+            for tier in self.memory[:i if block is not None and i >= 0 else len(self.memory)]:
+                ops.record(f"{tier.name}.read", t0, t1, hit=False)
+            if block is not None:
+                ops.record(f"{served}.read", t0, t1, nbytes=block.nbytes)
         if block is not None:
             if promote and i != 0 and self.memory:
-                self._promote(key, block, served)
+                self._promote(key, block, served, ops)
             return block, served
         if self.cold is None:
             return None
@@ -416,7 +442,7 @@ class TieredStore:
             got = fut.result()
             return None if got is None else (got, "cold")
         try:
-            got = self._load_cold(key, promote)
+            got = self._load_cold(key, promote, ops)
             fut.set_result(got)
         except BaseException as exc:
             fut.set_exception(exc)
@@ -426,35 +452,41 @@ class TieredStore:
                 self._inflight.pop(key, None)
         return None if got is None else (got, "cold")
 
-    def _promote(self, key: BlockKey, block: Block, src: str) -> Block:
+    def _promote(self, key: BlockKey, block: Block, src: str, ops: TierOps | None = None) -> Block:
+        t0 = now_ns() if ops is not None else 0
         placed = self._place(key, block, 0)
         if placed < 0:
             return block
         dst = self.memory[placed]
+        if ops is not None:
+            t1 = now_ns()
+            ops.record("promote", t0, t1, nbytes=block.nbytes, to_tier=dst.name)
+            if dst.device.type == "cuda" and block.data.device.type != "cuda":
+                ops.record("h2d_copy", t0, t1, nbytes=block.nbytes, to_tier=dst.name)
         with self._lock:
             if dst.name != src:
                 self.stats.tier(dst.name).promotions += 1
                 self.stats.bytes_moved[f"{src}->{dst.name}"] += block.nbytes
             return dst.peek(key) or block
 
-    def _load_cold(self, key: BlockKey, promote: bool) -> Block | None:
+    def _load_cold(self, key: BlockKey, promote: bool, ops: TierOps | None = None) -> Block | None:
         cold = self.cold
-        with self.tracer.start_as_current_span("kvtier.cold.read") as span:
-            record = cold.get_record(key)
-            span.set_attribute("kvtier.tier", "cold")
-            span.set_attribute("kvtier.hit", record is not None)
-            if record is not None:
-                span.set_attribute("kvtier.bytes", len(record))
+        t0 = now_ns() if ops is not None else 0
+        record = cold.get_record(key)
         if record is None:
+            if ops is not None:
+                ops.record("cold.read", t0, now_ns(), hit=False)
             with self._lock:
                 self.stats.tier("cold").misses += 1
             return None
-        with self.tracer.start_as_current_span("kvtier.codec.decode") as span:
-            before = cold.checksum_failures
-            block = cold.decode(key, record)
-            if block is not None:
-                span.set_attribute("kvtier.bytes", block.nbytes)
-                span.set_attribute("kvtier.compression_ratio", block.nbytes / max(len(record), 1))
+        t1 = now_ns() if ops is not None else 0
+        before = cold.checksum_failures
+        block = cold.decode(key, record)
+        if ops is not None:
+            t2 = now_ns()
+            ops.record("cold.read", t0, t2, nbytes=len(record), hit=block is not None)
+            ops.record("codec.decode", t1, t2, nbytes=len(record), raw_bytes=block.nbytes if block else 0,
+                       hit=block is not None)
         with self._lock:
             if block is None:
                 self.stats.tier("cold").checksum_failures += cold.checksum_failures - before
@@ -462,9 +494,7 @@ class TieredStore:
                 return None
             self.stats.tier("cold").hits += 1
         if promote and self.memory:
-            with self.tracer.start_as_current_span("kvtier.promote") as span:
-                span.set_attribute("kvtier.to_tier", self.memory[0].name)
-                block = self._promote(key, block, "cold")
+            block = self._promote(key, block, "cold", ops)
         return block
 
     def iter_blocks(self, keys: Sequence[BlockKey], *, window: int = 4,
@@ -480,12 +510,14 @@ class TieredStore:
         lease = self.leases.acquire(keys, self.config.lease_s)
         with self._lock:
             self.stats.gets += 1
+        parent = trace.get_current_span()
+        ops = TierOps(self.tracer, parent) if parent.is_recording() else None
         futures: list[Future] = []
         try:
             nxt = 0
             for idx, key in enumerate(keys):
                 while nxt < len(keys) and nxt < idx + window:
-                    futures.append(self._pool.submit(self.get, keys[nxt]))
+                    futures.append(self._pool.submit(self._get, keys[nxt], True, ops))
                     nxt += 1
                 if deadline is not None and time.monotonic() > deadline:
                     return
@@ -498,9 +530,19 @@ class TieredStore:
             for f in futures:
                 f.cancel()
             self.leases.release(lease)
+            if ops is not None:
+                ops.finish()
 
     # ------------------------------------------------------------------------------------------------
     # lookup, prefetch, sessions
+    def namespace_of(self, ns_id: bytes) -> Namespace | None:
+        """The namespace registered under ``ns_id`` (a :attr:`Block.ns_id`), or ``None`` if unknown.
+
+        Lets the service check that a block requested by key belongs to the caller's tenant.
+        """
+        with self._lock:
+            return self._namespaces.get(ns_id)
+
     def where(self, key: BlockKey) -> str | None:
         """The highest tier holding ``key`` now (no data movement, no recency change)."""
         return self._where([key])[0]
@@ -558,27 +600,41 @@ class TieredStore:
         with self._lock:
             self.stats.prefetches += 1
         ctx = trace.get_current_span().get_span_context()
-        fut = self._pool.submit(self._prefetch_run, keys, deadline, ctx)
+        fut = self._prefetch_pool.submit(self._prefetch_run, keys, deadline, ctx)
         return PrefetchHandle(keys, fut, lease)
 
     def _prefetch_run(self, keys: list[BlockKey], deadline: float | None, parent) -> int:
+        """Coordinator of one prefetch: keeps ``window`` block loads in flight on the fetch pool, so
+        LMDB reads, decompression and host→device copies of consecutive blocks overlap."""
         links = [trace.Link(parent)] if parent is not None and parent.is_valid else []
+        window = max(2, self.config.prefetch_threads * 2)
         with self.tracer.start_as_current_span("kvtier.prefetch", links=links) as span:
-            done = 0
-            top = self.memory[0] if self.memory else None
-            for key in keys:
-                if self._closed or (deadline is not None and time.monotonic() > deadline):
-                    span.set_attribute("kvtier.deadline_hit", True)
-                    break
-                with self._lock:
-                    if top is not None and top.contains(key):
-                        done += 1
-                        continue
-                if self.get(key) is None:
-                    break
-                done += 1
+            span.set_attribute("kvtier.blocks_requested", len(keys))
+            futures: list[Future] = []
+            done = nxt = 0
+            try:
+                for idx in range(len(keys)):
+                    while nxt < len(keys) and nxt < idx + window:
+                        futures.append(self._pool.submit(self._prefetch_one, keys[nxt]))
+                        nxt += 1
+                    if self._closed or (deadline is not None and time.monotonic() > deadline):
+                        span.set_attribute("kvtier.deadline_hit", True)
+                        break
+                    if not futures[idx].result():
+                        break
+                    done += 1
+            finally:
+                for f in futures[done:]:
+                    f.cancel()
             span.set_attribute("kvtier.blocks", done)
             return done
+
+    def _prefetch_one(self, key: BlockKey) -> bool:
+        top = self.memory[0] if self.memory else None
+        with self._lock:
+            if top is not None and top.contains(key):
+                return True
+        return self.get(key) is not None
 
     def _store_session(self, session: Session, job: WriteJob | None = None) -> None:
         self._submit_sessions({session.id_key: session.to_json()}, job)
