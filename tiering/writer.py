@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from .cold import ColdTier, ColdWrite
 from .errors import CapacityExceeded, KVTierError, TierUnavailable
 from .keys import BlockKey
@@ -35,6 +37,9 @@ class WriteJob:
     future: Future = field(default_factory=Future)
     #: encoded bytes of this job's blocks, set by the writer once encoded (for the compression ratio)
     record_bytes: int = 0
+    #: span context of the request that queued the job (set by :meth:`ColdWriter.submit` when None);
+    #: the ``kvtier.lmdb.commit`` span links to it
+    trace_context: trace.SpanContext | None = None
 
 
 class ColdWriter:
@@ -46,12 +51,16 @@ class ColdWriter:
     :param protected: keys the cold tier must not evict (pinned ones).
     :param on_commit: called after each commit with (committed job list, evicted keys) — the store
         uses it to drop pending entries and count evictions. Called on the writer thread.
+    :param tracer: opens one ``kvtier.lmdb.commit`` span per transaction, linked to the requests of
+        its jobs (no-op tracer when omitted).
     """
 
     def __init__(self, cold: ColdTier, *, batch: int, threads: int,
                  protected: Callable[[BlockKey], bool],
-                 on_commit: Callable[[list[WriteJob], list[BlockKey], BaseException | None], None]) -> None:
+                 on_commit: Callable[[list[WriteJob], list[BlockKey], BaseException | None], None],
+                 tracer: trace.Tracer | None = None) -> None:
         self.cold = cold
+        self._tracer = tracer or trace.get_tracer("kvtier.tiering")
         self.batch = batch
         self._protected = protected
         self._on_commit = on_commit
@@ -68,6 +77,8 @@ class ColdWriter:
         """
         if self._closed:
             raise TierUnavailable("the cold writer is closed (the store is shutting down)")
+        if job.trace_context is None:
+            job.trace_context = trace.get_current_span().get_span_context()
         self._queue.put(job)
         return job.future
 
@@ -115,6 +126,17 @@ class ColdWriter:
                 n += len(nxt.blocks)
             self._commit(jobs)
 
+    def _start_span(self, jobs: list[WriteJob]) -> trace.Span:
+        """The batch's ``kvtier.lmdb.commit`` span: a root linked to each distinct queuing request."""
+        seen: dict[tuple[int, int], trace.SpanContext] = {}
+        for j in jobs:
+            ctx = j.trace_context
+            if ctx is not None and ctx.is_valid:
+                seen.setdefault((ctx.trace_id, ctx.span_id), ctx)
+        links = [trace.Link(c) for c in list(seen.values())[:32]]
+        return self._tracer.start_span("kvtier.lmdb.commit", context=trace.set_span_in_context(trace.INVALID_SPAN),
+                                       links=links)
+
     def _commit(self, jobs: list[WriteJob]) -> None:
         items = [b for j in jobs for b in j.blocks]
         sessions: dict[bytes, bytes | None] = {}
@@ -124,6 +146,7 @@ class ColdWriter:
             namespaces.update(j.namespaces)
         error: BaseException | None = None
         evicted: list[BlockKey] = []
+        span = self._start_span(jobs) if items or sessions or namespaces else None
         try:
             writes = list(self._pool.map(self._encode, items)) if len(items) > 1 else [self._encode(i) for i in items]
             at = 0
@@ -138,6 +161,16 @@ class ColdWriter:
         except Exception as exc:  # an LMDB or disk error must not kill the writer thread
             log.exception("cold writer: commit of %d blocks failed", len(items))
             error = TierUnavailable(f"cold tier write failed: {exc}")
+        if span is not None:
+            raw = sum(b.nbytes for _, b in items)
+            enc = sum(j.record_bytes for j in jobs)
+            span.set_attributes({"kvtier.tier": "cold", "kvtier.blocks": len(items), "kvtier.bytes": enc,
+                                 "kvtier.sessions": len(sessions), "kvtier.evictions": len(evicted)})
+            if enc and error is None:
+                span.set_attribute("kvtier.compression_ratio", round(raw / enc, 3))
+            if error is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
+            span.end()
         try:
             self._on_commit(jobs, evicted, error)
         except Exception:  # pragma: no cover - defensive: never lose the futures

@@ -1,0 +1,143 @@
+"""KVTierMetrics: the Prometheus registry of one server — store counters read at scrape time, plus
+three latency histograms observed as events happen.
+
+The store's counters are plain integers it already keeps (:meth:`TieredStore.snapshot`), so
+:class:`StoreCollector` reads them when Prometheus scrapes and the data path pays nothing. Labels are
+``tier`` (``hot``, ``warm``, ``cold``), ``from_tier``/``to_tier``, ``method`` and ``code`` only: never
+keys, sessions or tenants.
+
+Metric names (all prefixed ``kvtier_``):
+
+* per tier: ``tier_hits_total``, ``tier_misses_total``, ``tier_promotions_total`` (into the tier),
+  ``tier_demotions_total`` (out of it), ``tier_evictions_total``, ``tier_checksum_failures_total``,
+  ``tier_blocks``, ``tier_used_bytes``, ``tier_capacity_bytes``;
+* ``bytes_moved_total{from_tier,to_tier}``;
+* store: ``puts_total``, ``gets_total``, ``prefetches_total``, ``blocks_stored_total``,
+  ``blocks_skipped_present_total``, ``blocks_skipped_admission_total``, ``write_errors_total``,
+  ``cold_raw_bytes_written_total``, ``cold_record_bytes_written_total``, ``compression_ratio``;
+* queues: ``pinned_blocks``, ``active_leases``, ``cold_write_queue_depth``, ``pending_writes``,
+  ``inflight_loads``;
+* histograms: ``rpc_duration_seconds{method,code}``, ``prefetch_duration_seconds``,
+  ``resume_ready_seconds`` (Resume received → every block in the top tier).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+_TIER_COUNTERS = (("hits", "Reads served by the tier."),
+                  ("misses", "Reads the tier could not serve."),
+                  ("promotions", "Blocks copied into the tier from a lower one."),
+                  ("demotions", "Blocks moved out of the tier to a lower one."),
+                  ("evictions", "Blocks dropped from the tier with no copy made below."),
+                  ("checksum_failures", "Blocks whose bytes failed their checksum."))
+_STORE_COUNTERS = (("puts", "Put calls."), ("gets", "Block reads (iter_blocks calls)."),
+                   ("prefetches", "Prefetches started."), ("blocks_stored", "Blocks stored by puts."),
+                   ("blocks_skipped_present", "Blocks a put skipped because they were cached."),
+                   ("blocks_skipped_admission", "Blocks a put skipped by admission (too few tokens)."),
+                   ("write_errors", "Failed cold-writer transactions."),
+                   ("cold_raw_bytes_written", "Uncompressed bytes committed to the cold tier."),
+                   ("cold_record_bytes_written", "Encoded bytes committed to the cold tier."))
+_GAUGES = (("pinned_blocks", "pinned_blocks", "Blocks pinned by leases (never eviction victims)."),
+           ("active_leases", "active_leases", "Open read/prefetch leases."),
+           ("cold_write_queue_depth", "write_queue_depth", "Jobs waiting for the cold writer."),
+           ("pending_writes", "pending_writes", "Blocks queued for the cold tier, not yet committed."),
+           ("inflight_loads", "inflight_loads", "Blocks being loaded from the cold tier now."))
+#: Latency buckets from 100 µs (a hot hit) to 30 s (a large resume from disk).
+_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class StoreCollector(Collector):
+    """Turns one ``store.snapshot()`` per scrape into metric families. Thread-safe.
+
+    :param store: a :class:`~tiering.store.TieredStore`; a closed or failing store yields nothing.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self):
+        try:
+            snap = self.store.snapshot()
+        except Exception:  # a closed store between shutdown steps: report nothing rather than 500
+            log.debug("metrics: store snapshot failed", exc_info=True)
+            return
+        tiers = snap.get("tiers", {})
+        for name, doc in _TIER_COUNTERS:
+            fam = CounterMetricFamily(f"kvtier_tier_{name}", doc, labels=["tier"])
+            for tier, st in tiers.items():
+                fam.add_metric([tier], st[name])
+            yield fam
+        usage = snap.get("usage", {})
+        for name, doc in (("blocks", "Blocks held by the tier."), ("used_bytes", "Bytes held by the tier."),
+                          ("capacity_bytes", "Capacity of the tier in bytes.")):
+            fam = GaugeMetricFamily(f"kvtier_tier_{name}", doc, labels=["tier"])
+            for tier, u in usage.items():
+                fam.add_metric([tier], u[name])
+            yield fam
+        moved = CounterMetricFamily("kvtier_bytes_moved", "Bytes moved between tiers.",
+                                    labels=["from_tier", "to_tier"])
+        for pair, n in snap.get("bytes_moved", {}).items():
+            src, _, dst = pair.partition("->")
+            moved.add_metric([src, dst], n)
+        yield moved
+        for name, doc in _STORE_COUNTERS:
+            yield CounterMetricFamily(f"kvtier_{name}", doc, value=snap[name])
+        for name, key, doc in _GAUGES:
+            yield GaugeMetricFamily(f"kvtier_{name}", doc, value=snap[key])
+        ratio = snap.get("compression_ratio")
+        yield GaugeMetricFamily("kvtier_compression_ratio", "Raw over encoded bytes written to the cold tier.",
+                                value=ratio if ratio is not None else float("nan"))
+
+
+class KVTierMetrics:
+    """A private registry with the histograms; :meth:`attach` adds the store's collector."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rpc_duration = Histogram("kvtier_rpc_duration_seconds", "RPC latency as seen by the server.",
+                                      ["method", "code"], buckets=_BUCKETS, registry=self.registry)
+        self.prefetch_duration = Histogram("kvtier_prefetch_duration_seconds",
+                                           "Prefetch start to end (blocks in the top tier or gave up).",
+                                           buckets=_BUCKETS, registry=self.registry)
+        self.resume_ready = Histogram("kvtier_resume_ready_seconds",
+                                      "Resume received to every block of the session in the top tier.",
+                                      buckets=_BUCKETS, registry=self.registry)
+        self._collector: StoreCollector | None = None
+        self._store = None
+        self._lock = threading.Lock()
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.rpc_duration.labels(method, code).observe(seconds)
+
+    def observe_timing(self, what: str, seconds: float) -> None:
+        """The store's timing hook: ``what`` is ``prefetch`` or ``resume``."""
+        if what == "prefetch":
+            self.prefetch_duration.observe(seconds)
+        elif what == "resume":
+            self.resume_ready.observe(seconds)
+
+    def attach(self, store) -> None:
+        """Expose ``store``'s counters and receive its prefetch/resume timings. Replaces an earlier store."""
+        with self._lock:
+            self.detach()
+            self._collector = StoreCollector(store)
+            self.registry.register(self._collector)
+            self._store = store
+            store.on_timing = self.observe_timing
+
+    def detach(self) -> None:
+        """Stop exposing the attached store (if any)."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+            self._collector = None
+        if self._store is not None:
+            self._store.on_timing = None
+            self._store = None
