@@ -8,7 +8,7 @@ inside the one environment (all updated in the same transactions, so they never 
 database      key → value                                  purpose
 ============  ===========================================  ==========================================
 ``blocks``    key(16) → record (``tiering/codec.py``)      the bytes
-``meta``      key(16) → seq(8 BE) ‖ ns_id(16) ‖ size(4)    where the block stands in ``order``
+``meta``      key(16) → seq(8 BE) ‖ ns_id(16) ‖ size(4)    ``order`` position; size = footprint
 ``order``     seq(8 BE) → key(16)                          write order, oldest first: eviction order
 ``ns_keys``   ns_id(16) → key(16), duplicates sorted       invalidate a namespace without a scan
 ``namespaces`` ns_id(16) → JSON namespace                  invalidate by model fingerprint
@@ -46,6 +46,12 @@ _META = struct.Struct(">Q16sI")
 _U64 = struct.Struct(">Q")
 #: Share of the LMDB map that records may fill; the rest is B-tree pages and the free list.
 FILL_RATIO = 0.80
+#: Bytes of the map kept for LMDB itself (meta pages, the roots of the named databases, free list).
+RESERVED_BYTES = 128 << 10
+#: Bytes a small record costs beyond itself in a leaf page (key, node header, pointer).
+KEY_OVERHEAD = 32
+#: Bytes of a block's ``meta``, ``order`` and ``ns_keys`` entries, B-tree slack included (measured).
+INDEX_OVERHEAD = 256
 
 
 @dataclass(slots=True)
@@ -61,7 +67,8 @@ class ColdTier(Tier):
     """LMDB-backed tier.
 
     :param path: directory of the LMDB environment (created if missing).
-    :param capacity: LMDB map size in bytes; records may use :data:`FILL_RATIO` of it.
+    :param capacity: LMDB map size in bytes; records may use :data:`FILL_RATIO` of it, less
+        :data:`RESERVED_BYTES`.
     :param codec: encodes/decodes records.
     :param durable_sync: fsync at every commit (True: a committed batch survives power loss; False:
         survives a process crash only).
@@ -87,6 +94,7 @@ class ColdTier(Tier):
             raise TierUnavailable(
                 f"cannot open the cold tier at {path!r}: {exc}. Check that the directory exists, is "
                 "writable by this user, and holds a kvtier LMDB store (or is empty)") from exc
+        self._page = self.env.stat()["psize"]
         self.checksum_failures = 0
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -161,18 +169,56 @@ class ColdTier(Tier):
         :returns: keys evicted to make room.
         :raises CapacityExceeded: if enough room cannot be made; nothing is written then.
         """
-        for attempt in range(3):
+        incoming = {w.key for w in writes}
+        evicted: list[BlockKey] = []
+        batch = sum(self.footprint(len(w.record)) for w in writes)
+        for attempt in range(4):
             try:
                 with self.env.begin(write=True) as txn:
-                    evicted = self._write(txn, writes, sessions or {}, namespaces or {}, protected,
-                                          extra=attempt * sum(len(w.record) for w in writes) * 2)
-                return evicted
+                    return evicted + self._write(txn, writes, sessions or {}, namespaces or {}, protected)
             except lmdb.MapFullError:
-                log.warning("cold tier: LMDB map full (attempt %d); evicting more and retrying", attempt + 1)
+                # Our byte count is an estimate of LMDB's page use, so the map can fill first. Pages
+                # freed inside the failing transaction are not reusable by it, so room is made in a
+                # transaction of its own, committed, and the write retried.
+                log.warning("cold tier: LMDB map full (attempt %d); evicting the oldest blocks", attempt + 1)
+                more = self._evict_oldest((2 ** attempt) * max(2 * batch, self._capacity // 16), protected, incoming)
+                if not more:
+                    break
+                evicted += more
         raise CapacityExceeded(f"cold tier at {self.path!r} is full and nothing more can be evicted; "
                                "raise cold.capacity or delete sessions")
 
-    def _write(self, txn, writes, sessions, namespaces, protected, extra: int) -> list[BlockKey]:
+    def footprint(self, record_len: int) -> int:
+        """Bytes of the map a record of ``record_len`` bytes is charged for (``used_bytes`` counts
+        these, so the map does not fill long before the count says so): records too big for a leaf
+        page take whole overflow pages (a 4.1 KB record takes two 4 KB pages); smaller ones share
+        leaf pages that are about half full; every block also has three index entries."""
+        if record_len + KEY_OVERHEAD <= self._page // 2:
+            return 2 * (record_len + KEY_OVERHEAD) + INDEX_OVERHEAD
+        return -(-(record_len + 16) // self._page) * self._page + INDEX_OVERHEAD
+
+    def _evict_oldest(self, nbytes: int, protected: Callable[[BlockKey], bool], keep: set[BlockKey]) -> list[BlockKey]:
+        """Delete the oldest unprotected blocks worth ``nbytes`` in a committed transaction of their own."""
+        try:
+            with self.env.begin(write=True) as txn:
+                victims, freed = [], 0
+                for _seq, kd in txn.cursor(db=self.db["order"]).iternext():
+                    key = BlockKey(bytes(kd))
+                    if key in keep or protected(key):
+                        continue
+                    victims.append(key)
+                    freed += _META.unpack(txn.get(key.digest, db=self.db["meta"]))[2]
+                    if freed >= nbytes:
+                        break
+                used = _U64.unpack(txn.get(b"used", db=self.db["info"]) or _U64.pack(0))[0]
+                for key in victims:
+                    used -= self._delete(txn, key)
+                txn.put(b"used", _U64.pack(max(used, 0)), db=self.db["info"])
+        except lmdb.MapFullError:
+            return []
+        return victims
+
+    def _write(self, txn, writes, sessions, namespaces, protected) -> list[BlockKey]:
         info = self.db["info"]
         used = _U64.unpack(txn.get(b"used", db=info) or _U64.pack(0))[0]
         seq = _U64.unpack(txn.get(b"seq", db=info) or _U64.pack(0))[0]
@@ -182,9 +228,9 @@ class ColdTier(Tier):
         new_bytes = 0
         for w in incoming.values():
             old = txn.get(w.key.digest, db=self.db["meta"])
-            new_bytes += len(w.record) - (_META.unpack(old)[2] if old else 0)
+            new_bytes += self.footprint(len(w.record)) - (_META.unpack(old)[2] if old else 0)
         evicted: list[BlockKey] = []
-        need = used + new_bytes + extra - self.capacity_bytes
+        need = used + new_bytes - self.capacity_bytes
         if need > 0:
             cur = txn.cursor(db=self.db["order"])
             for _seq, kd in cur.iternext():
@@ -205,10 +251,10 @@ class ColdTier(Tier):
             used -= self._delete(txn, w.key)
             seq += 1
             txn.put(w.key.digest, w.record, db=self.db["blocks"])
-            txn.put(w.key.digest, _META.pack(seq, w.ns_id, len(w.record)), db=self.db["meta"])
+            txn.put(w.key.digest, _META.pack(seq, w.ns_id, self.footprint(len(w.record))), db=self.db["meta"])
             txn.put(_U64.pack(seq), w.key.digest, db=self.db["order"])
             txn.put(w.ns_id, w.key.digest, db=self.db["ns_keys"])
-            used += len(w.record)
+            used += self.footprint(len(w.record))
         for ns_id, rec in namespaces.items():
             txn.put(ns_id, rec, db=self.db["namespaces"], overwrite=False)
         for sid, rec in sessions.items():
@@ -264,7 +310,7 @@ class ColdTier(Tier):
     # -- accounting -----------------------------------------------------------------------------------
     @property
     def capacity_bytes(self) -> int:
-        return int(self._capacity * FILL_RATIO)
+        return max(int(self._capacity * FILL_RATIO) - RESERVED_BYTES, 0)
 
     @property
     def used_bytes(self) -> int:
@@ -278,6 +324,28 @@ class ColdTier(Tier):
             for _k, rec in txn.cursor().iternext():
                 total += Codec.read_header(rec).raw_length
         return total
+
+    def check(self) -> list[str]:
+        """Verify that the indexes agree with each other and with ``used``; returns problems, [] if none.
+        O(blocks): for tests and ``kvtier check``, not the data path."""
+        with self.env.begin() as txn:
+            metas = {bytes(k): _META.unpack(v) for k, v in txn.cursor(db=self.db["meta"])}
+            blocks = {bytes(k) for k in txn.cursor(db=self.db["blocks"]).iternext(values=False)}
+            order = {bytes(v): _U64.unpack(k)[0] for k, v in txn.cursor(db=self.db["order"])}
+            ns_keys = {(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.db["ns_keys"])}
+            used = _U64.unpack(txn.get(b"used", db=self.db["info"]) or _U64.pack(0))[0]
+        problems = []
+        if set(metas) != blocks or set(metas) != set(order):
+            problems.append(f"cold: {len(metas)} meta, {len(blocks)} records, {len(order)} order entries disagree")
+        if any(order.get(k) != m[0] for k, m in metas.items()):
+            problems.append("cold: order and meta disagree on write sequence")
+        if ns_keys != {(m[1], k) for k, m in metas.items()}:
+            problems.append("cold: ns_keys index disagrees with meta")
+        if used != sum(m[2] for m in metas.values()):
+            problems.append(f"cold: used {used} != sum of block footprints {sum(m[2] for m in metas.values())}")
+        if used > self.capacity_bytes:
+            problems.append(f"cold: used {used} over capacity {self.capacity_bytes}")
+        return problems
 
     def sync(self) -> None:
         self.env.sync(True)

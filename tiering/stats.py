@@ -12,6 +12,15 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass(slots=True)
 class TierStats:
+    """Counters of one tier.
+
+    ``hits``/``misses`` follow cache-hierarchy (L1/L2) semantics: they count the gets that *reached*
+    this tier. A get served by warm is a miss in hot and a hit in warm; one served by cold is a miss
+    in every memory tier and a hit in cold. So ``hot.hits / (hot.hits + hot.misses)`` is the hot hit
+    rate, and the share of gets served by a tier is its ``hits`` over all gets. A block served from
+    the write queue (demoted, not yet on disk) is a miss of every memory tier and no tier's hit.
+    """
+
     hits: int = 0
     misses: int = 0
     promotions: int = 0  # blocks copied into this tier from a lower one

@@ -114,6 +114,14 @@ class TieredStore:
         self._lock = threading.RLock()
         self._closed = False
         self._lockfile = self._lock_data_dir(self.config.data_dir) if self.config.cold_enabled else None
+        try:
+            self._open()
+        except BaseException:
+            if self._lockfile is not None:
+                self._lockfile.close()  # else the lock outlives the failed open, until GC
+            raise
+
+    def _open(self) -> None:
         cfg = self.config
         self.memory: list[MemoryTier] = [t for t in (make_hot_tier(cfg.hot_device, cfg.hot_capacity, cfg.policy),
                                                      make_warm_tier(cfg.warm_capacity, cfg.policy, cfg.warm_pin))
@@ -125,7 +133,8 @@ class TieredStore:
             self.cold = ColdTier(os.path.join(cfg.data_dir, "cold"), cfg.cold_capacity, self.codec,
                                  durable_sync=cfg.durable_sync)
             self._writer = ColdWriter(self.cold, batch=cfg.writer_batch, threads=cfg.compress_threads,
-                                      protected=self.leases.is_pinned, on_commit=self._on_commit)
+                                      protected=self.leases.is_pinned, on_commit=self._on_commit,
+                                      tracer=self.tracer)
         if not self.memory and self.cold is None:
             raise ValueError("every tier is off: enable at least one of hot, warm or cold")
         for t in self.tier_names():
@@ -135,6 +144,7 @@ class TieredStore:
         self._namespaces: dict[bytes, Namespace] = {}
         self._mem_sessions: dict[bytes, bytes] = {}  # session records when there is no cold tier
         self._pending_sessions: dict[bytes, bytes | None] = {}  # queued for the writer, newer than LMDB
+        self._pending_session_writes: dict[bytes, int] = {}  # queued, uncommitted writes per session
         if self.cold is not None:
             from .sessions import namespace_from_dict
             self._namespaces = {k: namespace_from_dict(v) for k, v in self.cold.namespaces().items()}
@@ -209,6 +219,12 @@ class TieredStore:
         return [t.name for t in self.memory] + (["cold"] if self.cold is not None else [])
 
     @property
+    def _pending_tier(self) -> str:
+        """Tier named for a block queued for disk and in no memory tier: it is in host RAM, so
+        ``warm`` when this store has a warm tier, else ``cold`` (where it is about to be)."""
+        return "warm" if any(t.name == "warm" for t in self.memory) else "cold"
+
+    @property
     def top_tier(self) -> str:
         return self.tier_names()[0]
 
@@ -229,6 +245,8 @@ class TieredStore:
                 raise LayoutMismatch(f"block {index} has shape {tuple(data.shape)}; the layout "
                                      f"{lay.describe()} wants {shape} for {tokens} tokens")
             raw = data.detach().contiguous().to("cpu").reshape(-1).view(torch.uint8)
+            if raw.untyped_storage().data_ptr() == data.untyped_storage().data_ptr():
+                raw = raw.clone()  # the caller may reuse its tensor: the store must own its bytes
         else:
             mv = memoryview(data).cast("B")
             if len(mv) != lay.block_bytes(tokens):
@@ -266,6 +284,8 @@ class TieredStore:
         if durable and self.cold is None:
             raise TierUnavailable("a durable put needs the cold tier, which is off")
         sid = session_id_key(namespace.tenant, session_id) if session_id is not None else None
+        if sid is not None:
+            trace.get_current_span().set_attribute("kvtier.session", session_hash(sid))
         prepared = [(keys[first_block + i], self._to_block(namespace, data, min(bt, n_tokens - (first_block + i) * bt),
                                                            first_block + i))
                     for i, data in enumerate(blocks)]
@@ -299,6 +319,8 @@ class TieredStore:
                 new_ns = {namespace.ns_id: json.dumps(namespace_to_dict(namespace)).encode()}
             else:
                 new_ns = {}
+        if durable and result.skipped_present:
+            to_disk += self._not_durable_yet(result.skipped_present)
         job = WriteJob(blocks=to_disk, namespaces=new_ns)
         if sid is not None:
             now = time.time()
@@ -307,7 +329,9 @@ class TieredStore:
                               created=old.created if old else now, last_used=now, priority=priority,
                               ttl_s=ttl_s if ttl_s is not None else self.config.session_ttl_s)
             self._store_session(session, job)
-        if self._writer is not None and (job.blocks or job.sessions or job.namespaces):
+        # A durable put always waits for a job: jobs commit in order, so blocks it skipped because an
+        # earlier put had queued them are on disk once its own (maybe empty) job is.
+        if self._writer is not None and (job.blocks or job.sessions or job.namespaces or durable):
             with self._lock:
                 for key, block in job.blocks:
                     self._pending[key] = block
@@ -315,6 +339,20 @@ class TieredStore:
             if durable:
                 fut.result()
         return result
+
+    def _not_durable_yet(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block]]:
+        """Of ``keys`` (present somewhere), the blocks held only in memory: neither on disk nor queued."""
+        keys = list(dict.fromkeys(keys))
+        on_disk = self.cold.contains_many(keys)
+        out = []
+        with self._lock:
+            for key, here in zip(keys, on_disk):
+                if here or key in self._pending:
+                    continue
+                block = next((t.peek(key) for t in self.memory if t.contains(key)), None)
+                if block is not None:
+                    out.append((key, block))
+        return out
 
     def _present(self, keys: list[BlockKey]) -> list[bool]:
         with self._lock:
@@ -361,7 +399,7 @@ class TieredStore:
         self.stats.tier(src.name).demotions += 1
         if i + 1 < len(self.memory):
             dst = self.memory[i + 1]
-            if self._insert(i + 1, key, dst.stage(block)):
+            if self._insert(i + 1, key, block if dst.contains(key) else dst.stage(block)):
                 self.stats.bytes_moved[f"{src.name}->{dst.name}"] += block.nbytes
                 return
         if self.config.write_policy == "write_back" and self._writer is not None and key not in self._pending:
@@ -379,9 +417,16 @@ class TieredStore:
                         del self._pending[key]
                     if error is None:
                         self.stats.cold_raw_bytes_written += block.nbytes
-                for sid, rec in job.sessions.items():
-                    if self._pending_sessions.get(sid, b"") is rec:
-                        del self._pending_sessions[sid]
+                for sid in job.sessions:
+                    # Count, not compare: two deletions queued for one session are both None, so an
+                    # identity check would let the first commit drop the second (and expose a record
+                    # queued between them). The newest value stays until all its writes are on disk.
+                    left = self._pending_session_writes.get(sid, 1) - 1
+                    if left > 0:
+                        self._pending_session_writes[sid] = left
+                    else:
+                        self._pending_session_writes.pop(sid, None)
+                        self._pending_sessions.pop(sid, None)
                 self.stats.cold_record_bytes_written += job.record_bytes if error is None else 0
             if error is not None:
                 self.stats.write_errors += 1
@@ -420,7 +465,7 @@ class TieredStore:
             else:
                 i, block = -1, self._pending.get(key)
             if block is not None:
-                served = self.memory[i].name if i >= 0 else "warm"
+                served = self.memory[i].name if i >= 0 else self._pending_tier
             else:
                 fut = self._inflight.get(key)
                 if fut is None and self.cold is not None:
@@ -551,7 +596,8 @@ class TieredStore:
         out: list[str | None] = []
         with self._lock:
             for k in keys:
-                out.append(next((t.name for t in self.memory if t.contains(k)), "warm" if k in self._pending else None))
+                out.append(next((t.name for t in self.memory if t.contains(k)),
+                                self._pending_tier if k in self._pending else None))
         missing = [i for i, t in enumerate(out) if t is None]
         if missing and self.cold is not None:
             on_disk = self.cold.contains_many([keys[i] for i in missing])
@@ -600,8 +646,18 @@ class TieredStore:
         with self._lock:
             self.stats.prefetches += 1
         ctx = trace.get_current_span().get_span_context()
+        t0 = time.monotonic()
         fut = self._prefetch_pool.submit(self._prefetch_run, keys, deadline, ctx)
+        fut.add_done_callback(lambda _f: self._report_timing("prefetch", t0))
         return PrefetchHandle(keys, fut, lease)
+
+    def _report_timing(self, what: str, t0: float) -> None:
+        hook = self.on_timing
+        if hook is not None:
+            try:
+                hook(what, time.monotonic() - t0)
+            except Exception:  # a metrics hook must never break a prefetch
+                log.debug("timing hook failed", exc_info=True)
 
     def _prefetch_run(self, keys: list[BlockKey], deadline: float | None, parent) -> int:
         """Coordinator of one prefetch: keeps ``window`` block loads in flight on the fetch pool, so
@@ -610,12 +666,14 @@ class TieredStore:
         window = max(2, self.config.prefetch_threads * 2)
         with self.tracer.start_as_current_span("kvtier.prefetch", links=links) as span:
             span.set_attribute("kvtier.blocks_requested", len(keys))
+            # one span per tier op for the whole prefetch, children of kvtier.prefetch
+            ops = TierOps(self.tracer, span) if span.is_recording() else None
             futures: list[Future] = []
             done = nxt = 0
             try:
                 for idx in range(len(keys)):
                     while nxt < len(keys) and nxt < idx + window:
-                        futures.append(self._pool.submit(self._prefetch_one, keys[nxt]))
+                        futures.append(self._pool.submit(self._prefetch_one, keys[nxt], ops))
                         nxt += 1
                     if self._closed or (deadline is not None and time.monotonic() > deadline):
                         span.set_attribute("kvtier.deadline_hit", True)
@@ -626,15 +684,17 @@ class TieredStore:
             finally:
                 for f in futures[done:]:
                     f.cancel()
+                if ops is not None:
+                    ops.finish()
             span.set_attribute("kvtier.blocks", done)
             return done
 
-    def _prefetch_one(self, key: BlockKey) -> bool:
+    def _prefetch_one(self, key: BlockKey, ops: TierOps | None = None) -> bool:
         top = self.memory[0] if self.memory else None
         with self._lock:
             if top is not None and top.contains(key):
                 return True
-        return self.get(key) is not None
+        return self._get(key, True, ops) is not None
 
     def _store_session(self, session: Session, job: WriteJob | None = None) -> None:
         self._submit_sessions({session.id_key: session.to_json()}, job)
@@ -654,6 +714,8 @@ class TieredStore:
                         self._mem_sessions[sid] = rec
                 return None
             self._pending_sessions.update(records)
+            for sid in records:
+                self._pending_session_writes[sid] = self._pending_session_writes.get(sid, 0) + 1
         if job is not None:
             job.sessions.update(records)
             return None
@@ -675,7 +737,9 @@ class TieredStore:
         :raises SessionNotFound: if there is none for this tenant, or it expired.
         """
         self._check_open()
-        session = self._load_session(session_id_key(tenant, session_id))
+        sid = session_id_key(tenant, session_id)
+        trace.get_current_span().set_attribute("kvtier.session", session_hash(sid))
+        session = self._load_session(sid)
         if session is None or session.expired():
             raise SessionNotFound(f"no session {session_id!r} for this tenant (never stored, deleted or expired)")
         return session
@@ -688,9 +752,11 @@ class TieredStore:
             and the running prefetch.
         :raises SessionNotFound: see :meth:`get_session`.
         """
+        t0 = time.monotonic()
         session = self.get_session(tenant, session_id)
         tiers = self._where(session.keys)
         handle = self.prefetch(session.keys, deadline=deadline)
+        handle.future.add_done_callback(lambda _f: self._report_timing("resume", t0))
         session.last_used = time.time()
         self._store_session(session)
         return session, tiers, handle
@@ -703,6 +769,9 @@ class TieredStore:
         :raises SessionNotFound: if there is no such session.
         """
         session = self.get_session(tenant, session_id)
+        return self._delete_session(session, erase_blocks)
+
+    def _delete_session(self, session: Session, erase_blocks: bool) -> int:
         erased = self._erase(session.keys) if erase_blocks else 0
         fut = self._submit_sessions({session.id_key: None})
         if fut is not None:
@@ -710,18 +779,19 @@ class TieredStore:
         return erased
 
     def _erase(self, keys: Sequence[BlockKey]) -> int:
+        """Delete ``keys`` from every tier and the write queue; returns how many were anywhere."""
         keys = set(keys)
-        n = 0
+        gone: set[BlockKey] = set()  # a block held by several tiers counts once
         with self._lock:
             for tier in self.memory:
-                for k in keys:
-                    n += tier.delete(k)
-            for k in keys:
-                n += self._pending.pop(k, None) is not None
+                gone.update(k for k in keys if tier.delete(k))
+            gone.update(k for k in keys if self._pending.pop(k, None) is not None)
         if self._writer is not None:
             self._writer.flush()
-            n += self.cold.delete_many(keys)
-        return n
+            ordered = list(keys)
+            gone.update(k for k, here in zip(ordered, self.cold.contains_many(ordered)) if here)
+            self.cold.delete_many(ordered)
+        return len(gone)
 
     def invalidate(self, tenant: str, *, model: str | None = None, revision: str | None = None,
                    namespace: Namespace | None = None) -> int:
@@ -740,16 +810,19 @@ class TieredStore:
                           and (revision is None or ns.revision == revision)}
         else:
             raise InvalidBlock("invalidate needs a namespace or a model", field="model")
-        n = 0
+        gone: set[BlockKey] = set()  # a block held by several tiers counts once
         with self._lock:
             for tier in self.memory:
                 for k in list(tier.keys()):
                     b = tier.peek(k)
-                    if b is not None and b.ns_id in ns_ids:
-                        n += tier.delete(k)
+                    if b is not None and b.ns_id in ns_ids and tier.delete(k):
+                        gone.add(k)
         if self.cold is not None:
             for ns_id in ns_ids:
-                n += self.cold.delete_many(self.cold.keys_of_namespace(ns_id))
+                keys = self.cold.keys_of_namespace(ns_id)
+                self.cold.delete_many(keys)
+                gone.update(keys)
+        n = len(gone)
         dead = [s for s in self.sessions() if s.namespace.ns_id in ns_ids]
         fut = self._submit_sessions({s.id_key: None for s in dead}) if dead else None
         if fut is not None:
@@ -772,10 +845,9 @@ class TieredStore:
         now = time.time()
         dead = [s for s in self.sessions() if s.expired(now)]
         for s in dead:
-            try:
-                self.delete_session(s.tenant, s.session_id, erase_blocks=True)
-            except SessionNotFound:
-                pass
+            # Not delete_session: get_session treats an expired session as absent, so it would
+            # raise SessionNotFound and the session and its blocks would stay forever.
+            self._delete_session(s, erase_blocks=True)
         return len(dead)
 
     def _maintenance(self) -> None:
@@ -820,7 +892,8 @@ class TieredStore:
         return snap
 
     def check(self) -> list[str]:
-        """Verify internal invariants (accounting matches contents); returns problems found, [] if none."""
+        """Verify internal invariants (accounting matches contents, used <= capacity, for every tier
+        the cold one included: O(blocks)); returns problems found, [] if none."""
         problems = []
         with self._lock:
             for t in self.memory:
@@ -831,5 +904,7 @@ class TieredStore:
                     problems.append(f"{t.name}: over capacity")
                 if len(t.policy) != len(t):
                     problems.append(f"{t.name}: policy tracks {len(t.policy)} keys, tier holds {len(t)}")
+        if self.cold is not None:
+            problems += self.cold.check()
         return problems
 

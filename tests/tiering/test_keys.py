@@ -1,0 +1,116 @@
+"""tiering/keys.py: the chained BLAKE2b key scheme, pinned by test vectors (also in the README)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+
+from tiering import BlockKey, BlockLayout, InvalidBlock, Namespace, chain_keys
+from tiering.keys import iter_keys
+
+LAYOUT = BlockLayout("float16", layers=30, kv_heads=3, head_dim=64, block_tokens=16)
+NS = Namespace("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", LAYOUT)
+
+#: tokens 0..39 under NS: two full blocks and a partial one of 8 tokens.
+ROOT = "a2a76262c247cd13181401bb27c7745c"
+VECTORS = ["399bcce2e8846288e4e9922a0307685a",
+           "dda10968fbf57d9b2b5162fff6c12e0e",
+           "2f3b71bfb8234081bc4a0f82be94294c"]
+#: tokens 0..47: the third block is now full and gets its own key from the same parent.
+FULL_THIRD = "1b1ee78f3d12a54e4b3e549622752379"
+
+
+def _spec_keys(tenant: str, model: str, revision: str, layout: str, tokens: list[int], bt: int) -> list[str]:
+    """The spec of the keys.py docstring, written out again with hashlib only."""
+    def field(s: str) -> bytes:
+        raw = s.encode("utf-8")
+        return struct.pack("<I", len(raw)) + raw
+
+    def h(x: bytes) -> bytes:
+        return hashlib.blake2b(x, digest_size=16).digest()
+
+    parent = h(b"kvtier-ns-v1" + field(tenant) + field(model) + field(revision) + field(layout))
+    out = []
+    for start in range(0, len(tokens), bt):
+        parent = h(parent + b"".join(struct.pack("<I", t) for t in tokens[start:start + bt]))
+        out.append(parent.hex())
+    return out
+
+
+def test_vectors_are_pinned():
+    assert LAYOUT.describe() == "float16:30x3x64/16"
+    assert NS.root().hex() == ROOT
+    assert [k.hex() for k in chain_keys(NS, list(range(40)))] == VECTORS
+
+
+def test_vectors_match_the_written_spec():
+    spec = _spec_keys("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", "float16:30x3x64/16",
+                      list(range(40)), 16)
+    assert spec == VECTORS
+    assert _spec_keys("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", "float16:30x3x64/16",
+                      list(range(48)), 16)[2] == FULL_THIRD
+
+
+def test_partial_block_does_not_poison_the_full_one():
+    grown = chain_keys(NS, list(range(48)))
+    assert [k.hex() for k in grown[:2]] == VECTORS[:2]
+    assert grown[2].hex() == FULL_THIRD != VECTORS[2]
+    longer = chain_keys(NS, list(range(64)))
+    assert longer[:3] == grown  # the block after a once-partial block chains from the full key
+
+
+@pytest.mark.parametrize("change", [
+    dict(tenant="other"), dict(model="HuggingFaceTB/SmolLM2-360M-Instruct"), dict(revision="v2"),
+    dict(layout=BlockLayout("bfloat16", 30, 3, 64, 16)), dict(layout=BlockLayout("float16", 30, 3, 64, 8)),
+    dict(layout=BlockLayout("float16", 29, 3, 64, 16)),
+])
+def test_any_namespace_change_changes_every_key(change):
+    fields = dict(tenant=NS.tenant, model=NS.model, revision=NS.revision, layout=NS.layout) | change
+    other = chain_keys(Namespace(**fields), list(range(40)))
+    assert not set(other) & set(chain_keys(NS, list(range(40))))
+
+
+def test_field_encoding_is_length_prefixed():
+    # Without the length prefix ("ab","c") and ("a","bc") would collide.
+    a = Namespace("ab", "c", "r", LAYOUT)
+    b = Namespace("a", "bc", "r", LAYOUT)
+    assert a.root() != b.root()
+
+
+def test_token_inputs_agree():
+    toks = list(range(40))
+    assert chain_keys(NS, np.array(toks, dtype=np.int64)) == chain_keys(NS, toks)
+    assert chain_keys(NS, np.array(toks, dtype=np.uint32)) == chain_keys(NS, toks)
+    assert list(iter_keys(NS, toks)) == chain_keys(NS, toks)
+    assert chain_keys(NS, []) == []
+    assert len(chain_keys(NS, [2**32 - 1] * 17)) == 2
+
+
+@pytest.mark.parametrize("bad", [[-1], [2**32], [[1, 2]], [1.5]])
+def test_bad_tokens_raise(bad):
+    with pytest.raises(InvalidBlock):
+        chain_keys(NS, bad)
+
+
+def test_namespace_validation():
+    with pytest.raises(InvalidBlock):
+        Namespace("t", "", "r", LAYOUT)
+    with pytest.raises(InvalidBlock):
+        Namespace("t" * 257, "m", "r", LAYOUT)
+    Namespace("t" * 256, "m", "r", LAYOUT)
+
+
+def test_block_key_is_a_value_type():
+    k = chain_keys(NS, [1])[0]
+    assert BlockKey(bytes(k.digest)) == k and hash(BlockKey(bytes(k.digest))) == hash(k)
+    assert BlockKey.from_hex(k.hex()) == k
+    with pytest.raises(AttributeError):
+        k.digest = b"x" * 16  # frozen
+    with pytest.raises(InvalidBlock):
+        BlockKey(b"short")
+    with pytest.raises(InvalidBlock):
+        BlockKey.from_hex("zz")
+    assert repr(k).startswith("BlockKey(")
