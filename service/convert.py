@@ -88,3 +88,51 @@ def keys_from_proto(raw: list[bytes] | tuple[bytes, ...], field: str = "keys") -
 
 def keys_to_proto(keys) -> list[bytes]:
     return [k.digest for k in keys]
+
+
+# -- responses (server side) ------------------------------------------------------------------------
+def tiers_to_proto(tiers) -> list[int]:
+    """Tier names (``hot``/``warm``/``cold``, ``None`` = gone) as ``Tier`` enum values."""
+    return [TIER_TO_PROTO[t] for t in tiers]
+
+
+def put_result_to_proto(result) -> pb.PutResponse:
+    """A :class:`tiering.store.PutResult` as a ``PutResponse``."""
+    return pb.PutResponse(keys=keys_to_proto(result.keys), stored=keys_to_proto(result.stored),
+                          skipped_present=keys_to_proto(result.skipped_present),
+                          skipped_not_admitted=keys_to_proto(result.skipped_not_admitted))
+
+
+def block_header_to_proto(index: int, key: BlockKey, block, tier: str) -> pb.BlockHeader:
+    """The ``BlockHeader`` announcing ``block`` (a :class:`tiering.tier.Block`) at chain position ``index``."""
+    return pb.BlockHeader(index=index, key=key.digest, dtype=block.dtype, shape=list(block.shape),
+                          tier=TIER_TO_PROTO[tier], checksum=block.checksum, size=block.nbytes)
+
+
+def resume_to_proto(session, tiers) -> pb.ResumeResponse:
+    """A session (:class:`tiering.sessions.Session`) and its blocks' tiers as a ``ResumeResponse``."""
+    cached = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
+    return pb.ResumeResponse(namespace=namespace_to_proto(session.namespace), tokens=session.tokens,
+                             keys=keys_to_proto(session.keys), tiers=tiers_to_proto(tiers), cached_blocks=cached,
+                             priority=session.priority, ttl_seconds=session.ttl_s or 0.0)
+
+
+_TIER_COUNTERS = ("hits", "misses", "promotions", "demotions", "evictions", "checksum_failures")
+
+
+def stats_to_proto(snap: dict, version: str) -> pb.StatsResponse:
+    """``TieredStore.snapshot()`` as a ``StatsResponse``: tiers top first, integer counters in ``counters``."""
+    tiers = []
+    for name, usage in snap["usage"].items():
+        counters = snap["tiers"].get(name, {})
+        tiers.append(pb.TierStats(tier=TIER_TO_PROTO[name], blocks=usage["blocks"], used_bytes=usage["used_bytes"],
+                                  capacity_bytes=usage["capacity_bytes"],
+                                  **{c: counters.get(c, 0) for c in _TIER_COUNTERS}))
+    skip = {"tiers", "usage", "bytes_moved", "pinned_blocks", "write_queue_depth", "pending_writes",
+            "compression_ratio"}
+    counters = {k: int(v) for k, v in snap.items() if k not in skip and isinstance(v, int) and v >= 0}
+    return pb.StatsResponse(tiers=tiers, pinned_blocks=snap["pinned_blocks"],
+                            write_queue_depth=snap["write_queue_depth"], pending_writes=snap["pending_writes"],
+                            compression_ratio=snap["compression_ratio"] or 0.0,
+                            bytes_moved={k: int(v) for k, v in snap["bytes_moved"].items()},
+                            counters=counters, version=version)

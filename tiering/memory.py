@@ -86,12 +86,12 @@ class MemoryTier(Tier):
     def delete(self, key: BlockKey) -> bool:
         return self.pop(key) is not None
 
-    def pop(self, key: BlockKey) -> Block | None:
+    def pop(self, key: BlockKey, *, evicted: bool = False) -> Block | None:
         """Remove and return the block (``None`` if absent)."""
         block = self._blocks.pop(key, None)
         if block is not None:
             self._used -= block.nbytes
-            self.policy.remove(key)
+            self.policy.remove(key, evicted=evicted)
         return block
 
     def keys(self) -> Iterator[BlockKey]:

@@ -389,7 +389,7 @@ class TieredStore:
         if victims is None:
             return False
         for v in victims:
-            self._demote(i, v, tier.pop(v))
+            self._demote(i, v, tier.pop(v, evicted=True))
         tier.put(key, block)
         return True
 

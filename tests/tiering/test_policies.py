@@ -84,25 +84,49 @@ def test_s3fifo_ghost_returns_to_main():
     p = S3FIFOPolicy(ghost_size=2)
     for k in range(5):
         p.insert(k)
-    p.remove(0)  # never read, left from the small queue: remembered in the ghost queue
+    p.remove(0, evicted=True)  # never read, evicted from the small queue: remembered in the ghost queue
     assert 0 in p._ghost
     p.insert(0)  # quick return: straight into main
     assert 0 in p._main and 0 not in p._small and 0 not in p._ghost
     p.touch(1)
-    p.remove(1)  # was read: not a one-hit wonder, not remembered
+    p.remove(1, evicted=True)  # was read: not a one-hit wonder, not remembered
     assert 1 not in p._ghost
-    for k in (2, 3, 4):
-        p.remove(k)
-    assert list(p._ghost) == [3, 4]  # bounded, oldest forgotten first
-    p.remove(0)  # leaving main: no ghost
+    p.remove(2)  # deleted, not evicted: nothing to remember
+    assert 2 not in p._ghost
+    for k in (3, 4):
+        p.remove(k, evicted=True)
+    assert list(p._ghost) == [3, 4]
+    p.insert(5)
+    p.remove(5, evicted=True)
+    assert list(p._ghost) == [4, 5]  # bounded, oldest forgotten first
+    p.remove(0, evicted=True)  # leaving main: no ghost
     assert 0 not in p._ghost and len(p) == 0 and p.order() == []
+
+
+def test_s3fifo_commits_lazy_moves_on_eviction():
+    """Keys read while waiting in the small queue really move to main when a victim behind them is
+    evicted, and main's read keys really get their second chance (counter decremented)."""
+    p = S3FIFOPolicy()
+    for k in range(4):
+        p.insert(k)  # all in the small queue
+    p.touch(0)
+    p.remove(1, evicted=True)  # the victim: 0 was passed over on the way, so 0 moved to main
+    assert 0 in p._main and 0 not in p._small and p._freq[0] == 0
+    for k in (10, 11):
+        p.insert(k)
+        p.remove(k, evicted=True)
+        p.insert(k)  # via the ghost: into main, behind 0
+    p.touch(10)
+    p.remove(0, evicted=True)  # main's head: evicted (counter 0)
+    p.remove(11, evicted=True)  # 10 was read and passed over: second chance, counter back to 0
+    assert list(p._main) == [10] and p._freq[10] == 0
 
 
 def test_s3fifo_main_second_chance():
     p = S3FIFOPolicy()
     for k in (1, 2, 3):
         p.insert(k)
-        p.remove(k)
+        p.remove(k, evicted=True)
         p.insert(k)  # via the ghost: all three in main
     p.touch(1)
     assert p.order() == [2, 3, 1]  # 1 is read: reinserted at the tail with its counter decremented

@@ -26,8 +26,10 @@ class EvictionPolicy(ABC):
         """A key already in the tier was read."""
 
     @abstractmethod
-    def remove(self, key: Hashable) -> None:
-        """A key left the tier (evicted, demoted or deleted). Unknown keys are ignored."""
+    def remove(self, key: Hashable, *, evicted: bool = False) -> None:
+        """A key left the tier. ``evicted`` is True when it left as a victim this policy proposed
+        (evicted or demoted), False when it was deleted. Unknown keys are ignored. Policies with lazy
+        bookkeeping (S3-FIFO) apply it here, at commit, never in :meth:`victims`."""
 
     @abstractmethod
     def order(self) -> list[Hashable]:

@@ -24,7 +24,7 @@ class LRUPolicy(EvictionPolicy):
         if key in self._keys:
             self._keys.move_to_end(key)
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: Hashable, *, evicted: bool = False) -> None:
         self._keys.pop(key, None)
 
     def order(self) -> list[Hashable]:

@@ -51,13 +51,15 @@ class S3FIFOPolicy(EvictionPolicy):
         if key in self._freq:
             self._freq[key] = min(self._freq[key] + 1, _MAX_FREQ)
 
-    def remove(self, key: Hashable) -> None:
-        freq = self._freq.pop(key, None)
-        if freq is None:
+    def remove(self, key: Hashable, *, evicted: bool = False) -> None:
+        if key not in self._freq:
             return
+        if evicted:
+            self._pass_over(key)
+        freq = self._freq.pop(key)
         if key in self._small:
             del self._small[key]
-            if freq == 0:
+            if freq == 0 and evicted:
                 # A one-hit wonder leaving the probationary queue: remember it, so a quick return
                 # goes straight to main.
                 self._ghost[key] = None
@@ -65,6 +67,23 @@ class S3FIFOPolicy(EvictionPolicy):
                     self._ghost.popitem(last=False)
         else:
             self._main.pop(key, None)
+
+    def _pass_over(self, victim: Hashable) -> None:
+        """Commit the moves S3-FIFO makes on its way to ``victim``: keys read while waiting ahead of
+        it in the small queue move to main (counter reset); keys read ahead of it in main get their
+        second chance (back to the tail, counter decremented)."""
+        queue = self._small if victim in self._small else self._main
+        for k in list(queue):
+            if k == victim:
+                break
+            if self._freq[k] > 0:
+                if queue is self._small:
+                    del self._small[k]
+                    self._freq[k] = 0
+                    self._main[k] = None
+                else:
+                    self._freq[k] -= 1
+                    self._main.move_to_end(k)
 
     def order(self) -> list[Hashable]:
         """Simulate evictions until every key has been chosen once; least valuable first."""
