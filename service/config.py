@@ -6,7 +6,7 @@ Every value comes from, highest precedence first:
 2. environment variables ``KVTIER_<SECTION>__<FIELD>`` (``KVTIER_STORE__WARM_CAPACITY=4GiB``,
    ``KVTIER_SERVER__PORT=6000``, ``KVTIER_LOG_LEVEL=DEBUG``);
 3. a TOML file named by ``--config FILE`` or ``KVTIER_CONFIG`` (sections ``[server]``, ``[store]``,
-   ``[telemetry]``, and ``log_level`` at the top);
+   ``[telemetry]``, ``[security]``, and ``log_level`` at the top);
 4. the defaults below.
 
 Byte sizes accept integers or human strings: ``"2GiB"``, ``"512MiB"``, ``"1.5 GB"`` (pydantic
@@ -41,6 +41,10 @@ class ServerSettings(BaseModel):
     :ivar max_message_bytes: largest gRPC message accepted or sent; bigger ones fail with
         RESOURCE_EXHAUSTED. Block chunks are at most 1 MiB, so a few MiB is plenty.
     :ivar max_concurrent_rpcs: RPCs served at once; more are refused with RESOURCE_EXHAUSTED.
+    :ivar max_put_bytes: payload bytes one Put stream may declare (its blocks' sizes from the header's
+        layout, first_block and block_count). A Put is buffered whole before it is stored, so this
+        bounds the memory one stream can take; a larger one is refused with RESOURCE_EXHAUSTED before
+        any chunk is read. At least 1 GiB, the largest block a layout allows.
     :ivar grace_s: on SIGTERM/SIGINT, seconds in-flight RPCs get to finish before they are cancelled.
     :ivar port_file: if set, the bound port is written there (as text) once the server listens.
     """
@@ -49,6 +53,7 @@ class ServerSettings(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     max_message_bytes: ByteSize = Field(ByteSize(8 << 20), ge=2 << 20)
     max_concurrent_rpcs: int = Field(64, ge=1)
+    max_put_bytes: ByteSize = Field(ByteSize(1 << 30), ge=1 << 30)
     grace_s: float = Field(10.0, ge=0)
     port_file: Path | None = None
 
@@ -107,6 +112,41 @@ class TelemetrySettings(BaseModel):
     service_name: str = "kvtier"
 
 
+class SecuritySettings(BaseModel):
+    """Authentication, transport security, limits and encryption at rest (``service/auth.py``,
+    ``service/tls.py``, ``service/quota.py``, ``tiering/crypto.py``).
+
+    :ivar tokens: bearer token → tenant (env: ``KVTIER_SECURITY__TOKENS='{"tok": "acme"}'``). Prefer
+        ``tokens_file`` so secrets stay out of the environment.
+    :ivar tokens_file: JSON (``*.json``) or TOML file ``{"tokens": {...}, "admin_tokens": [...]}``,
+        merged with ``tokens``/``admin_tokens``.
+    :ivar admin_tokens: tokens allowed to call admin RPCs (Stats) and to act for any tenant.
+    :ivar allow_insecure_remote: without tokens, listen on a non-loopback address anyway.
+    :ivar tls_cert: PEM server certificate (chain); with ``tls_key`` the listener speaks TLS only.
+    :ivar tls_key: PEM private key of ``tls_cert``.
+    :ivar tls_client_ca: PEM CA bundle; set: mutual TLS, clients must present a certificate it signed.
+    :ivar cold_key_file: file with the 32-byte AES-256-GCM key (hex or base64) encrypting the cold
+        tier; else ``$KVTIER_COLD_KEY``; neither: no encryption.
+    :ivar max_blocks_per_request: blocks one Put/Lookup/Get/Prefetch may name (0 = no limit).
+    :ivar tenant_memory_bytes: bytes one tenant may hold in hot + warm (0 = no limit).
+    :ivar tenant_cold_bytes: bytes one tenant may hold in the cold tier (0 = no limit).
+    :ivar max_sessions_per_tenant: sessions one tenant may have (0 = no limit).
+    """
+
+    tokens: dict[str, str] = Field(default_factory=dict, repr=False)
+    tokens_file: Path | None = None
+    admin_tokens: list[str] = Field(default_factory=list, repr=False)
+    allow_insecure_remote: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    cold_key_file: Path | None = None
+    max_blocks_per_request: int = Field(0, ge=0)
+    tenant_memory_bytes: ByteSize = Field(ByteSize(0), ge=0)
+    tenant_cold_bytes: ByteSize = Field(ByteSize(0), ge=0)
+    max_sessions_per_tenant: int = Field(0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything the server needs. Build it with :meth:`load` (which applies the precedence)."""
 
@@ -116,6 +156,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     store: StoreSettings = StoreSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    security: SecuritySettings = SecuritySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @classmethod

@@ -27,9 +27,14 @@ from grpc_reflection.v1alpha import reflection
 
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from service.auth import authenticator_from_settings
 from service.config import Settings
+from service.errors import MalformedRequests
+from service.quota import Limits
 from service.servicer import KVCacheServicer
 from service.telemetry import setup_telemetry
+from service.tls import check_exposure, server_credentials
+from tiering.crypto import RecordSealer, load_key
 from tiering.store import TieredStore
 
 log = logging.getLogger(__name__)
@@ -67,24 +72,35 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
     :param interceptors: server interceptors (telemetry), outermost first; applied to KVCache RPCs only.
     :returns: the server and the bound port (the real one when ``settings.server.port`` is 0).
     :raises RuntimeError: if the address cannot be bound.
+    :raises ValueError: on unusable ``settings.security`` (token file, TLS files), or no tokens and a
+        non-loopback host without ``security.allow_insecure_remote`` (``service/tls.py``).
 
     Call it with an event loop running; then ``await server.start()``.
     """
-    cfg = settings.server
+    cfg, sec = settings.server, settings.security
+    auth = authenticator_from_settings(sec)
+    credentials = server_credentials(sec)
+    check_exposure(cfg.host, authenticated=auth.enabled, allow_insecure_remote=sec.allow_insecure_remote)
+    limits = Limits(sec.max_blocks_per_request, int(sec.tenant_memory_bytes), int(sec.tenant_cold_bytes),
+                    sec.max_sessions_per_tenant)
     limit = int(cfg.max_message_bytes)
     server = grpc.aio.server(
-        interceptors=[_KVCacheOnly(i) for i in interceptors],
+        # MalformedRequests innermost: an unparsable unary request gets INVALID_ARGUMENT, not UNKNOWN
+        interceptors=[_KVCacheOnly(i) for i in (*interceptors, MalformedRequests())],
         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
                  # one server per port: never share a port with a stale or second instance
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-    pb_grpc.add_KVCacheServicer_to_server(KVCacheServicer(store), server)
+    pb_grpc.add_KVCacheServicer_to_server(KVCacheServicer(store, auth=auth, limits=limits,
+                                                          max_put_bytes=int(cfg.max_put_bytes)), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     try:
-        port = server.add_insecure_port(_address(cfg.host, cfg.port))
+        address = _address(cfg.host, cfg.port)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise RuntimeError(f"cannot listen on {_address(cfg.host, cfg.port)}: {exc}; is the port in use?") from exc
     return server, port
@@ -104,6 +120,13 @@ def _describe_tiers(store: TieredStore) -> str:
                      for name in store.tier_names())
 
 
+def _describe_security(settings: Settings) -> str:
+    sec = settings.security
+    transport = "mutual TLS" if sec.tls_client_ca else "TLS" if sec.tls_cert else "plaintext"
+    auth = "token auth" if (sec.tokens or sec.admin_tokens or sec.tokens_file) else "no auth"
+    return f"{transport}, {auth}"
+
+
 async def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or SIGINT, then shut down (module docstring). Returns the exit code.
 
@@ -117,7 +140,9 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     telemetry = setup_telemetry(settings, set_global=True)
-    store = await asyncio.to_thread(TieredStore, settings.store.to_store_config(), tracer=telemetry.tracer)
+    key = load_key(settings.security.cold_key_file)
+    store = await asyncio.to_thread(TieredStore, settings.store.to_store_config(), tracer=telemetry.tracer,
+                                    sealer=RecordSealer(key) if key is not None else None)
     try:
         health_servicer = health.aio.HealthServicer()
         server, port = create_server(settings, store, health_servicer=health_servicer,
@@ -127,9 +152,10 @@ async def serve(settings: Settings) -> int:
         telemetry.start_metrics(store)
         if settings.server.port_file is not None:
             _write_port_file(settings.server.port_file, port)
-        log.info("kvtier listening on %s (pid %d): tiers %s; data dir %s; write policy %s",
-                 _address(settings.server.host, port), os.getpid(), _describe_tiers(store),
-                 os.path.abspath(settings.store.data_dir), settings.store.write_policy)
+        log.info("kvtier listening on %s (pid %d, %s): tiers %s; data dir %s; write policy %s; cold tier %s",
+                 _address(settings.server.host, port), os.getpid(), _describe_security(settings),
+                 _describe_tiers(store), os.path.abspath(settings.store.data_dir), settings.store.write_policy,
+                 "encrypted" if key is not None else "not encrypted")
 
         await stop.wait()
 

@@ -7,8 +7,13 @@ Each handler validates its request (via ``service/convert.py``), makes its store
 Deadlines: Get, Resume and Prefetch pass the RPC's deadline (as a ``time.monotonic()`` instant) to
 the store, so background work stops when nobody waits for it any more.
 
-Tenants: every request acts for ``convert.tenant_of(request.tenant)``; a Get by keys serves only
-blocks whose namespace belongs to that tenant (another tenant's block reads as a miss).
+Tenants: every request acts for ``convert.tenant_of(request.tenant, <tenant of its bearer token>)``
+(``service/auth.py``). Keys named explicitly (Lookup, Get and Prefetch by keys) are cut at the first
+key that is not held for that tenant, before any load: another tenant's block answers exactly like
+a miss and is neither read, promoted nor pinned. ``Stats`` is the one admin RPC.
+
+Limits (``service/quota.py``) are checked before the store is touched: blocks per request on every
+RPC that names blocks, byte and session quotas on Put.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import service
 from service import convert
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from service.auth import Authenticator, Principal, require_admin
 from service.errors import grpc_errors
+from service.quota import Limits
 from service.put_stream import MAX_CHUNK_BYTES, PutAssembler, plan_from_header
 from service.thread_iter import ThreadedIterator
-from tiering.errors import InvalidBlock
+from tiering.errors import InvalidBlock, SessionNotFound
 from tiering.keys import BlockKey, chain_keys
 from tiering.store import TieredStore
 
@@ -51,40 +58,69 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     """The KV cache service (see ``proto/kvtier/v1/kvtier.proto`` for each RPC's contract).
 
     :param store: the engine; the servicer never closes it (the server's shutdown does).
+    :param max_put_bytes: payload bytes one Put may declare (0 = no limit; see ``ServerSettings``).
+    :param auth: who may call (no tokens: everyone, as the tenant the request names).
+    :param limits: per-request and per-tenant limits (none when omitted).
     """
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, *, max_put_bytes: int = 0, auth: Authenticator | None = None,
+                 limits: Limits | None = None) -> None:
         self.store = store
+        self.max_put_bytes = max_put_bytes
+        self.auth = auth or Authenticator()
+        self.limits = limits or Limits()
 
-    async def _target_keys(self, request, tenant: str) -> list[BlockKey]:
-        """Keys named by a ``target`` oneof: explicit keys, or the chain of the tenant's session."""
+    def _caller(self, context: grpc.aio.ServicerContext) -> tuple[Principal | None, str | None]:
+        """The caller and the tenant its credentials bind it to (None: it may name one).
+
+        :raises Unauthenticated: when tokens are configured and the call has none, or an unknown one.
+        """
+        principal = self.auth.authenticate(context.invocation_metadata())
+        return principal, principal.tenant if principal is not None else None
+
+    async def _owned_prefix(self, keys: list[BlockKey], tenant: str) -> list[BlockKey]:
+        """``keys`` up to (without) the first one not held for ``tenant``: what a miss would leave."""
+        owned = await asyncio.to_thread(self.store.owned, keys, tenant)
+        return keys[:next((i for i, ok in enumerate(owned) if not ok), len(keys))]
+
+    async def _target_keys(self, request, tenant: str, rpc: str) -> tuple[list[BlockKey], list[BlockKey]]:
+        """Keys named by a ``target`` oneof (explicit keys, or the chain of the tenant's session), and
+        the prefix of them the tenant may touch (all of a session's chain, which is its own)."""
         which = request.WhichOneof("target")
         if which == "keys":
             keys = convert.keys_from_proto(request.keys.keys, "keys.keys")
             if not keys:
                 raise InvalidBlock("keys.keys is empty", field="keys.keys")
-            return keys
+            self.limits.check_blocks(len(keys), rpc)
+            return keys, await self._owned_prefix(keys, tenant)
         if which == "session_id":
             sid = convert.check_id(request.session_id, "session_id")
             session = await asyncio.to_thread(self.store.get_session, tenant, sid)
-            return session.keys
+            return session.keys, session.keys
         raise InvalidBlock("target is required: keys or session_id", field="target")
 
     # -- Lookup ---------------------------------------------------------------------------------------
     @grpc_errors
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
-        ns = convert.namespace_from_proto(request.namespace)
+        _, bound = self._caller(context)
+        ns = convert.namespace_from_proto(request.namespace,
+                                          tenant=convert.tenant_of(request.namespace.tenant, bound))
         if request.token_ids and request.keys:
             raise InvalidBlock("give token_ids or keys, not both", field="keys")
         if not request.token_ids and not request.keys:
             raise InvalidBlock("token_ids or keys is required", field="token_ids")
         n_tokens = len(request.token_ids) if request.token_ids else None
+        self.limits.check_blocks(len(request.keys) or -(-n_tokens // ns.layout.block_tokens), "Lookup")
         keys = convert.keys_from_proto(request.keys) if request.keys else None
         tokens = list(request.token_ids)
 
         def lookup():
-            chain = keys if keys is not None else chain_keys(ns, tokens)
-            return chain, self.store.lookup(ns, keys=chain)
+            if keys is None:
+                chain = chain_keys(ns, tokens)  # derived from the tenant's namespace: its own keys
+                return chain, self.store.lookup(ns, keys=chain)
+            owned = self.store.owned(keys, ns.tenant)
+            mine = keys[:next((i for i, ok in enumerate(owned) if not ok), len(keys))]
+            return keys, self.store.lookup(ns, keys=mine)
 
         chain, found = await asyncio.to_thread(lookup)
         cached_tokens = found.tokens if n_tokens is None else min(found.tokens, n_tokens)
@@ -99,7 +135,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         if first is None or first.WhichOneof("msg") != "header":
             raise InvalidBlock("a Put stream starts with a header", field="header")
         header = first.header
-        plan = plan_from_header(header, convert.tenant_of(header.namespace.tenant))
+        _, bound = self._caller(context)
+        plan = plan_from_header(header, convert.tenant_of(header.namespace.tenant, bound),
+                                max_bytes=self.max_put_bytes)
+        self.limits.check_blocks(-(-len(plan.token_ids) // plan.namespace.layout.block_tokens), "Put")
         assembler = PutAssembler(plan)
         async for msg in stream:
             if msg.WhichOneof("msg") != "chunk":
@@ -110,6 +149,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         # or invalid stream stores nothing.
         def commit():
             blocks = assembler.finish()
+            self.limits.check_put(self.store, plan.namespace.tenant, sum(len(b) for b in blocks),
+                                  plan.session_id is not None and self._is_new_session(plan.namespace.tenant,
+                                                                                       plan.session_id))
             return self.store.put(plan.namespace, plan.token_ids, blocks, first_block=plan.first_block,
                                   session_id=plan.session_id, durable=plan.durable, priority=plan.priority,
                                   ttl_s=plan.ttl_s)
@@ -119,16 +161,27 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                   len(result.skipped_present), len(result.skipped_not_admitted))
         return convert.put_result_to_proto(result)
 
+    def _is_new_session(self, tenant: str, session_id: str) -> bool:
+        if not self.limits.max_sessions_per_tenant:
+            return False
+        try:
+            self.store.get_session(tenant, session_id)
+        except SessionNotFound:
+            return True
+        return False
+
     # -- Get ------------------------------------------------------------------------------------------
     @grpc_errors
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext):
-        tenant = convert.tenant_of(request.tenant)
-        chain = await self._target_keys(request, tenant)
+        _, bound = self._caller(context)
+        tenant = convert.tenant_of(request.tenant, bound)
+        chain, mine = await self._target_keys(request, tenant, "Get")
         start = request.start_block
         if start > len(chain):
             raise InvalidBlock(f"start_block {start} is past the {len(chain)} blocks of the chain",
                                field="start_block")
         end = min(len(chain), start + request.max_blocks) if request.max_blocks else len(chain)
+        readable = max(start, min(end, len(mine)))  # blocks from here on answer as a miss: never loaded
         store = self.store
 
         def to_host(item):
@@ -143,7 +196,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
         sent = tokens = 0
         reason = ""
-        gen = store.iter_blocks(chain[start:end], window=GET_WINDOW, deadline=deadline_of(context))
+        gen = store.iter_blocks(chain[start:readable], window=GET_WINDOW, deadline=deadline_of(context))
         async with ThreadedIterator(gen, to_host) as blocks:
             # gRPC may cancel this handler while it is suspended at a yield, where the `async with`
             # would only exit at garbage collection: release the lease when the RPC ends instead.
@@ -159,7 +212,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 tokens += block.tokens
         stopped = start + sent
         if not reason and stopped < end:
-            reason = "deadline"  # iter_blocks ends early only when the deadline passed
+            # iter_blocks ends early only when the deadline passed, or at a foreign key (a miss)
+            reason = "miss" if stopped >= readable else "deadline"
         elif not reason and end < len(chain):
             reason = "max_blocks"
         yield pb.GetResponse(end=pb.GetEnd(blocks_sent=sent, complete=stopped == len(chain), stopped_at=stopped,
@@ -168,7 +222,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     # -- Resume / Prefetch ----------------------------------------------------------------------------
     @grpc_errors
     async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext) -> pb.ResumeResponse:
-        tenant = convert.tenant_of(request.tenant)
+        _, bound = self._caller(context)
+        tenant = convert.tenant_of(request.tenant, bound)
         sid = convert.check_id(request.session_id, "session_id")
         budget = request.prefetch_budget_ms / 1000 if request.prefetch_budget_ms else None
         session, tiers, _handle = await asyncio.to_thread(self.store.resume, tenant, sid,
@@ -177,10 +232,12 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @grpc_errors
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
-        tenant = convert.tenant_of(request.tenant)
-        keys = await self._target_keys(request, tenant)
+        _, bound = self._caller(context)
+        tenant = convert.tenant_of(request.tenant, bound)
+        keys, mine = await self._target_keys(request, tenant, "Prefetch")
         budget = request.budget_ms / 1000 if request.budget_ms else None
-        handle = await asyncio.to_thread(self.store.prefetch, keys, deadline=deadline_of(context, budget))
+        # only the tenant's own prefix moves; the answer counts every key named, as for a miss
+        handle = await asyncio.to_thread(self.store.prefetch, mine, deadline=deadline_of(context, budget))
         ready = await asyncio.wrap_future(handle.future) if request.wait else 0
         return pb.PrefetchResponse(blocks=len(keys), ready_blocks=ready)
 
@@ -188,7 +245,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     @grpc_errors
     async def DeleteSession(self, request: pb.DeleteSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
-        tenant = convert.tenant_of(request.tenant)
+        _, bound = self._caller(context)
+        tenant = convert.tenant_of(request.tenant, bound)
         sid = convert.check_id(request.session_id, "session_id")
         erased = await asyncio.to_thread(self.store.delete_session, tenant, sid, erase_blocks=request.erase_blocks)
         return pb.DeleteSessionResponse(blocks_erased=erased)
@@ -196,13 +254,15 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     @grpc_errors
     async def Invalidate(self, request: pb.InvalidateRequest,
                          context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
+        _, bound = self._caller(context)
         which = request.WhichOneof("target")
         if which == "namespace":
-            ns = convert.namespace_from_proto(request.namespace)
+            ns = convert.namespace_from_proto(request.namespace,
+                                              tenant=convert.tenant_of(request.namespace.tenant, bound))
             deleted = await asyncio.to_thread(self.store.invalidate, ns.tenant, namespace=ns)
         elif which == "model":
             ref = request.model
-            tenant = convert.tenant_of(ref.tenant)
+            tenant = convert.tenant_of(ref.tenant, bound)
             model = convert.check_id(ref.model, "model.model")
             revision = convert.check_id(ref.revision, "model.revision", required=False) or None
             deleted = await asyncio.to_thread(self.store.invalidate, tenant, model=model, revision=revision)
@@ -213,5 +273,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     # -- Stats ----------------------------------------------------------------------------------------
     @grpc_errors
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        principal, _ = self._caller(context)
+        require_admin(principal, "Stats")  # store-wide counters and usage span every tenant
         snap = await asyncio.to_thread(self.store.snapshot)
         return convert.stats_to_proto(snap, service.__version__)

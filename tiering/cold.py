@@ -13,8 +13,13 @@ database      key → value                                  purpose
 ``ns_keys``   ns_id(16) → key(16), duplicates sorted       invalidate a namespace without a scan
 ``namespaces`` ns_id(16) → JSON namespace                  invalidate by model fingerprint
 ``sessions``  tenant ‖ 0 ‖ session id → JSON record        sessions (``tiering/sessions.py``)
-``info``      name → value                                 ``used`` bytes, next ``seq``
+``info``      name → value                                 ``used`` bytes, next ``seq``, ``ns:<ns_id>``
+                                                           bytes per namespace, encryption key id
 ============  ===========================================  ==========================================
+
+Encryption at rest (opt-in, ``tiering/crypto.py``): with a :class:`~tiering.crypto.RecordSealer` every
+record's payload is sealed with AES-256-GCM bound to its block key; the key's id is stored in ``info``
+so that the store cannot be opened without its key, nor with another one.
 
 Eviction is oldest-written first (a block promoted and demoted again is written again only in
 write-back mode; in write-through the memory tiers' policies absorb the reads). Writes come in
@@ -36,6 +41,7 @@ import numpy as np
 import torch
 
 from .codec import Codec, RecordHeader
+from .crypto import RecordSealer, is_sealed
 from .errors import CapacityExceeded, ChecksumError, TierUnavailable
 from .keys import BlockKey
 from .tier import Block, Tier
@@ -52,6 +58,11 @@ RESERVED_BYTES = 128 << 10
 KEY_OVERHEAD = 32
 #: Bytes of a block's ``meta``, ``order`` and ``ns_keys`` entries, B-tree slack included (measured).
 INDEX_OVERHEAD = 256
+#: ``info`` keys: per-namespace byte counters (``ns:`` ‖ ns_id), the marker that they are maintained,
+#: and the id of the encryption key (absent: records are plain).
+_NS_USED = b"ns:"
+_NS_USED_MARK = b"ns_used_v1"
+_KEY_ID = b"cold_key_id"
 
 
 @dataclass(slots=True)
@@ -72,15 +83,19 @@ class ColdTier(Tier):
     :param codec: encodes/decodes records.
     :param durable_sync: fsync at every commit (True: a committed batch survives power loss; False:
         survives a process crash only).
-    :raises TierUnavailable: if the directory cannot be created, opened or written.
+    :param sealer: encrypt records at rest with this key (see ``tiering/crypto.py``).
+    :raises TierUnavailable: if the directory cannot be created, opened or written; if the store is
+        encrypted and no sealer (or one with another key) is given; if a sealer is given for a store
+        that already holds plain records.
     """
 
     name = "cold"
 
     def __init__(self, path: str, capacity: int, codec: Codec, *, durable_sync: bool = True,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, sealer: RecordSealer | None = None) -> None:
         self.path = path
         self.codec = codec
+        self.sealer = sealer
         self._capacity = int(capacity)
         try:
             if not readonly:
@@ -88,14 +103,81 @@ class ColdTier(Tier):
             self.env = lmdb.open(path, map_size=self._capacity, max_dbs=8, subdir=True, readonly=readonly,
                                  sync=durable_sync, metasync=durable_sync, readahead=False, max_readers=512,
                                  lock=not readonly)
-            self.db = {name: self.env.open_db(name.encode(), dupsort=(name == "ns_keys"), create=not readonly)
-                       for name in ("blocks", "meta", "order", "ns_keys", "namespaces", "sessions", "info")}
+            try:
+                self._check_file_size()
+                self.db = {name: self.env.open_db(name.encode(), dupsort=(name == "ns_keys"), create=not readonly)
+                           for name in ("blocks", "meta", "order", "ns_keys", "namespaces", "sessions", "info")}
+            except BaseException:
+                self.env.close()
+                raise
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError, lmdb.PageNotFoundError) as exc:
+            raise TierUnavailable(
+                f"the cold tier file {os.path.join(path, 'data.mdb')!r} is damaged or not a kvtier LMDB store "
+                f"({exc}). Restore it from a backup, or move the {path!r} directory away to start with an "
+                "empty cold tier") from exc
         except (lmdb.Error, OSError) as exc:
             raise TierUnavailable(
                 f"cannot open the cold tier at {path!r}: {exc}. Check that the directory exists, is "
                 "writable by this user, and holds a kvtier LMDB store (or is empty)") from exc
         self._page = self.env.stat()["psize"]
         self.checksum_failures = 0
+        try:
+            self._check_key(readonly)
+            if not readonly:
+                self._count_namespaces()
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _check_file_size(self) -> None:
+        """Refuse a truncated ``data.mdb`` before any page beyond its meta pages is touched.
+
+        LMDB memory-maps the file and trusts its meta page: reading a page past the end of a truncated
+        file raises SIGBUS and kills the process, at every restart. A healthy file always reaches the
+        last page its newest meta page names (pages are written before the meta that names them).
+
+        :raises TierUnavailable: naming the file and what to do.
+        """
+        data = os.path.join(self.path, "data.mdb")
+        size = os.path.getsize(data)
+        psize = self.env.stat()["psize"]  # from the meta page: touches no other page
+        need = (self.env.info()["last_pgno"] + 1) * psize
+        if size < need:
+            raise TierUnavailable(
+                f"the cold tier file {data!r} is truncated: {size} bytes, but its LMDB header names pages up "
+                f"to byte {need} (a damaged disk, a copy cut short, or a full file system). Restore it from a "
+                f"backup, or move the {self.path!r} directory away to start with an empty cold tier")
+
+    def _check_key(self, readonly: bool) -> None:
+        """Refuse a missing or wrong key for an encrypted store, or a key for a store of plain records."""
+        with self.env.begin(db=self.db["info"]) as txn:
+            stored = txn.get(_KEY_ID)
+        if stored is not None and self.sealer is None and not readonly:
+            raise TierUnavailable(
+                f"the cold tier at {self.path!r} is encrypted: configure its key (security.cold_key_file "
+                "or the KVTIER_COLD_KEY environment variable)")
+        if stored is not None and self.sealer is not None and bytes(stored) != self.sealer.key_id:
+            raise TierUnavailable(f"the cold tier at {self.path!r} was encrypted with another key")
+        if stored is None and self.sealer is not None and not readonly:
+            if self.block_count():
+                raise TierUnavailable(
+                    f"the cold tier at {self.path!r} holds unencrypted blocks; encryption can only be "
+                    "switched on for an empty data directory")
+            with self.env.begin(write=True, db=self.db["info"]) as txn:
+                txn.put(_KEY_ID, self.sealer.key_id)
+
+    def _count_namespaces(self) -> None:
+        """Build the per-namespace byte counters once for a store written before they existed."""
+        with self.env.begin(write=True) as txn:
+            if txn.get(_NS_USED_MARK, db=self.db["info"]) is not None:
+                return
+            totals: dict[bytes, int] = {}
+            for _k, meta in txn.cursor(db=self.db["meta"]):
+                _seq, ns_id, size = _META.unpack(meta)
+                totals[ns_id] = totals.get(ns_id, 0) + size
+            for ns_id, total in totals.items():
+                txn.put(_NS_USED + ns_id, _U64.pack(total), db=self.db["info"])
+            txn.put(_NS_USED_MARK, b"1", db=self.db["info"])
 
     # -- reads ----------------------------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
@@ -112,9 +194,19 @@ class ColdTier(Tier):
         with self.env.begin(db=self.db["blocks"]) as txn:
             return txn.get(key.digest)
 
+    def encode(self, key: BlockKey, raw, dtype: str, shape: tuple[int, ...], csum: int | None = None) -> bytes:
+        """The record to store for a block (``Codec.encode``, then sealed when encryption is on)."""
+        record = self.codec.encode(raw, dtype, shape, csum)
+        return record if self.sealer is None else self.sealer.seal(key.digest, record)
+
     def decode(self, key: BlockKey, record: bytes, out: np.ndarray | None = None) -> Block | None:
-        """Decode a record fetched by :meth:`get_record`; a damaged one is deleted and gives ``None``."""
+        """Decode a record fetched by :meth:`get_record`; a damaged one (or, with encryption on, one
+        that fails authentication) is deleted and gives ``None``."""
         try:
+            if self.sealer is not None:
+                record = self.sealer.open(key.digest, record)
+            elif is_sealed(record):
+                raise ChecksumError("record is encrypted and no key is configured")
             header, raw = self.codec.decode(record, out)
         except ChecksumError as exc:
             self.checksum_failures += 1
@@ -155,7 +247,7 @@ class ColdTier(Tier):
 
     # -- writes ---------------------------------------------------------------------------------------
     def put(self, key: BlockKey, block: Block) -> None:
-        record = self.codec.encode(block.data.cpu().numpy(), block.dtype, block.shape, block.checksum)
+        record = self.encode(key, block.data.cpu().numpy(), block.dtype, block.shape, block.checksum)
         self.write_batch([ColdWrite(key, record, block.ns_id)])
 
     def write_batch(self, writes: list[ColdWrite], *, sessions: dict[bytes, bytes | None] | None = None,
@@ -254,6 +346,7 @@ class ColdTier(Tier):
             txn.put(w.key.digest, _META.pack(seq, w.ns_id, self.footprint(len(w.record))), db=self.db["meta"])
             txn.put(_U64.pack(seq), w.key.digest, db=self.db["order"])
             txn.put(w.ns_id, w.key.digest, db=self.db["ns_keys"])
+            self._add_ns_used(txn, w.ns_id, self.footprint(len(w.record)))
             used += self.footprint(len(w.record))
         for ns_id, rec in namespaces.items():
             txn.put(ns_id, rec, db=self.db["namespaces"], overwrite=False)
@@ -276,7 +369,21 @@ class ColdTier(Tier):
         txn.delete(key.digest, db=self.db["meta"])
         txn.delete(_U64.pack(seq), db=self.db["order"])
         txn.delete(ns_id, key.digest, db=self.db["ns_keys"])
+        self._add_ns_used(txn, ns_id, -size)
         return size
+
+    def _add_ns_used(self, txn, ns_id: bytes, delta: int) -> None:
+        name = _NS_USED + ns_id
+        total = _U64.unpack(txn.get(name, db=self.db["info"]) or _U64.pack(0))[0] + delta
+        if total > 0:
+            txn.put(name, _U64.pack(total), db=self.db["info"])
+        else:
+            txn.delete(name, db=self.db["info"])
+
+    def ns_used_bytes(self, ns_ids: Iterable[bytes]) -> int:
+        """Bytes (footprints, as ``used_bytes`` counts them) of the blocks of these namespaces."""
+        with self.env.begin(db=self.db["info"]) as txn:
+            return sum(_U64.unpack(txn.get(_NS_USED + i) or _U64.pack(0))[0] for i in ns_ids)
 
     def delete_many(self, keys: Iterable[BlockKey]) -> int:
         """Delete several blocks in one transaction. Returns how many were there."""
@@ -302,6 +409,18 @@ class ColdTier(Tier):
     def session_items(self) -> list[tuple[bytes, bytes]]:
         with self.env.begin(db=self.db["sessions"]) as txn:
             return [(bytes(k), bytes(v)) for k, v in txn.cursor().iternext()]
+
+    def session_count(self, prefix: bytes) -> int:
+        """Session records whose key starts with ``prefix`` (a tenant's: ``tenant ‖ 0``); O(those)."""
+        n = 0
+        with self.env.begin(db=self.db["sessions"]) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for k in cur.iternext(keys=True, values=False):
+                    if not bytes(k).startswith(prefix):
+                        break
+                    n += 1
+        return n
 
     def namespaces(self) -> dict[bytes, dict]:
         with self.env.begin(db=self.db["namespaces"]) as txn:
@@ -334,7 +453,14 @@ class ColdTier(Tier):
             order = {bytes(v): _U64.unpack(k)[0] for k, v in txn.cursor(db=self.db["order"])}
             ns_keys = {(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.db["ns_keys"])}
             used = _U64.unpack(txn.get(b"used", db=self.db["info"]) or _U64.pack(0))[0]
+            ns_used = {bytes(k)[len(_NS_USED):]: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["info"])
+                       if bytes(k).startswith(_NS_USED)}
         problems = []
+        per_ns: dict[bytes, int] = {}
+        for m in metas.values():
+            per_ns[m[1]] = per_ns.get(m[1], 0) + m[2]
+        if ns_used != per_ns:
+            problems.append("cold: per-namespace byte counters disagree with meta")
         if set(metas) != blocks or set(metas) != set(order):
             problems.append(f"cold: {len(metas)} meta, {len(blocks)} records, {len(order)} order entries disagree")
         if any(order.get(k) != m[0] for k, m in metas.items()):

@@ -36,6 +36,7 @@ class MemoryTier(Tier):
         self.pin_memory = pin_memory and self.device.type == "cpu"
         self._blocks: dict[BlockKey, Block] = {}
         self._used = 0
+        self._ns_used: dict[bytes, int] = {}  # bytes per namespace (ns_id): per-tenant quotas
 
     # -- copies (no lock needed: they touch no shared state) ---------------------------------------
     def stage(self, block: Block) -> Block:
@@ -78,6 +79,9 @@ class MemoryTier(Tier):
                                    f"({self._used}/{self._capacity} used)")
         self._blocks[key] = block
         self._used += delta
+        if old is not None:
+            self._count(old.ns_id, -old.nbytes)
+        self._count(block.ns_id, block.nbytes)
         if old is None:
             self.policy.insert(key)
         else:
@@ -91,8 +95,20 @@ class MemoryTier(Tier):
         block = self._blocks.pop(key, None)
         if block is not None:
             self._used -= block.nbytes
+            self._count(block.ns_id, -block.nbytes)
             self.policy.remove(key, evicted=evicted)
         return block
+
+    def _count(self, ns_id: bytes, delta: int) -> None:
+        total = self._ns_used.get(ns_id, 0) + delta
+        if total:
+            self._ns_used[ns_id] = total
+        else:
+            self._ns_used.pop(ns_id, None)
+
+    def ns_used_bytes(self, ns_ids) -> int:
+        """Bytes held for these namespaces (ids); counted with ``used_bytes``, under the caller's lock."""
+        return sum(self._ns_used.get(i, 0) for i in ns_ids)
 
     def keys(self) -> Iterator[BlockKey]:
         return iter(list(self._blocks))

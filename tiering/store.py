@@ -38,6 +38,7 @@ from opentelemetry import trace
 from .codec import Codec, CodecId, checksum
 from .cold import ColdTier
 from .config import StoreConfig
+from .crypto import RecordSealer
 from .errors import InvalidBlock, LayoutMismatch, SessionNotFound, TierUnavailable
 from .hot import make_hot_tier
 from .keys import BlockKey, Namespace, chain_keys
@@ -99,12 +100,17 @@ class TieredStore:
 
     :param config: capacities, policies, paths.
     :param tracer: OpenTelemetry tracer for tier spans (a no-op tracer when omitted).
-    :raises TierUnavailable: if the data directory is unusable or used by another process.
+    :param sealer: encrypt cold records at rest (``tiering/crypto.py``); required to open a store
+        that was written encrypted.
+    :raises TierUnavailable: if the data directory is unusable or used by another process, or its
+        encryption key is missing or wrong (see :class:`~tiering.cold.ColdTier`).
     :raises ValueError: on an invalid config.
     """
 
-    def __init__(self, config: StoreConfig | None = None, *, tracer: trace.Tracer | None = None) -> None:
+    def __init__(self, config: StoreConfig | None = None, *, tracer: trace.Tracer | None = None,
+                 sealer: RecordSealer | None = None) -> None:
         self.config = (config or StoreConfig()).validate()
+        self._sealer = sealer
         self.tracer = tracer or trace.get_tracer("kvtier.tiering")
         #: metrics hook: called ``on_timing("prefetch"|"resume", seconds)`` when a prefetch or a resume's
         #: prefetch finishes (set by ``service.metrics``; must not block).
@@ -131,7 +137,7 @@ class TieredStore:
         self._writer: ColdWriter | None = None
         if cfg.cold_enabled:
             self.cold = ColdTier(os.path.join(cfg.data_dir, "cold"), cfg.cold_capacity, self.codec,
-                                 durable_sync=cfg.durable_sync)
+                                 durable_sync=cfg.durable_sync, sealer=self._sealer)
             self._writer = ColdWriter(self.cold, batch=cfg.writer_batch, threads=cfg.compress_threads,
                                       protected=self.leases.is_pinned, on_commit=self._on_commit,
                                       tracer=self.tracer)
@@ -319,8 +325,10 @@ class TieredStore:
                 new_ns = {namespace.ns_id: json.dumps(namespace_to_dict(namespace)).encode()}
             else:
                 new_ns = {}
-        if durable and result.skipped_present:
-            to_disk += self._not_durable_yet(result.skipped_present)
+        if durable and (result.skipped_present or first_block):
+            # Durable covers the whole chain the session names, not just the blocks sent: blocks before
+            # first_block (sent by earlier, non-durable puts) may still be in memory only (write_back).
+            to_disk += self._not_durable_yet(keys[:first_block] + result.skipped_present)
         job = WriteJob(blocks=to_disk, namespaces=new_ns)
         if sid is not None:
             now = time.time()
@@ -587,6 +595,45 @@ class TieredStore:
         """
         with self._lock:
             return self._namespaces.get(ns_id)
+
+    def owned(self, keys: Sequence[BlockKey], tenant: str) -> list[bool]:
+        """Whether each key is held (anywhere) for a namespace of ``tenant``: False for a block of
+        another tenant and for an absent one alike. Reads namespace ids only; moves no data and
+        changes no recency, so a caller can drop foreign keys before any load or promotion."""
+        keys = list(keys)
+        ns_ids: list[bytes | None] = []
+        with self._lock:
+            for k in keys:
+                block = next((t.peek(k) for t in self.memory if t.contains(k)), None) or self._pending.get(k)
+                ns_ids.append(None if block is None else block.ns_id)
+        if self.cold is not None:
+            ns_ids = [i if i is not None else self.cold.ns_of(k) for k, i in zip(keys, ns_ids)]
+        with self._lock:
+            return [i is not None and (ns := self._namespaces.get(i)) is not None and ns.tenant == tenant
+                    for i in ns_ids]
+
+    def tenant_usage(self, tenant: str) -> dict[str, int]:
+        """Bytes ``tenant`` holds: ``memory`` (hot + warm, as their ``used_bytes`` count) and ``cold``
+        (committed record footprints; blocks still queued for the writer are not counted yet)."""
+        with self._lock:
+            ns_ids = [i for i, ns in self._namespaces.items() if ns.tenant == tenant]
+            memory = sum(t.ns_used_bytes(ns_ids) for t in self.memory)
+        cold = self.cold.ns_used_bytes(ns_ids) if self.cold is not None else 0
+        return {"memory": memory, "cold": cold}
+
+    def session_count(self, tenant: str) -> int:
+        """Sessions of ``tenant``, expired ones included until swept (O(the tenant's sessions))."""
+        prefix = tenant.encode("utf-8") + b"\0"
+        with self._lock:
+            if self.cold is None:
+                return sum(1 for sid in self._mem_sessions if sid.startswith(prefix))
+            pending = {sid: rec for sid, rec in self._pending_sessions.items() if sid.startswith(prefix)}
+        stored = self.cold.session_count(prefix)
+        # queued records change the count: a new session adds one, a queued deletion removes one
+        for sid, rec in pending.items():
+            on_disk = self.cold.session_get(sid) is not None
+            stored += (rec is not None) - on_disk
+        return stored
 
     def where(self, key: BlockKey) -> str | None:
         """The highest tier holding ``key`` now (no data movement, no recency change)."""
@@ -904,6 +951,11 @@ class TieredStore:
                     problems.append(f"{t.name}: over capacity")
                 if len(t.policy) != len(t):
                     problems.append(f"{t.name}: policy tracks {len(t.policy)} keys, tier holds {len(t)}")
+                per_ns: dict[bytes, int] = {}
+                for k in t.keys():
+                    per_ns[t.peek(k).ns_id] = per_ns.get(t.peek(k).ns_id, 0) + t.peek(k).nbytes
+                if any(t.ns_used_bytes([i]) != n for i, n in per_ns.items()) or t.ns_used_bytes(per_ns) != t.used_bytes:
+                    problems.append(f"{t.name}: per-namespace byte counts disagree with its blocks")
         if self.cold is not None:
             problems += self.cold.check()
         return problems

@@ -105,7 +105,7 @@ class ColdWriter:
     def _encode(self, item: tuple[BlockKey, Block]) -> ColdWrite:
         key, block = item
         raw = block.data if block.data.device.type == "cpu" else block.data.cpu()
-        return ColdWrite(key, self.cold.codec.encode(raw.numpy(), block.dtype, block.shape, block.checksum),
+        return ColdWrite(key, self.cold.encode(key, raw.numpy(), block.dtype, block.shape, block.checksum),
                          block.ns_id)
 
     def _run(self) -> None:
@@ -157,6 +157,9 @@ class ColdWriter:
                 evicted = self.cold.write_batch(writes, sessions=sessions, namespaces=namespaces,
                                                 protected=self._protected)
         except KVTierError as exc:
+            # Logged here: a non-durable put has returned already, so nobody else sees this failure.
+            log.warning("cold writer: commit of %d blocks and %d session records failed: %s", len(items),
+                        len(sessions), exc)
             error = exc
         except Exception as exc:  # an LMDB or disk error must not kill the writer thread
             log.exception("cold writer: commit of %d blocks failed", len(items))

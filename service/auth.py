@@ -1,0 +1,157 @@
+"""Who is calling: bearer tokens to tenants, and the admin check.
+
+A caller sends ``authorization: Bearer <token>`` metadata with every RPC. A token of
+``security.tokens`` acts for its tenant only: the tenant becomes part of every key's namespace, and a
+request naming another tenant is refused (``convert.tenant_of``). A token of
+``security.admin_tokens`` may call the admin RPCs (``Stats``) and acts for whichever tenant a request
+names (``default`` when it names none). With no tokens configured, authentication is off and every
+request acts for the tenant it names.
+
+Tokens are compared in constant time (``hmac.compare_digest`` over SHA-256 digests, against every
+configured token), and no token ever reaches a log line, an error message or a span.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tiering.errors import KVTierError
+
+#: Metadata key gRPC carries the credentials in (lower case, as HTTP/2 headers are).
+AUTH_METADATA = "authorization"
+_SCHEME = "bearer "
+
+
+class Unauthenticated(KVTierError):
+    """No credentials, or credentials this server does not know: ``UNAUTHENTICATED``."""
+
+
+class PermissionDenied(KVTierError):
+    """Known caller, but not allowed to do this: ``PERMISSION_DENIED``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller.
+
+    :ivar tenant: the tenant every request of this caller acts for; ``None`` for an admin token,
+        which acts for the tenant a request names.
+    :ivar admin: may call admin RPCs.
+    """
+
+    tenant: str | None
+    admin: bool = False
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def load_tokens_file(path: str | Path) -> tuple[dict[str, str], list[str]]:
+    """``(tokens, admin_tokens)`` from a JSON (``*.json``) or TOML file of the form
+    ``{"tokens": {"<token>": "<tenant>"}, "admin_tokens": ["<token>"]}`` (both keys optional).
+
+    :raises ValueError: if the file cannot be read or parsed, or has the wrong shape; the message
+        names the file, never its content.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot load security.tokens_file {str(path)!r}: {type(exc).__name__}") from None
+    tokens, admins = data.get("tokens", {}), data.get("admin_tokens", [])
+    if not (isinstance(tokens, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tokens.items())
+            and isinstance(admins, list) and all(isinstance(t, str) for t in admins)):
+        raise ValueError(f"security.tokens_file {str(path)!r}: want a 'tokens' table of token = tenant "
+                         "strings and an 'admin_tokens' list of strings")
+    return dict(tokens), list(admins)
+
+
+class Authenticator:
+    """Maps bearer tokens to :class:`Principal` s. Immutable after construction; thread-safe.
+
+    :param tokens: token → tenant.
+    :param admin_tokens: tokens allowed to call admin RPCs.
+    :raises ValueError: on an empty token or tenant, or a tenant with a NUL.
+    """
+
+    def __init__(self, tokens: Mapping[str, str] | None = None, admin_tokens: Iterable[str] = ()) -> None:
+        entries: list[tuple[bytes, Principal]] = []
+        for token, tenant in (tokens or {}).items():
+            if not token or not tenant or "\0" in tenant:
+                raise ValueError("security.tokens: tokens and tenants must be non-empty (and tenants free of NUL)")
+            entries.append((_digest(token), Principal(tenant)))
+        for token in admin_tokens:
+            if not token:
+                raise ValueError("security.admin_tokens: tokens must be non-empty")
+            entries.append((_digest(token), Principal(None, admin=True)))
+        self._entries = tuple(entries)
+
+    def __repr__(self) -> str:  # never the tokens
+        return f"Authenticator({len(self._entries)} tokens)"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any token is configured (else every call is anonymous and allowed)."""
+        return bool(self._entries)
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal | None:
+        """The caller named by the ``authorization`` metadata.
+
+        :returns: ``None`` when authentication is off.
+        :raises Unauthenticated: if it is on and the metadata has no bearer token, or an unknown one.
+        """
+        if not self._entries:
+            return None
+        presented = None
+        for key, value in metadata or ():
+            if key == AUTH_METADATA:
+                value = value.decode("latin-1") if isinstance(value, bytes) else value
+                if value[:len(_SCHEME)].lower() == _SCHEME:
+                    presented = value[len(_SCHEME):].strip()
+                break
+        if not presented:
+            raise Unauthenticated("missing bearer token: send 'authorization: Bearer <token>' metadata")
+        digest = _digest(presented)
+        found = None
+        for known, principal in self._entries:  # no early exit: time does not depend on which matched
+            if hmac.compare_digest(known, digest) and found is None:
+                found = principal
+        if found is None:
+            raise Unauthenticated("unknown bearer token")
+        return found
+
+
+def tenant_of(principal: Principal | None) -> str | None:
+    """The tenant ``principal`` is bound to (``authenticated`` argument of ``convert.tenant_of``)."""
+    return None if principal is None else principal.tenant
+
+
+def require_admin(principal: Principal | None, rpc: str) -> None:
+    """Allow admin RPCs to admin tokens (and to everyone when authentication is off).
+
+    :raises PermissionDenied: for a tenant token.
+    """
+    if principal is not None and not principal.admin:
+        raise PermissionDenied(f"{rpc} needs an admin token")
+
+
+def authenticator_from_settings(security) -> Authenticator:
+    """The :class:`Authenticator` of the ``security`` settings (``tokens`` and ``admin_tokens``
+    merged with ``tokens_file``).
+
+    :raises ValueError: see :func:`load_tokens_file` and :class:`Authenticator`.
+    """
+    tokens, admins = dict(security.tokens), list(security.admin_tokens)
+    if security.tokens_file is not None:
+        more, more_admins = load_tokens_file(security.tokens_file)
+        tokens.update(more)
+        admins += more_admins
+    return Authenticator(tokens, admins)
