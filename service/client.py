@@ -1,0 +1,312 @@
+"""Python clients of the kvtier service: :class:`KVTierClient` (blocking) and :class:`AsyncKVTierClient`.
+
+Both speak ``kvtier.v1.KVCache`` over one channel, return the dataclasses of
+:mod:`service.client_types` and raise only :class:`~service.client_types.KVTierClientError` (with
+the gRPC code and the server's rich error details). Blocks go out as ≤ 1 MiB chunks with their
+XXH3-64 and come back as tensors of the dtype and shape the server announced, each verified against
+its checksum first: a corrupted block raises ``DATA_LOSS``, never returns. Example::
+
+    with KVTierClient("127.0.0.1:50051") as kv:
+        kv.wait_ready(10)
+        info = kv.lookup(namespace, token_ids)
+        kv.put(namespace, token_ids, blocks[info.cached_blocks:], first_block=info.cached_blocks, session_id="c1")
+        got = kv.get(session_id="c1")          # got.blocks: list[torch.Tensor]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service import client_proto as cp
+from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from service.blockwire import GetAssembler, Payload, check_payload_count, payload_view, put_requests
+from service.client_types import (GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo,
+                                  StatsInfo)
+from tiering.keys import BlockKey, Namespace
+
+#: Metadata key of the bearer token (``service/auth.py`` reads the same key).
+AUTH_METADATA = "authorization"
+#: Health-check name of the service.
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
+#: Matches the server's default ``max_message_bytes`` (chunks are ≤ 1 MiB, so any ≥ 2 MiB works).
+DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
+
+
+def _channel_options(max_message_bytes: int, options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes), *options]
+
+
+def _prepare_put(namespace: Namespace, token_ids, blocks: Sequence[Payload], first_block: int, session_id, durable,
+                 priority, ttl_seconds, checksums):
+    """Validate locally and build the request stream (payload views are taken before the call starts)."""
+    n_keys = -(-len(token_ids) // namespace.layout.block_tokens)
+    check_payload_count(blocks, n_keys, first_block)
+    views = [payload_view(b, namespace.layout.dtype, first_block + i) for i, b in enumerate(blocks)]
+    header = cp.put_header(namespace, token_ids, first_block=first_block, block_count=len(views),
+                           session_id=session_id, durable=durable, priority=priority, ttl_seconds=ttl_seconds)
+    return put_requests(header, views, with_checksums=checksums)
+
+
+class KVTierClient:
+    """Blocking client. Thread-safe (gRPC channels are); use as a context manager or call :meth:`close`.
+
+    :param target: ``host:port`` of the server.
+    :param timeout: default deadline in seconds of every call (``None``: no deadline).
+    :param tenant: tenant sent with session calls that name none (``""``: the server's default, or
+        the token's tenant on a server that authenticates).
+    :param token: bearer token sent as ``authorization`` metadata with every call (servers with auth).
+    :param credentials: TLS channel credentials (insecure channel when omitted).
+    :param max_message_bytes: channel send/receive limit; keep it equal to the server's.
+    :param options: extra channel options.
+    """
+
+    def __init__(self, target: str, *, timeout: float | None = 60.0, tenant: str = "", token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, object]] = ()) -> None:
+        opts = _channel_options(max_message_bytes, options)
+        self.target = target
+        self.timeout = timeout
+        self.tenant = tenant
+        self._metadata = ((AUTH_METADATA, f"Bearer {token}"),) if token else None
+        self._channel = (grpc.secure_channel(target, credentials, options=opts) if credentials is not None
+                         else grpc.insecure_channel(target, options=opts))
+        self._stub = pb_grpc.KVCacheStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise cp.client_error(exc) from None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server's health check says SERVING.
+
+        :raises KVTierClientError: ``DEADLINE_EXCEEDED`` if it does not within ``timeout`` seconds.
+        """
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while (left := end - time.monotonic()) > 0:
+            try:
+                resp = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                          timeout=min(left, 5.0), wait_for_ready=True)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+        raise KVTierClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{self.target} not serving after {timeout:.1f} s ({last})")
+
+    def lookup(self, namespace: Namespace, token_ids, *, timeout: float | None = None) -> LookupInfo:
+        """Longest cached prefix of ``token_ids`` and the tier of each of its blocks (moves no data)."""
+        return cp.lookup_info(self._call(self._stub.Lookup, cp.lookup_request(namespace, token_ids), timeout))
+
+    def put(self, namespace: Namespace, token_ids, blocks: Sequence[Payload], *, first_block: int = 0,
+            session_id: str | None = None, durable: bool = False, priority: int = 0, ttl_seconds: float = 0.0,
+            checksums: bool = True, timeout: float | None = None) -> PutInfo:
+        """Store blocks ``first_block…`` of ``token_ids`` (streamed in ≤ 1 MiB chunks).
+
+        :param blocks: tensors/ndarrays of the layout's dtype and shape ``[2, L, H, t, D]`` (any device),
+            or raw bytes; block ``i`` covers tokens ``[(first_block+i)*T, …)``, only the last may be partial.
+        :param session_id: also record the chain of ``token_ids`` as this session.
+        :param durable: answer only once blocks and session are on disk.
+        :param checksums: send each block's XXH3-64 so the server verifies it.
+        :raises KVTierClientError: ``INVALID_ARGUMENT`` (locally or from the server) for a wrong dtype,
+            size or count; any code the server answers with.
+        """
+        stream = _prepare_put(namespace, token_ids, blocks, first_block, session_id, durable, priority, ttl_seconds,
+                              checksums)
+        return cp.put_info(self._call(self._stub.Put, stream, timeout))
+
+    def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None, tenant: str | None = None,
+            start_block: int = 0, max_blocks: int = 0, timeout: float | None = None) -> GetResult:
+        """Blocks of ``keys`` (prefix order) or of a session's chain, stopping at the first miss.
+
+        :raises KVTierClientError: ``DATA_LOSS`` if a block fails its checksum (the stream is
+            cancelled, nothing is returned); ``NOT_FOUND`` for an unknown session.
+        """
+        req = cp.get_request(keys, session_id, self.tenant if tenant is None else tenant, start_block, max_blocks)
+        asm = GetAssembler()
+        try:
+            call = self._stub.Get(req, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+            try:
+                for msg in call:
+                    asm.feed(msg)
+            except KVTierClientError:
+                call.cancel()
+                raise
+        except grpc.RpcError as exc:
+            raise cp.client_error(exc) from None
+        return asm.result()
+
+    def resume(self, session_id: str, *, tenant: str | None = None, prefetch_budget_ms: int = 0,
+               timeout: float | None = None) -> ResumeInfo:
+        """A session's manifest; the server starts moving its blocks to the top tier.
+
+        :raises KVTierClientError: ``NOT_FOUND`` if there is no such session.
+        """
+        req = pb.ResumeRequest(tenant=self.tenant if tenant is None else tenant, session_id=session_id,
+                               prefetch_budget_ms=prefetch_budget_ms)
+        return cp.resume_info(self._call(self._stub.Resume, req, timeout))
+
+    def prefetch(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
+                 tenant: str | None = None, budget_ms: int = 0, wait: bool = False,
+                 timeout: float | None = None) -> PrefetchInfo:
+        """Move blocks (or a session's blocks) up to the top tier; with ``wait``, answer when done."""
+        req = cp.prefetch_request(keys, session_id, self.tenant if tenant is None else tenant, budget_ms, wait)
+        return cp.prefetch_info(self._call(self._stub.Prefetch, req, timeout))
+
+    def delete_session(self, session_id: str, *, tenant: str | None = None, erase_blocks: bool = False,
+                       timeout: float | None = None) -> int:
+        """Forget a session (``erase_blocks``: also erase its blocks everywhere). Returns copies erased."""
+        req = pb.DeleteSessionRequest(tenant=self.tenant if tenant is None else tenant, session_id=session_id,
+                                      erase_blocks=erase_blocks)
+        return self._call(self._stub.DeleteSession, req, timeout).blocks_erased
+
+    def invalidate(self, namespace: Namespace | None = None, *, model: str | None = None, revision: str = "",
+                   tenant: str | None = None, timeout: float | None = None) -> int:
+        """Delete every block and session of a namespace, or of a model (one revision or all).
+
+        :returns: block copies deleted across tiers.
+        """
+        req = cp.invalidate_request(namespace, model, revision, self.tenant if tenant is None else tenant)
+        return self._call(self._stub.Invalidate, req, timeout).blocks_deleted
+
+    def stats(self, *, timeout: float | None = None) -> StatsInfo:
+        """Per-tier usage and counters."""
+        return cp.stats_info(self._call(self._stub.Stats, pb.StatsRequest(), timeout))
+
+    def close(self) -> None:
+        """Close the channel (idempotent)."""
+        self._channel.close()
+
+    def __enter__(self) -> "KVTierClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncKVTierClient:
+    """``grpc.aio`` client: the methods of :class:`KVTierClient` as coroutines, same arguments and results.
+
+    Create and use it inside one running event loop; ``async with`` closes it. Checksums are
+    computed and verified on the loop thread (XXH3 runs at several GB/s).
+    """
+
+    def __init__(self, target: str, *, timeout: float | None = 60.0, tenant: str = "", token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, object]] = ()) -> None:
+        opts = _channel_options(max_message_bytes, options)
+        self.target = target
+        self.timeout = timeout
+        self.tenant = tenant
+        self._metadata = ((AUTH_METADATA, f"Bearer {token}"),) if token else None
+        self._channel = (grpc.aio.secure_channel(target, credentials, options=opts) if credentials is not None
+                         else grpc.aio.insecure_channel(target, options=opts))
+        self._stub = pb_grpc.KVCacheStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def _call(self, method, request, timeout):
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise cp.client_error(exc) from None
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """See :meth:`KVTierClient.wait_ready`."""
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while (left := end - time.monotonic()) > 0:
+            try:
+                resp = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                timeout=min(left, 5.0), wait_for_ready=True)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            await asyncio.sleep(min(0.05, max(end - time.monotonic(), 0)))
+        raise KVTierClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{self.target} not serving after {timeout:.1f} s ({last})")
+
+    async def lookup(self, namespace: Namespace, token_ids, *, timeout: float | None = None) -> LookupInfo:
+        """See :meth:`KVTierClient.lookup`."""
+        return cp.lookup_info(await self._call(self._stub.Lookup, cp.lookup_request(namespace, token_ids), timeout))
+
+    async def put(self, namespace: Namespace, token_ids, blocks: Sequence[Payload], *, first_block: int = 0,
+                  session_id: str | None = None, durable: bool = False, priority: int = 0, ttl_seconds: float = 0.0,
+                  checksums: bool = True, timeout: float | None = None) -> PutInfo:
+        """See :meth:`KVTierClient.put`."""
+        stream = _prepare_put(namespace, token_ids, blocks, first_block, session_id, durable, priority, ttl_seconds,
+                              checksums)
+        return cp.put_info(await self._call(self._stub.Put, stream, timeout))
+
+    async def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
+                  tenant: str | None = None, start_block: int = 0, max_blocks: int = 0,
+                  timeout: float | None = None) -> GetResult:
+        """See :meth:`KVTierClient.get`."""
+        req = cp.get_request(keys, session_id, self.tenant if tenant is None else tenant, start_block, max_blocks)
+        asm = GetAssembler()
+        call = self._stub.Get(req, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        try:
+            async for msg in call:
+                asm.feed(msg)
+        except KVTierClientError:
+            call.cancel()
+            raise
+        except grpc.RpcError as exc:
+            raise cp.client_error(exc) from None
+        return asm.result()
+
+    async def resume(self, session_id: str, *, tenant: str | None = None, prefetch_budget_ms: int = 0,
+                     timeout: float | None = None) -> ResumeInfo:
+        """See :meth:`KVTierClient.resume`."""
+        req = pb.ResumeRequest(tenant=self.tenant if tenant is None else tenant, session_id=session_id,
+                               prefetch_budget_ms=prefetch_budget_ms)
+        return cp.resume_info(await self._call(self._stub.Resume, req, timeout))
+
+    async def prefetch(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
+                       tenant: str | None = None, budget_ms: int = 0, wait: bool = False,
+                       timeout: float | None = None) -> PrefetchInfo:
+        """See :meth:`KVTierClient.prefetch`."""
+        req = cp.prefetch_request(keys, session_id, self.tenant if tenant is None else tenant, budget_ms, wait)
+        return cp.prefetch_info(await self._call(self._stub.Prefetch, req, timeout))
+
+    async def delete_session(self, session_id: str, *, tenant: str | None = None, erase_blocks: bool = False,
+                             timeout: float | None = None) -> int:
+        """See :meth:`KVTierClient.delete_session`."""
+        req = pb.DeleteSessionRequest(tenant=self.tenant if tenant is None else tenant, session_id=session_id,
+                                      erase_blocks=erase_blocks)
+        return (await self._call(self._stub.DeleteSession, req, timeout)).blocks_erased
+
+    async def invalidate(self, namespace: Namespace | None = None, *, model: str | None = None, revision: str = "",
+                         tenant: str | None = None, timeout: float | None = None) -> int:
+        """See :meth:`KVTierClient.invalidate`."""
+        req = cp.invalidate_request(namespace, model, revision, self.tenant if tenant is None else tenant)
+        return (await self._call(self._stub.Invalidate, req, timeout)).blocks_deleted
+
+    async def stats(self, *, timeout: float | None = None) -> StatsInfo:
+        """See :meth:`KVTierClient.stats`."""
+        return cp.stats_info(await self._call(self._stub.Stats, pb.StatsRequest(), timeout))
+
+    async def close(self) -> None:
+        """Close the channel (idempotent)."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncKVTierClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,154 @@
+"""What kvtier clients return and raise: small result dataclasses and :class:`KVTierClientError`.
+
+Shared by the gRPC clients (:mod:`service.client`) and the in-process adapter
+(:mod:`service.local_client`), so code written against one works with the other. Tiers are named
+``"hot"``, ``"warm"``, ``"cold"``; a tier of ``None`` means the block is not cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from tiering.keys import BlockKey, Namespace
+
+#: Layout dtype name -> torch dtype (every dtype kvtier stores).
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+    "uint8": torch.uint8, "int8": torch.int8,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+class KVTierClientError(Exception):
+    """A kvtier call failed. Raised by every client method instead of ``grpc.RpcError``.
+
+    :ivar code: the ``grpc.StatusCode`` (``DATA_LOSS`` for a block whose checksum did not match,
+        ``INVALID_ARGUMENT`` for a payload the client refused to send).
+    :ivar details: the server's (or client's) message.
+    :ivar status: the rich ``google.rpc.Status`` the server attached, or ``None``.
+    :ivar error_details: the unpacked ``status.details`` (``BadRequest``, ``QuotaFailure``,
+        ``ErrorInfo``…; unknown types stay ``google.protobuf.Any``).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, status=None, error_details: list | None = None) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.status = status
+        self.error_details = error_details or []
+
+    @property
+    def field_violations(self) -> list[tuple[str, str]]:
+        """``(field, description)`` of every ``BadRequest`` violation in :attr:`error_details`."""
+        out = []
+        for d in self.error_details:
+            for v in getattr(d, "field_violations", ()):
+                out.append((v.field, v.description))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class LookupInfo:
+    """Longest cached prefix of a token sequence.
+
+    :ivar keys: keys of every block of the request (cached or not), in prefix order.
+    :ivar cached_blocks: blocks in the longest cached prefix.
+    :ivar cached_tokens: tokens those blocks cover.
+    :ivar tiers: tier of each cached block, in order (``len == cached_blocks``).
+    """
+
+    keys: list[BlockKey]
+    cached_blocks: int
+    cached_tokens: int
+    tiers: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class PutInfo:
+    """What a put did; ``keys`` covers every block of the token ids, in prefix order."""
+
+    keys: list[BlockKey]
+    stored: list[BlockKey] = field(default_factory=list)
+    skipped_present: list[BlockKey] = field(default_factory=list)
+    skipped_not_admitted: list[BlockKey] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    """Blocks of a chain, in prefix order, stopping at the first miss.
+
+    :ivar blocks: one tensor per block, shape ``[2, layers, kv_heads, tokens, head_dim]`` in the
+        block's dtype, checksum-verified.
+    :ivar keys: the key of each block. :ivar tiers: the tier each block was served from.
+    :ivar complete: every requested block was sent.
+    :ivar stopped_at: index of the first block not sent when not complete, else ``None``.
+    :ivar reason: why the stream stopped early (``"miss"``, ``"deadline"``, ``"max_blocks"``), or ``""``.
+    :ivar tokens: tokens covered by :attr:`blocks`.
+    """
+
+    blocks: list[torch.Tensor]
+    keys: list[BlockKey]
+    tiers: list[str]
+    complete: bool
+    stopped_at: int | None
+    reason: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeInfo:
+    """A session's manifest, as a resume found it.
+
+    :ivar tiers: tier of each block when the resume started (``None``: the block is gone).
+    :ivar cached_blocks: blocks of the longest prefix still cached.
+    """
+
+    namespace: Namespace
+    tokens: int
+    keys: list[BlockKey]
+    tiers: list[str | None]
+    cached_blocks: int
+    priority: int = 0
+    ttl_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchInfo:
+    """Blocks asked for, and blocks in the top tier when the answer was sent (with ``wait``)."""
+
+    blocks: int
+    ready_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class TierStatsInfo:
+    """Counters and usage of one tier."""
+
+    tier: str | None
+    blocks: int
+    used_bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    promotions: int
+    demotions: int
+    evictions: int
+    checksum_failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsInfo:
+    """The server's counters: one entry per enabled tier (top first) and store-wide numbers."""
+
+    tiers: list[TierStatsInfo]
+    pinned_blocks: int
+    write_queue_depth: int
+    pending_writes: int
+    compression_ratio: float
+    bytes_moved: dict[str, int]
+    counters: dict[str, int]
+    version: str
