@@ -21,6 +21,7 @@ import numpy as np
 
 from service import convert
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from service.quota import QuotaExceeded
 from tiering.codec import checksum
 from tiering.errors import InvalidBlock
 from tiering.keys import Namespace
@@ -48,11 +49,13 @@ class PutPlan:
         return min(bt, len(self.token_ids) - index * bt)
 
 
-def plan_from_header(header: pb.PutHeader, tenant: str) -> PutPlan:
+def plan_from_header(header: pb.PutHeader, tenant: str, *, max_bytes: int = 0) -> PutPlan:
     """Validate a ``PutHeader``.
 
     :param tenant: the caller's tenant, already resolved by :func:`service.convert.tenant_of`.
+    :param max_bytes: most payload bytes the declared blocks may add up to (0 = no limit).
     :raises InvalidBlock: naming the first bad field.
+    :raises QuotaExceeded: if the declared blocks hold more than ``max_bytes`` bytes.
     """
     ns = convert.namespace_from_proto(header.namespace, "header.namespace", tenant=tenant)
     if not header.token_ids:
@@ -65,6 +68,16 @@ def plan_from_header(header: pb.PutHeader, tenant: str) -> PutPlan:
     if header.first_block + header.block_count > n_blocks:
         raise InvalidBlock(f"{header.block_count} blocks from index {header.first_block} do not fit the "
                            f"{n_blocks} blocks of {len(tokens)} tokens", field="header.block_count")
+    if max_bytes:
+        # Checked before any chunk is read: the stream is buffered whole, so this bounds its memory.
+        lay = ns.layout
+        last = header.first_block + header.block_count - 1
+        declared = (header.block_count - 1) * lay.block_bytes() + lay.block_bytes(
+            min(lay.block_tokens, len(tokens) - last * lay.block_tokens)) if header.block_count else 0
+        if declared > max_bytes:
+            raise QuotaExceeded(f"the header declares {header.block_count} blocks of {declared} bytes; a Put "
+                                f"may carry at most {max_bytes} bytes (split it into several Puts)",
+                                subject="request:put_bytes")
     session_id = convert.check_id(header.session_id, "header.session_id", required=False) or None
     ttl = header.ttl_seconds
     if not math.isfinite(ttl) or ttl < 0:
