@@ -36,6 +36,15 @@ class LeaseTable:
                 self._pins[k] = self._pins.get(k, 0) + 1
             return lease
 
+    def extend(self, lease: int, ttl_s: float) -> bool:
+        """Make a live lease end ``ttl_s`` seconds from now. Returns False if it had already ended."""
+        with self._lock:
+            entry = self._leases.get(lease)
+            if entry is None:
+                return False
+            self._leases[lease] = (entry[0], self._clock() + max(ttl_s, 0.0))
+            return True
+
     def release(self, lease: int) -> bool:
         """End a lease early. Returns False if it had already ended (expired or released)."""
         with self._lock:

@@ -332,11 +332,12 @@ class TieredStore:
         job = WriteJob(blocks=to_disk, namespaces=new_ns)
         if sid is not None:
             now = time.time()
-            old = self._load_session(sid)
-            session = Session(namespace.tenant, session_id, namespace, keys, n_tokens,
-                              created=old.created if old else now, last_used=now, priority=priority,
-                              ttl_s=ttl_s if ttl_s is not None else self.config.session_ttl_s)
-            self._store_session(session, job)
+            with self._lock:  # read-modify-write of the record: atomic against resume's touch
+                old = self._load_session(sid)
+                session = Session(namespace.tenant, session_id, namespace, keys, n_tokens,
+                                  created=old.created if old else now, last_used=now, priority=priority,
+                                  ttl_s=ttl_s if ttl_s is not None else self.config.session_ttl_s)
+                self._store_session(session, job)
         # A durable put always waits for a job: jobs commit in order, so blocks it skipped because an
         # earlier put had queued them are on disk once its own (maybe empty) job is.
         if self._writer is not None and (job.blocks or job.sessions or job.namespaces or durable):
@@ -688,14 +689,22 @@ class TieredStore:
         """
         self._check_open()
         keys = list(keys)
-        ttl = self.config.lease_s if deadline is None else max(0.0, min(self.config.lease_s, deadline - time.monotonic()))
-        lease = self.leases.acquire(keys, ttl + self.config.lease_s)
+        lease_s = self.config.lease_s
+        # While running, the pins last until the deadline (or one lease_s); when the prefetch ends
+        # they are renewed for lease_s from then, so the Get that follows finds its blocks.
+        run_s = lease_s if deadline is None else max(0.0, min(lease_s, deadline - time.monotonic()))
+        lease = self.leases.acquire(keys, run_s)
         with self._lock:
             self.stats.prefetches += 1
         ctx = trace.get_current_span().get_span_context()
         t0 = time.monotonic()
         fut = self._prefetch_pool.submit(self._prefetch_run, keys, deadline, ctx)
-        fut.add_done_callback(lambda _f: self._report_timing("prefetch", t0))
+
+        def finished(_f: Future) -> None:
+            self.leases.extend(lease, lease_s)
+            self._report_timing("prefetch", t0)
+
+        fut.add_done_callback(finished)
         return PrefetchHandle(keys, fut, lease)
 
     def _report_timing(self, what: str, t0: float) -> None:
@@ -804,8 +813,13 @@ class TieredStore:
         tiers = self._where(session.keys)
         handle = self.prefetch(session.keys, deadline=deadline)
         handle.future.add_done_callback(lambda _f: self._report_timing("resume", t0))
-        session.last_used = time.time()
-        self._store_session(session)
+        with self._lock:
+            # Touch the record as it is *now*: a put that extended the session since we read it
+            # must not be overwritten by our older copy.
+            current = self._load_session(session.id_key)
+            if current is not None and current.keys == session.keys:
+                current.last_used = time.time()
+                self._store_session(current)
         return session, tiers, handle
 
     def delete_session(self, tenant: str, session_id: str, *, erase_blocks: bool = False) -> int:

@@ -66,3 +66,18 @@ def test_thread_safe():
     for th in threads:
         th.join()
     assert t.active() == 0 and t.pinned_keys() == 0
+
+
+def test_extend_renews_a_live_lease_and_not_an_ended_one():
+    now = [0.0]
+    table = LeaseTable(clock=lambda: now[0])
+    lease = table.acquire(["a"], 1.0)
+    now[0] = 0.9
+    assert table.extend(lease, 1.0)  # now ends at 1.9
+    now[0] = 1.5
+    table.sweep()
+    assert table.is_pinned("a")
+    now[0] = 2.0
+    table.sweep()
+    assert not table.is_pinned("a")
+    assert not table.extend(lease, 5.0)
