@@ -75,9 +75,53 @@ def store_paths() -> dict:
     return res
 
 
+def _ipc_child(handles, results) -> None:
+    from service.shm.cuda_ipc import import_copy
+    for handle, reps in iter(handles.get, None):
+        t0 = time.perf_counter()
+        import_copy(handle)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            import_copy(handle)
+        results.put((first, (time.perf_counter() - t0) / reps))
+
+
+def cuda_ipc() -> dict:
+    """A block handed to another process by CUDA IPC (open + device copy) vs a host round trip
+    (device→host→device, what the shared-memory arena costs a CUDA client)."""
+    import multiprocessing as mp
+
+    from service.shm.cuda_ipc import export_handle
+    ctx = mp.get_context("spawn")
+    handles, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_ipc_child, args=(handles, results))
+    child.start()
+    out = {}
+    try:
+        for mib in (2, 64):
+            n = mib << 20
+            block = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+            handles.put((export_handle(block), 20))
+            first, steady = results.get(timeout=300)
+            host = _bw(lambda: block.cpu().to("cuda"), n, 20)
+            out[f"{mib}MiB"] = {"ipc_first_open_ms": first * 1e3, "ipc_GBps": n / steady / 1e9,
+                                "host_round_trip_GBps": host, "ipc_over_host": n / steady / 1e9 / host}
+        handles.put(None)
+        child.join(60)
+    finally:
+        if child.is_alive():
+            child.kill()
+    return out
+
+
 def main() -> int:
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "copies": copies(), "store": store_paths()}
+    try:
+        result["cuda_ipc"] = cuda_ipc()
+    except Exception as exc:  # the older measurements must come back even if IPC does not work here
+        result["cuda_ipc"] = {"error": f"{type(exc).__name__}: {exc}"}
     text = json.dumps(result, indent=2)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as fh:

@@ -16,6 +16,8 @@ its checksum first: a corrupted block raises ``DATA_LOSS``, never returns. Examp
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -24,10 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import client_proto as cp
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from service.blockwire import GetAssembler, Payload, check_payload_count, payload_view, put_requests
 from service.client_types import (GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo,
                                   StatsInfo)
+from service.shm.client import ShmLink, is_local_target
+from service.wire_fast import FastKVCacheStub
 from tiering.keys import BlockKey, Namespace
 
 #: Metadata key of the bearer token (``service/auth.py`` reads the same key).
@@ -36,6 +39,10 @@ AUTH_METADATA = "authorization"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
 #: Matches the server's default ``max_message_bytes`` (chunks are ≤ 1 MiB, so any ≥ 2 MiB works).
 DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
+#: Values of ``data_path``: pick by target, shared memory only, gRPC streams only.
+DATA_PATHS = ("auto", "shm", "grpc")
+
+log = logging.getLogger(__name__)
 
 
 def _channel_options(max_message_bytes: int, options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
@@ -43,14 +50,22 @@ def _channel_options(max_message_bytes: int, options: Sequence[tuple[str, object
             ("grpc.max_receive_message_length", max_message_bytes), *options]
 
 
-def _prepare_put(namespace: Namespace, token_ids, blocks: Sequence[Payload], first_block: int, session_id, durable,
-                 priority, ttl_seconds, checksums):
-    """Validate locally and build the request stream (payload views are taken before the call starts)."""
+def _prepare_put_views(namespace: Namespace, token_ids, blocks: Sequence[Payload], first_block: int, session_id,
+                       durable, priority, ttl_seconds) -> tuple[pb.PutHeader, list[memoryview]]:
+    """Validate locally; the PutHeader and each block's bytes (for the shared-memory path)."""
     n_keys = -(-len(token_ids) // namespace.layout.block_tokens)
     check_payload_count(blocks, n_keys, first_block)
     views = [payload_view(b, namespace.layout.dtype, first_block + i) for i, b in enumerate(blocks)]
     header = cp.put_header(namespace, token_ids, first_block=first_block, block_count=len(views),
                            session_id=session_id, durable=durable, priority=priority, ttl_seconds=ttl_seconds)
+    return header, views
+
+
+def _prepare_put(namespace: Namespace, token_ids, blocks: Sequence[Payload], first_block: int, session_id, durable,
+                 priority, ttl_seconds, checksums):
+    """Validate locally and build the request stream (payload views are taken before the call starts)."""
+    header, views = _prepare_put_views(namespace, token_ids, blocks, first_block, session_id, durable, priority,
+                                       ttl_seconds)
     return put_requests(header, views, with_checksums=checksums)
 
 
@@ -65,21 +80,65 @@ class KVTierClient:
     :param credentials: TLS channel credentials (insecure channel when omitted).
     :param max_message_bytes: channel send/receive limit; keep it equal to the server's.
     :param options: extra channel options.
+    :param data_path: how block bytes travel: ``"auto"`` (shared memory when the target is on this
+        host, ``127.0.0.1``/``localhost``/``::1``/``unix:``, and the server offers it; else the gRPC
+        streams), ``"shm"`` (shared memory or an error) or ``"grpc"`` (streams only).
+    :raises ValueError: for an unknown ``data_path``.
     """
 
     def __init__(self, target: str, *, timeout: float | None = 60.0, tenant: str = "", token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, object]] = ()) -> None:
+                 options: Sequence[tuple[str, object]] = (), data_path: str = "auto") -> None:
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path must be one of {DATA_PATHS}, not {data_path!r}")
         opts = _channel_options(max_message_bytes, options)
         self.target = target
         self.timeout = timeout
         self.tenant = tenant
+        self.data_path = data_path
         self._metadata = ((AUTH_METADATA, f"Bearer {token}"),) if token else None
         self._channel = (grpc.secure_channel(target, credentials, options=opts) if credentials is not None
                          else grpc.insecure_channel(target, options=opts))
-        self._stub = pb_grpc.KVCacheStub(self._channel)
+        self._stub = FastKVCacheStub(self._channel)  # Get/Put payloads skip protobuf (same bytes)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._shm: ShmLink | None = None
+        self._shm_tried = data_path == "grpc" or (data_path == "auto" and not is_local_target(target))
+        self._shm_lock = threading.Lock()
+
+    def _link(self, timeout: float | None) -> ShmLink | None:
+        """The shared-memory link, opened on first use; ``None``: use the gRPC streams.
+
+        In ``auto`` mode a server without shared memory (or an unreachable arena socket) is noted once
+        and the streams are used from then on; in ``shm`` mode that raises.
+        """
+        if self._shm is not None or self._shm_tried:
+            return self._shm
+        with self._shm_lock:
+            if self._shm is None and not self._shm_tried:
+                try:
+                    self._shm = ShmLink.open(self._stub, self._metadata, self.timeout if timeout is None else timeout)
+                except (KVTierClientError, OSError) as exc:
+                    if self.data_path == "shm":
+                        if isinstance(exc, KVTierClientError):
+                            raise
+                        raise KVTierClientError(grpc.StatusCode.UNAVAILABLE,
+                                                f"shared-memory arena unreachable: {exc}") from None
+                    log.debug("shared memory not available from %s (%s); using the gRPC streams", self.target, exc)
+                self._shm_tried = True
+            return self._shm
+
+    def _drop_link(self, exc: KVTierClientError) -> bool:
+        """After a shared-memory call failed: forget a link the server no longer knows (it restarted,
+        or reclaimed it), so the next call opens a new one. Returns whether to retry over a new link."""
+        if exc.code != grpc.StatusCode.FAILED_PRECONDITION or self._shm is None:
+            return False
+        with self._shm_lock:
+            if self._shm is not None:
+                self._shm.close()
+                self._shm = None
+                self._shm_tried = False
+        return True
 
     def _call(self, method, request, timeout):
         try:
@@ -124,9 +183,24 @@ class KVTierClient:
         :raises KVTierClientError: ``INVALID_ARGUMENT`` (locally or from the server) for a wrong dtype,
             size or count; any code the server answers with.
         """
+        if (link := self._link(timeout)) is not None:
+            header, views = _prepare_put_views(namespace, token_ids, blocks, first_block, session_id, durable, priority,
+                                               ttl_seconds)
+            try:
+                return cp.put_info(self._shm_call(link.put, header, views, timeout=timeout))
+            except KVTierClientError as exc:
+                if not self._drop_link(exc) or (link := self._link(timeout)) is None:
+                    raise
+                return cp.put_info(self._shm_call(link.put, header, views, timeout=timeout))
         stream = _prepare_put(namespace, token_ids, blocks, first_block, session_id, durable, priority, ttl_seconds,
                               checksums)
         return cp.put_info(self._call(self._stub.Put, stream, timeout))
+
+    def _shm_call(self, method, *args, timeout: float | None):
+        try:
+            return method(self._stub, self._metadata, self.timeout if timeout is None else timeout, *args)
+        except grpc.RpcError as exc:
+            raise cp.client_error(exc) from None
 
     def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None, tenant: str | None = None,
             start_block: int = 0, max_blocks: int = 0, timeout: float | None = None) -> GetResult:
@@ -136,6 +210,13 @@ class KVTierClient:
             cancelled, nothing is returned); ``NOT_FOUND`` for an unknown session.
         """
         req = cp.get_request(keys, session_id, self.tenant if tenant is None else tenant, start_block, max_blocks)
+        if (link := self._link(timeout)) is not None:
+            try:
+                return self._shm_call(link.get, req, timeout=timeout)
+            except KVTierClientError as exc:
+                if not self._drop_link(exc) or (link := self._link(timeout)) is None:
+                    raise
+                return self._shm_call(link.get, req, timeout=timeout)
         asm = GetAssembler()
         try:
             call = self._stub.Get(req, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
@@ -187,7 +268,12 @@ class KVTierClient:
         return cp.stats_info(self._call(self._stub.Stats, pb.StatsRequest(), timeout))
 
     def close(self) -> None:
-        """Close the channel (idempotent)."""
+        """Close the channel and the shared-memory link, if any (idempotent)."""
+        with self._shm_lock:
+            if self._shm is not None:
+                self._shm.close()
+                self._shm = None
+            self._shm_tried = True
         self._channel.close()
 
     def __enter__(self) -> "KVTierClient":
@@ -215,7 +301,7 @@ class AsyncKVTierClient:
         self._metadata = ((AUTH_METADATA, f"Bearer {token}"),) if token else None
         self._channel = (grpc.aio.secure_channel(target, credentials, options=opts) if credentials is not None
                          else grpc.aio.insecure_channel(target, options=opts))
-        self._stub = pb_grpc.KVCacheStub(self._channel)
+        self._stub = FastKVCacheStub(self._channel)  # Get/Put payloads skip protobuf (same bytes)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def _call(self, method, request, timeout):

@@ -47,6 +47,13 @@ class ServerSettings(BaseModel):
         any chunk is read. At least 1 GiB, the largest block a layout allows.
     :ivar grace_s: on SIGTERM/SIGINT, seconds in-flight RPCs get to finish before they are cancelled.
     :ivar port_file: if set, the bound port is written there (as text) once the server listens.
+    :ivar shm_enabled: offer same-host callers the shared-memory data path (``OpenArena``,
+        ``PutShm``, ``GetShm``; ``service/shm``). Off: those RPCs answer FAILED_PRECONDITION and
+        clients use the gRPC streams.
+    :ivar shm_socket: Unix socket that hands arena fds to callers; unset: a fresh private (0700)
+        directory under the temp dir, reachable by this uid only. Name a path to serve other uids.
+    :ivar shm_arena_bytes: size of each caller's arena (memory is committed only as it is used).
+        Blocks larger than an arena travel over gRPC; sessions larger than it move in pieces.
     """
 
     host: str = "127.0.0.1"
@@ -56,6 +63,9 @@ class ServerSettings(BaseModel):
     max_put_bytes: ByteSize = Field(ByteSize(1 << 30), ge=1 << 30)
     grace_s: float = Field(10.0, ge=0)
     port_file: Path | None = None
+    shm_enabled: bool = True
+    shm_socket: Path | None = None
+    shm_arena_bytes: ByteSize = Field(ByteSize(256 << 20), ge=1 << 20)
 
 
 class StoreSettings(BaseModel):

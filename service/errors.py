@@ -43,6 +43,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service.auth import PermissionDenied, Unauthenticated
+from service.shm.arena import LeaseExpired, ShmUnavailable
 from tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, KVTierError, LayoutMismatch,
                             TierUnavailable)
 
@@ -57,6 +58,8 @@ _CODES: tuple[tuple[type[KVTierError], grpc.StatusCode], ...] = (
     (TierUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ShmUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (LeaseExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 

@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import wire_fast
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from service.auth import authenticator_from_settings
@@ -32,6 +33,7 @@ from service.config import Settings
 from service.errors import MalformedRequests
 from service.quota import Limits
 from service.servicer import KVCacheServicer
+from service.shm.broker import ArenaRegistry
 from service.telemetry import setup_telemetry
 from service.tls import check_exposure, server_credentials
 from tiering.crypto import RecordSealer, load_key
@@ -44,6 +46,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
 
 
 def _address(host: str, port: int) -> str:
+    if host.startswith("unix:"):  # unix:///abs/path or unix:rel/path: gRPC over a Unix socket, no port
+        return host
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
@@ -62,7 +66,8 @@ class _KVCacheOnly(grpc.aio.ServerInterceptor):
 
 
 def create_server(settings: Settings, store: TieredStore, *, health_servicer: health.aio.HealthServicer | None = None,
-                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                  shm: ArenaRegistry | None = None) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started ``grpc.aio`` server serving ``store``.
 
     :param settings: ``settings.server`` gives address, message size limit and concurrency limit.
@@ -70,6 +75,8 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
     :param health_servicer: the health service to register (a fresh one when omitted); keep it to
         flip it to NOT_SERVING on shutdown.
     :param interceptors: server interceptors (telemetry), outermost first; applied to KVCache RPCs only.
+    :param shm: the shared-memory arenas to offer (default: new ones per ``settings.server.shm_*``
+        when ``shm_enabled``); whoever made them closes them (:func:`serve` does).
     :returns: the server and the bound port (the real one when ``settings.server.port`` is 0).
     :raises RuntimeError: if the address cannot be bound.
     :raises ValueError: on unusable ``settings.security`` (token file, TLS files), or no tokens and a
@@ -91,8 +98,13 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
                  # one server per port: never share a port with a stale or second instance
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-    pb_grpc.add_KVCacheServicer_to_server(KVCacheServicer(store, auth=auth, limits=limits,
-                                                          max_put_bytes=int(cfg.max_put_bytes)), server)
+    if shm is None and cfg.shm_enabled:
+        shm = shm_registry(settings, store)
+    servicer = KVCacheServicer(store, auth=auth, limits=limits, shm=shm, max_put_bytes=int(cfg.max_put_bytes))
+    pb_grpc.add_KVCacheServicer_to_server(servicer, server)
+    # Get and Put again, with codecs that write and read payload chunks without protobuf (same bytes
+    # on the wire): this later registration replaces the generated handlers of those two methods.
+    server.add_registered_method_handlers(SERVICE_NAME, wire_fast.fast_handlers(servicer))
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -104,6 +116,14 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
     except RuntimeError as exc:
         raise RuntimeError(f"cannot listen on {_address(cfg.host, cfg.port)}: {exc}; is the port in use?") from exc
     return server, port
+
+
+def shm_registry(settings: Settings, store: TieredStore) -> ArenaRegistry | None:
+    """The shared-memory arenas ``settings.server`` asks for (``None`` when ``shm_enabled`` is off)."""
+    cfg = settings.server
+    if not cfg.shm_enabled:
+        return None
+    return ArenaRegistry(cfg.shm_socket, int(cfg.shm_arena_bytes), lease_s=store.config.lease_s)
 
 
 def _write_port_file(path: Path, port: int) -> None:
@@ -145,8 +165,9 @@ async def serve(settings: Settings) -> int:
                                     sealer=RecordSealer(key) if key is not None else None)
     try:
         health_servicer = health.aio.HealthServicer()
+        shm = shm_registry(settings, store)
         server, port = create_server(settings, store, health_servicer=health_servicer,
-                                     interceptors=telemetry.server_interceptors())
+                                     interceptors=telemetry.server_interceptors(), shm=shm)
         await server.start()
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         telemetry.start_metrics(store)
@@ -162,6 +183,8 @@ async def serve(settings: Settings) -> int:
         log.info("shutting down: health NOT_SERVING, %.1f s grace for in-flight RPCs", settings.server.grace_s)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.server.grace_s)
+        if shm is not None:
+            await shm.close()
     finally:
         # Flushes the write-behind queue: every block accepted before the stop is on disk after this.
         await asyncio.to_thread(store.close)

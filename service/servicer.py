@@ -32,8 +32,11 @@ from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal, require_admin
 from service.errors import grpc_errors
 from service.quota import Limits
+from service.shm import rpc as shm_rpc
+from service.shm.broker import ArenaRegistry
 from service.put_stream import MAX_CHUNK_BYTES, PutAssembler, plan_from_header
 from service.thread_iter import ThreadedIterator
+from service.wire_fast import encode_get_data
 from tiering.errors import InvalidBlock, SessionNotFound
 from tiering.keys import BlockKey, chain_keys
 from tiering.store import TieredStore
@@ -61,14 +64,16 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     :param max_put_bytes: payload bytes one Put may declare (0 = no limit; see ``ServerSettings``).
     :param auth: who may call (no tokens: everyone, as the tenant the request names).
     :param limits: per-request and per-tenant limits (none when omitted).
+    :param shm: the shared-memory arenas of same-host callers (``None``: that data path is off).
     """
 
     def __init__(self, store: TieredStore, *, max_put_bytes: int = 0, auth: Authenticator | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, shm: ArenaRegistry | None = None) -> None:
         self.store = store
         self.max_put_bytes = max_put_bytes
         self.auth = auth or Authenticator()
         self.limits = limits or Limits()
+        self.shm = shm  # same-host arenas (service/shm); None: OpenArena answers FAILED_PRECONDITION
 
     def _caller(self, context: grpc.aio.ServicerContext) -> tuple[Principal | None, str | None]:
         """The caller and the tenant its credentials bind it to (None: it may name one).
@@ -207,7 +212,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                     break
                 yield pb.GetResponse(header=convert.block_header_to_proto(start + sent, key, block, tier))
                 for off in range(0, len(raw), MAX_CHUNK_BYTES):
-                    yield pb.GetResponse(data=bytes(raw[off:off + MAX_CHUNK_BYTES]))
+                    # the chunk's GetResponse encoding, copied once from the block (service/wire_fast.py;
+                    # the server registers Get with the serializer that sends these bytes as they are)
+                    yield encode_get_data(raw[off:off + MAX_CHUNK_BYTES])
                 sent += 1
                 tokens += block.tokens
         stopped = start + sent
@@ -276,4 +283,22 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         principal, _ = self._caller(context)
         require_admin(principal, "Stats")  # store-wide counters and usage span every tenant
         snap = await asyncio.to_thread(self.store.snapshot)
-        return convert.stats_to_proto(snap, service.__version__)
+        resp = convert.stats_to_proto(snap, service.__version__)
+        if self.shm is not None:
+            resp.counters.update(self.shm.stats())
+        return resp
+
+    # -- same-host data plane (service/shm/rpc.py) ----------------------------------------------------
+    @grpc_errors
+    async def OpenArena(self, request: pb.OpenArenaRequest, context: grpc.aio.ServicerContext) -> pb.OpenArenaResponse:
+        return await shm_rpc.open_arena(self, request, context)
+
+    @grpc_errors
+    async def PutShm(self, request_iterator, context: grpc.aio.ServicerContext):
+        async for response in shm_rpc.put_shm(self, request_iterator, context):
+            yield response
+
+    @grpc_errors
+    async def GetShm(self, request_iterator, context: grpc.aio.ServicerContext):
+        async for response in shm_rpc.get_shm(self, request_iterator, context, deadline_of(context)):
+            yield response

@@ -50,7 +50,9 @@ def server_credentials(security) -> grpc.ServerCredentials | None:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or ``localhost``) only reaches this machine."""
+    """Whether ``host`` (an address, ``localhost`` or a ``unix:`` socket) only reaches this machine."""
+    if host.startswith("unix:"):
+        return True
     host = host.strip("[]")
     if host == "localhost":
         return True

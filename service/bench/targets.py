@@ -68,6 +68,12 @@ def _tracing(results: dict) -> tuple[float | None, str]:
     return sc.get("on_over_off"), sc.get("measured_at", "")
 
 
+def _lmcache(results: dict, field: str) -> tuple[float | None, str]:
+    """Worst ratio over the ``--peers lmcache`` rows (``service/bench/lmcache_peer.py`` computes it)."""
+    sc = results.get("scenarios", {}).get("lmcache", {})
+    return sc.get(field), sc.get(f"{field}_at", "")
+
+
 #: (id, description, getter, comparison, threshold, the case the target names)
 TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, float, str]] = [
     ("grpc_get_vs_echo", "kvtier gRPC Get (warm) / bare gRPC stream",
@@ -86,6 +92,10 @@ TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, f
     ("reopen_seconds", "store reopen time, seconds", lambda r: _scale(r, "reopen_s"), "<=", 10.0, "1,000,000 blocks"),
     ("concurrency_p99_ms", "p99 Get of 360 KiB, ms", _concurrency, "<=", 25.0, "32 clients"),
     ("tracing_overhead", "Get throughput with tracing on / off", _tracing, ">=", 0.95, ""),
+    ("lmcache_same_host", "kvtier shm p50 retrieve / LMCache server's (faster transport), worst workload",
+     lambda r: _lmcache(r, "same_host_ratio"), "<=", 0.5, "every workload (--peers lmcache)"),
+    ("lmcache_grpc", "LMCache server over gRPC p50 / kvtier gRPC p50, worst workload and op",
+     lambda r: _lmcache(r, "grpc_speedup"), ">=", 1.0, "every workload (--peers lmcache)"),
 ]
 
 

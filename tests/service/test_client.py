@@ -55,7 +55,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def kv(server):
-    with KVTierClient(server.target, timeout=30) as client:
+    # the gRPC streams; the same-host shared-memory path has tests/service/test_shm.py
+    with KVTierClient(server.target, timeout=30, data_path="grpc") as client:
         client.wait_ready(10)
         yield client
 

@@ -331,3 +331,115 @@ class StatsResponse(_message.Message):
     counters: _containers.ScalarMap[str, int]
     version: str
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., pinned_blocks: _Optional[int] = ..., write_queue_depth: _Optional[int] = ..., pending_writes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., bytes_moved: _Optional[_Mapping[str, int]] = ..., counters: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ...) -> None: ...
+
+class OpenArenaRequest(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+
+class OpenArenaResponse(_message.Message):
+    __slots__ = ("arena_id", "ticket", "socket_path", "size_bytes", "alignment")
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    arena_id: str
+    ticket: bytes
+    socket_path: str
+    size_bytes: int
+    alignment: int
+    def __init__(self, arena_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., socket_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., alignment: _Optional[int] = ...) -> None: ...
+
+class ShmSlot(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class PutShmStart(_message.Message):
+    __slots__ = ("arena_id", "header")
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    arena_id: str
+    header: PutHeader
+    def __init__(self, arena_id: _Optional[str] = ..., header: _Optional[_Union[PutHeader, _Mapping]] = ...) -> None: ...
+
+class ShmFilled(_message.Message):
+    __slots__ = ("checksums",)
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PutShmRequest(_message.Message):
+    __slots__ = ("start", "filled")
+    START_FIELD_NUMBER: _ClassVar[int]
+    FILLED_FIELD_NUMBER: _ClassVar[int]
+    start: PutShmStart
+    filled: ShmFilled
+    def __init__(self, start: _Optional[_Union[PutShmStart, _Mapping]] = ..., filled: _Optional[_Union[ShmFilled, _Mapping]] = ...) -> None: ...
+
+class ShmGrant(_message.Message):
+    __slots__ = ("first_index", "slots")
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    first_index: int
+    slots: _containers.RepeatedCompositeFieldContainer[ShmSlot]
+    def __init__(self, first_index: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ...) -> None: ...
+
+class PutShmResponse(_message.Message):
+    __slots__ = ("grant", "done")
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    grant: ShmGrant
+    done: PutResponse
+    def __init__(self, grant: _Optional[_Union[ShmGrant, _Mapping]] = ..., done: _Optional[_Union[PutResponse, _Mapping]] = ...) -> None: ...
+
+class GetShmStart(_message.Message):
+    __slots__ = ("arena_id", "request")
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    arena_id: str
+    request: GetRequest
+    def __init__(self, arena_id: _Optional[str] = ..., request: _Optional[_Union[GetRequest, _Mapping]] = ...) -> None: ...
+
+class ShmRelease(_message.Message):
+    __slots__ = ("piece",)
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    piece: int
+    def __init__(self, piece: _Optional[int] = ...) -> None: ...
+
+class GetShmRequest(_message.Message):
+    __slots__ = ("start", "release")
+    START_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    start: GetShmStart
+    release: ShmRelease
+    def __init__(self, start: _Optional[_Union[GetShmStart, _Mapping]] = ..., release: _Optional[_Union[ShmRelease, _Mapping]] = ...) -> None: ...
+
+class ShmBlock(_message.Message):
+    __slots__ = ("header", "slot")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    header: BlockHeader
+    slot: ShmSlot
+    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., slot: _Optional[_Union[ShmSlot, _Mapping]] = ...) -> None: ...
+
+class ShmBlocks(_message.Message):
+    __slots__ = ("piece", "blocks")
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    piece: int
+    blocks: _containers.RepeatedCompositeFieldContainer[ShmBlock]
+    def __init__(self, piece: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[ShmBlock, _Mapping]]] = ...) -> None: ...
+
+class GetShmResponse(_message.Message):
+    __slots__ = ("blocks", "end")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    blocks: ShmBlocks
+    end: GetEnd
+    def __init__(self, blocks: _Optional[_Union[ShmBlocks, _Mapping]] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ...) -> None: ...

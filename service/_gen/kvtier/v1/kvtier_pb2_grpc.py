@@ -75,6 +75,21 @@ class KVCacheStub:
                 request_serializer=kvtier_dot_v1_dot_kvtier__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.OpenArena = channel.unary_unary(
+                '/kvtier.v1.KVCache/OpenArena',
+                request_serializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaResponse.FromString,
+                _registered_method=True)
+        self.PutShm = channel.stream_stream(
+                '/kvtier.v1.KVCache/PutShm',
+                request_serializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmResponse.FromString,
+                _registered_method=True)
+        self.GetShm = channel.stream_stream(
+                '/kvtier.v1.KVCache/GetShm',
+                request_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.FromString,
+                _registered_method=True)
 
 
 class KVCacheServicer:
@@ -139,6 +154,30 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenArena(self, request, context):
+        """Same-host callers: lease a shared-memory arena (see "Same-host data plane" above). Answers
+        FAILED_PRECONDITION when the server has shared memory off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutShm(self, request_iterator, context):
+        """Put through the caller's arena: PutShmStart, then per ShmGrant a ShmFilled; the same guarantees
+        as Put (nothing of an interrupted call is stored).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShm(self, request_iterator, context):
+        """Get through the caller's arena: blocks arrive as ShmBlocks pieces the caller releases, then a
+        GetEnd; the same order and stopping rules as Get.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +220,21 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.StatsRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_kvtier__pb2.StatsResponse.SerializeToString,
+            ),
+            'OpenArena': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenArena,
+                    request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaResponse.SerializeToString,
+            ),
+            'PutShm': grpc.stream_stream_rpc_method_handler(
+                    servicer.PutShm,
+                    request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmResponse.SerializeToString,
+            ),
+            'GetShm': grpc.stream_stream_rpc_method_handler(
+                    servicer.GetShm,
+                    request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +454,87 @@ class KVCache:
             '/kvtier.v1.KVCache/Stats',
             kvtier_dot_v1_dot_kvtier__pb2.StatsRequest.SerializeToString,
             kvtier_dot_v1_dot_kvtier__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenArena(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVCache/OpenArena',
+            kvtier_dot_v1_dot_kvtier__pb2.OpenArenaRequest.SerializeToString,
+            kvtier_dot_v1_dot_kvtier__pb2.OpenArenaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutShm(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvtier.v1.KVCache/PutShm',
+            kvtier_dot_v1_dot_kvtier__pb2.PutShmRequest.SerializeToString,
+            kvtier_dot_v1_dot_kvtier__pb2.PutShmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShm(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvtier.v1.KVCache/GetShm',
+            kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.SerializeToString,
+            kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.FromString,
             options,
             channel_credentials,
             insecure,
