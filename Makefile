@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch's CPU build on machines without CUDA (a local wheel here); override TORCH_SPEC for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve test test-fast protos protos-check lint bench bench-quick gpu-check clean
+.PHONY: install serve test test-fast protos protos-check lint bench bench-quick gpu-check clean lmcache-venv
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,19 @@ bench: install
 
 bench-quick: install
 	$(BIN)/kvtier bench --quick
+
+# LMCache for `kvtier bench --peers lmcache`, in its own venv (~1.9 GB; never the project's: its pins clash).
+# Its CUDA-named dependencies install as plain wheels and stay unused on the CPU path.
+LMCACHE_VENV ?= .lmcache-venv
+LMCACHE_SPEC ?= lmcache==0.5.6
+lmcache-venv: $(LMCACHE_VENV)/.installed
+
+$(LMCACHE_VENV)/.installed:
+	$(PYTHON) -m venv $(LMCACHE_VENV)
+	$(LMCACHE_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(LMCACHE_VENV)/constraints.txt
+	$(LMCACHE_VENV)/bin/pip install -q -c $(LMCACHE_VENV)/constraints.txt "$(LMCACHE_SPEC)"
+	touch $@
 
 gpu-check: install
 	$(BIN)/python -m pytest -q tests/gpu

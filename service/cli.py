@@ -212,17 +212,21 @@ def bench(
     out: Annotated[Path, typer.Option("--out", help="results folder")] = Path("bench-results"),
     scenarios: Annotated[Optional[str], typer.Option(
         help="comma-separated subset of transport,resume,codec,scale,concurrency,tracing")] = None,
+    peers: Annotated[Optional[str], typer.Option(
+        help="also measure these peers beside kvtier, after the scenarios: lmcache (needs `make lmcache-venv`)")] = None,
 ) -> None:
     """Measure kvtier beside its limits (memcpy, bare gRPC, Redis, LMDB+zstd); write OUT/results.{json,md} and PNGs."""
     from service.bench import parse_scenarios, run_bench
+    from service.bench.runner import parse_peers
 
     try:
         chosen = parse_scenarios(scenarios)
+        chosen_peers = parse_peers(peers)
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
     setup_logging(os.environ.get("KVTIER_LOG_LEVEL", "WARNING"))
-    results = run_bench(out, quick=quick, scenarios=chosen)
+    results = run_bench(out, quick=quick, scenarios=chosen, peers=chosen_peers)
     table = Table(title=f"kvtier bench targets ({results['mode']}, {results['seconds']:.0f} s)")
     for col in ("target", "value", "goal", "result", "measured at"):
         table.add_column(col, justify="right" if col in ("value", "goal") else "left")

@@ -33,8 +33,24 @@ SCENARIOS: dict[str, str] = {
     "concurrency": "concurrency",
     "tracing": "tracing",
 }
+#: Optional peers (``--peers``), run after the scenarios, never by default: name -> module, as above.
+PEERS: dict[str, str] = {
+    "lmcache": "lmcache_peer",
+}
 #: Env var that shrinks every size to a toy (the test suite's smoke run).
 TINY_ENV = "KVTIER_BENCH_TINY"
+
+
+def parse_peers(text: str | None) -> list[str]:
+    """``"lmcache"`` -> ``["lmcache"]``; ``None`` or ``""`` -> no peer.
+
+    :raises ValueError: naming unknown peers and the known ones.
+    """
+    chosen = [s.strip() for s in (text or "").split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    return [s for s in PEERS if s in chosen]
 
 
 def parse_scenarios(text: str | None) -> list[str]:
@@ -52,8 +68,9 @@ def parse_scenarios(text: str | None) -> list[str]:
 
 
 def run_bench(out: Path, *, quick: bool = False, tiny: bool | None = None, scenarios: list[str] | None = None,
-              console: Console | None = None) -> dict:
-    """Run ``scenarios`` (default: all) and write ``results.json``, ``results.md`` and PNGs into ``out``.
+              console: Console | None = None, peers: list[str] | None = None) -> dict:
+    """Run ``scenarios`` (default: all), then ``peers`` (default: none; each is one more entry of
+    ``scenarios`` in the results), and write ``results.json``, ``results.md`` and PNGs into ``out``.
 
     :param quick: the few-minute run (512-token resume, 10^4 blocks, fewer repetitions).
     :param tiny: toy sizes (default: ``$KVTIER_BENCH_TINY`` is set); implies ``quick``.
@@ -64,7 +81,7 @@ def run_bench(out: Path, *, quick: bool = False, tiny: bool | None = None, scena
         tiny = os.environ.get(TINY_ENV, "") not in ("", "0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = scenarios or list(SCENARIOS)
+    names = (scenarios or list(SCENARIOS)) + list(peers or [])
     workdir = Path(tempfile.mkdtemp(prefix="kvtier-bench-"))
     console = console or Console(stderr=True)
     results: dict = {"mode": "tiny" if tiny else "quick" if quick else "full", "machine": report.machine_info(),
@@ -102,7 +119,7 @@ def run_bench(out: Path, *, quick: bool = False, tiny: bool | None = None, scena
 def _run_one(name: str, ctx: BenchContext) -> dict:
     t0 = time.perf_counter()
     try:
-        module = importlib.import_module(f"service.bench.{SCENARIOS[name]}")
+        module = importlib.import_module(f"service.bench.{SCENARIOS.get(name) or PEERS[name]}")
         res = module.run(ctx)
         status = res.pop("status", "ok")
     except Exception as exc:  # one broken scenario must not cost the others their results
