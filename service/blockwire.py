@@ -18,6 +18,7 @@ import torch
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.client_types import DTYPE_NAMES, TORCH_DTYPES, GetResult, KVTierClientError
 from service.convert import TIER_FROM_PROTO
+from service.wire_fast import encode_put_chunk
 from tiering.codec import checksum
 from tiering.keys import BlockKey
 
@@ -54,8 +55,11 @@ def payload_view(data: Payload, dtype: str | None = None, index: int = 0) -> mem
 
 
 def put_requests(header: pb.PutHeader, payloads: Iterable[memoryview], *, with_checksums: bool = True,
-                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.PutRequest]:
+                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.PutRequest | bytes]:
     """The messages of one Put stream: the header, then each payload's chunks in order.
+
+    The chunks come already encoded (``bytes``, :func:`service.wire_fast.encode_put_chunk`, one copy
+    of the payload): send the stream with :class:`service.wire_fast.FastKVCacheStub`'s ``Put``.
 
     :param header: the ``PutHeader`` (``first_block`` and ``block_count`` already set).
     :param payloads: byte views of blocks ``first_block``, ``first_block + 1``…
@@ -70,8 +74,7 @@ def put_requests(header: pb.PutHeader, payloads: Iterable[memoryview], *, with_c
         while True:
             end = min(offset + chunk_bytes, size)
             last = end == size
-            yield pb.PutRequest(chunk=pb.BlockChunk(block_index=index, offset=offset, data=bytes(view[offset:end]),
-                                                    checksum=csum if last else 0))
+            yield encode_put_chunk(index, offset, view[offset:end], csum if last else 0)
             offset = end
             if last:
                 break

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import wire_fast
+from service.memtune import tune_malloc
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from service.auth import authenticator_from_settings
@@ -160,6 +161,7 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     telemetry = setup_telemetry(settings, set_global=True)
+    tune_malloc()  # before the first block is allocated: see service/memtune.py
     key = load_key(settings.security.cold_key_file)
     store = await asyncio.to_thread(TieredStore, settings.store.to_store_config(), tracer=telemetry.tracer,
                                     sealer=RecordSealer(key) if key is not None else None)

@@ -159,7 +159,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                                                                                        plan.session_id))
             return self.store.put(plan.namespace, plan.token_ids, blocks, first_block=plan.first_block,
                                   session_id=plan.session_id, durable=plan.durable, priority=plan.priority,
-                                  ttl_s=plan.ttl_s)
+                                  ttl_s=plan.ttl_s, owned=True)  # the assembler's buffers: no copy
 
         result = await asyncio.to_thread(commit)
         log.debug("put: %d blocks stored, %d present, %d not admitted", len(result.stored),
@@ -202,7 +202,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         sent = tokens = 0
         reason = ""
         gen = store.iter_blocks(chain[start:readable], window=GET_WINDOW, deadline=deadline_of(context))
-        async with ThreadedIterator(gen, to_host) as blocks:
+        async with ThreadedIterator(gen, to_host, close_inline=True) as blocks:
             # gRPC may cancel this handler while it is suspended at a yield, where the `async with`
             # would only exit at garbage collection: release the lease when the RPC ends instead.
             context.add_done_callback(blocks.close_soon)
@@ -217,6 +217,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                     yield encode_get_data(raw[off:off + MAX_CHUNK_BYTES])
                 sent += 1
                 tokens += block.tokens
+                if start + sent == readable:
+                    break  # the last block: a further step would only find the end (one hand-off less)
         stopped = start + sent
         if not reason and stopped < end:
             # iter_blocks ends early only when the deadline passed, or at a foreign key (a miss)
@@ -294,11 +296,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return await shm_rpc.open_arena(self, request, context)
 
     @grpc_errors
-    async def PutShm(self, request_iterator, context: grpc.aio.ServicerContext):
-        async for response in shm_rpc.put_shm(self, request_iterator, context):
-            yield response
+    async def PutShm(self, request: pb.PutShmRequest, context: grpc.aio.ServicerContext) -> pb.PutShmResponse:
+        return await shm_rpc.put_shm(self, request, context)
 
     @grpc_errors
-    async def GetShm(self, request_iterator, context: grpc.aio.ServicerContext):
-        async for response in shm_rpc.get_shm(self, request_iterator, context, deadline_of(context)):
-            yield response
+    async def GetShm(self, request: pb.GetShmRequest, context: grpc.aio.ServicerContext) -> pb.GetShmResponse:
+        return await shm_rpc.get_shm(self, request, context, deadline_of(context))

@@ -236,7 +236,7 @@ class TieredStore:
 
     # ------------------------------------------------------------------------------------------------
     # put
-    def _to_block(self, ns: Namespace, data: Payload, tokens: int, index: int) -> Block:
+    def _to_block(self, ns: Namespace, data: Payload, tokens: int, index: int, owned: bool = False) -> Block:
         lay = ns.layout
         shape = lay.shape(tokens)
         if isinstance(data, np.ndarray):
@@ -258,12 +258,15 @@ class TieredStore:
             if len(mv) != lay.block_bytes(tokens):
                 raise InvalidBlock(f"block {index} has {len(mv)} bytes; layout {lay.describe()} wants "
                                    f"{lay.block_bytes(tokens)} for its {tokens} tokens", field="payload")
-            raw = torch.frombuffer(bytearray(mv), dtype=torch.uint8) if len(mv) else torch.empty(0, dtype=torch.uint8)
+            # an owned bytearray is kept as it is; anything else is copied (the caller may reuse it)
+            buf = data if owned and type(data) is bytearray else bytearray(mv)
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if len(mv) else torch.empty(0, dtype=torch.uint8)
         return Block(raw, lay.dtype, shape, checksum(raw.numpy()), ns.ns_id)
 
     def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload], *,
             first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
-            ttl_s: float | None = None) -> PutResult:
+            ttl_s: float | None = None, checksums: Sequence[int] | None = None,
+            owned: bool = False) -> PutResult:
         """Store the KV blocks of ``token_ids`` (and, with ``session_id``, the session's chain).
 
         :param namespace: tenant, model, revision and layout the blocks belong to.
@@ -274,6 +277,10 @@ class TieredStore:
         :param session_id: record ``token_ids``' key chain as this session of the tenant (replacing an
             older chain of the same session).
         :param durable: return only once the blocks and the session are committed to LMDB.
+        :param checksums: the XXH3-64 each payload must have, checked on the store's own copy (so a
+            payload changing under the call, e.g. in shared memory, can never be stored unverified).
+        :param owned: ``bytearray`` payloads are handed over (nobody else holds them): the store keeps
+            them instead of a copy. Other payloads are copied either way.
         :returns: the keys of all blocks and what happened to each block sent.
         :raises InvalidBlock: on bad sizes, counts or ids. :raises LayoutMismatch: when a tensor's
             dtype/shape disagrees with the layout. :raises CapacityExceeded: if a durable write finds
@@ -293,8 +300,14 @@ class TieredStore:
         if sid is not None:
             trace.get_current_span().set_attribute("kvtier.session", session_hash(sid))
         prepared = [(keys[first_block + i], self._to_block(namespace, data, min(bt, n_tokens - (first_block + i) * bt),
-                                                           first_block + i))
+                                                           first_block + i, owned))
                     for i, data in enumerate(blocks)]
+        if checksums is not None:
+            bad = next((i for i, ((_, b), want) in enumerate(zip(prepared, checksums, strict=True))
+                        if b.checksum != want), None)
+            if bad is not None:
+                raise InvalidBlock(f"block {first_block + bad}: checksum {prepared[bad][1].checksum:#018x} of the "
+                                   f"bytes differs from {checksums[bad]:#018x} sent", field="checksums")
         result = PutResult(keys)
         with self._lock:
             self.stats.puts += 1
@@ -558,6 +571,8 @@ class TieredStore:
         Up to ``window`` blocks are loaded ahead on the fetch threads, so disk reads and decompression
         overlap with the caller consuming earlier blocks. The keys are pinned for the duration.
         ``deadline`` is a ``time.monotonic()`` instant after which the iteration stops early.
+        The block needed next is loaded on the calling thread when no fetch thread has started on it
+        (always so for the first): a one-block iteration never waits on a thread hand-off.
         """
         self._check_open()
         keys = list(keys)
@@ -566,23 +581,29 @@ class TieredStore:
             self.stats.gets += 1
         parent = trace.get_current_span()
         ops = TierOps(self.tracer, parent) if parent.is_recording() else None
-        futures: list[Future] = []
+        futures: list[Future | None] = []
         try:
             nxt = 0
             for idx, key in enumerate(keys):
+                if nxt == idx:  # not handed out: this thread loads it below
+                    futures.append(None)
+                    nxt += 1
                 while nxt < len(keys) and nxt < idx + window:
                     futures.append(self._pool.submit(self._get, keys[nxt], True, ops))
                     nxt += 1
                 if deadline is not None and time.monotonic() > deadline:
                     return
-                got = futures[idx].result()
+                fut = futures[idx]
+                # a queued fetch is taken back and done here rather than waited for (one hand-off less)
+                got = self._get(key, True, ops) if fut is None or fut.cancel() else fut.result()
                 if got is None:
                     yield key, None, ""
                     return
                 yield key, got[0], got[1]
         finally:
             for f in futures:
-                f.cancel()
+                if f is not None:
+                    f.cancel()
             self.leases.release(lease)
             if ops is not None:
                 ops.finish()

@@ -10,8 +10,9 @@ Primitives:
 * :class:`Arena` maps such a file (keeping no fd) and hands out byte views of it. Its lifetime is
   reference counted: views keep the mapping alive, so dropping the arena while a worker thread
   still copies from it can never unmap memory under that thread.
-* :class:`SlotAllocator` leases ranges of the arena (first fit over a sorted free list, aligned).
-  ``alloc`` either gives a slot or ``None`` and then changes nothing; ``free`` merges neighbours.
+* :class:`SlotAllocator` leases ranges of the arena (first fit over a sorted free list, aligned);
+  the client runs it (it owns the arena's space and names ranges in its calls). ``alloc`` and
+  ``alloc_upto`` either give a slot or ``None`` and then change nothing; ``free`` merges neighbours.
   Thread-safe.
 """
 
@@ -38,7 +39,8 @@ class ShmUnavailable(KVTierError):
 
 
 class LeaseExpired(KVTierError):
-    """The caller did not fill or release its slots within the lease time: ``DEADLINE_EXCEEDED``."""
+    """The next piece of a multi-piece Put came after the lease time (the pieces held were dropped):
+    ``DEADLINE_EXCEEDED``."""
 
 
 def create_memfd(size: int, name: str = "kvtier-arena") -> int:
@@ -124,6 +126,27 @@ class SlotAllocator:
                     return Slot(off, length, need)
         return None
 
+    def alloc_upto(self, need: int, want: int) -> Slot | None:
+        """A slot of at least ``need`` and at most ``want`` bytes (``length`` = what it got), from the
+        largest free range; ``None`` when no free range holds ``need`` bytes (nothing changed)."""
+        a = self.alignment
+        need = max(-(-need // a) * a, a)
+        with self._lock:
+            if not self._free:
+                return None
+            i = max(range(len(self._free)), key=lambda j: self._free[j][1])
+            off, free = self._free[i]
+            if free < need:
+                return None
+            take = min(free, max(need, want // a * a))
+            if take == free:
+                del self._free[i]
+            else:
+                self._free[i] = (off + take, free - take)
+            self.leased_bytes += take
+            self.leased_slots += 1
+            return Slot(off, take, take)
+
     def free(self, slot: Slot) -> None:
         """Give ``slot`` back (merging it with free neighbours). Each slot must be freed once."""
         with self._lock:
@@ -139,6 +162,22 @@ class SlotAllocator:
             self._free.insert(i, (off, length))
             self.leased_bytes -= slot.capacity
             self.leased_slots -= 1
+
+    def carve(self, region: Slot, kept: list[Slot]) -> None:
+        """Free ``region`` except the aligned, disjoint ``kept`` slots inside it (each then freed on its
+        own with :meth:`free`)."""
+        pos, end = region.offset, region.offset + region.capacity
+        gaps = []
+        for slot in sorted(kept, key=lambda k: k.offset):
+            if slot.offset > pos:
+                gaps.append(Slot(pos, 0, slot.offset - pos))
+            pos = slot.offset + slot.capacity
+        if pos < end:
+            gaps.append(Slot(pos, 0, end - pos))
+        with self._lock:
+            self.leased_slots += len(kept) + len(gaps) - 1  # the region becomes kept + gaps; gaps go now
+        for gap in gaps:
+            self.free(gap)
 
     def fits_ever(self, length: int) -> bool:
         """Whether a slot of ``length`` bytes fits an empty arena."""

@@ -15,10 +15,12 @@ Life of an arena:
    is released when the last of them has dropped its views.
 
 Calls (``PutShm``/``GetShm``) take an arena with :meth:`ArenaRegistry.use`, which checks the
-principal: an arena id is useless to anyone but the principal that opened it. Slots are leased from
-:class:`ServerArena.slots` per call and given back by the call's ``finally``.
+principal: an arena id is useless to anyone but the principal that opened it. The caller manages the
+arena's space (it names the ranges of each call); between calls the server holds only the unstored
+pieces of multi-piece Puts (:class:`Upload`), each for at most ``lease_s`` seconds after its last
+piece, and none of them past the arena's life.
 
-Everything runs on the server's event loop except the allocator, which is thread-safe anyway.
+Everything here runs on the server's event loop.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from service.auth import Principal
 from tiering.errors import CapacityExceeded
 
-from .arena import ALIGNMENT, Arena, ShmUnavailable, SlotAllocator, create_memfd
+from .arena import ALIGNMENT, Arena, LeaseExpired, ShmUnavailable, create_memfd
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +52,72 @@ HELLO_S = 5.0
 #: Arenas open at once, all callers together (each costs address space, and memory as it is used).
 MAX_ARENAS = 256
 TICKET_BYTES = 32
+#: Unfinished multi-piece Puts one arena may hold at once.
+MAX_UPLOADS = 16
+
+
+@dataclass(eq=False)
+class Upload:
+    """The pieces of a multi-piece ``PutShm`` received so far (copies: the caller reuses its ranges)."""
+
+    plan: object  # service.put_stream.PutPlan
+    sizes: list[int]
+    blocks: list = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.blocks)
 
 
 @dataclass(eq=False)
 class ServerArena:
-    """One caller's arena as the server holds it."""
+    """One caller's arena as the server holds it, and its unfinished uploads."""
 
     arena_id: str
     principal: Principal | None
     arena: Arena
-    slots: SlotAllocator
     peer_pid: int
     alive: bool = True
     calls: int = 0
-    #: Set whenever slots are freed (waiters re-check :meth:`SlotAllocator.alloc`).
-    freed: asyncio.Event = field(default_factory=asyncio.Event)
+    uploads: dict[str, Upload] = field(default_factory=dict)
 
-    def notify_freed(self) -> None:
-        self.freed.set()
+    def park(self, upload: Upload, lease_s: float, counters: Counter) -> str:
+        """Hold ``upload`` until its next piece (:meth:`take`), for at most ``lease_s`` seconds.
+
+        :returns: its id. :raises CapacityExceeded: when :data:`MAX_UPLOADS` are held already.
+        """
+        if len(self.uploads) >= MAX_UPLOADS:
+            raise CapacityExceeded(f"{MAX_UPLOADS} unfinished shared-memory puts on this arena")
+        upload_id = secrets.token_hex(8)
+
+        def expire() -> None:
+            if self.uploads.pop(upload_id, None) is not None:
+                counters["uploads_expired"] += 1
+                log.debug("arena %s…: upload %s expired after %.0f s without a next piece", self.arena_id[:8],
+                          upload_id, lease_s)
+
+        upload.timer = asyncio.get_running_loop().call_later(lease_s, expire)
+        self.uploads[upload_id] = upload
+        return upload_id
+
+    def take(self, upload_id: str) -> Upload:
+        """The parked upload ``upload_id``, no longer parked (the caller parks it again or finishes it).
+
+        :raises LeaseExpired: if there is none (expired, finished, or never started).
+        """
+        upload = self.uploads.pop(upload_id, None)
+        if upload is None:
+            raise LeaseExpired(f"no unfinished put {upload_id!r} on this arena (its lease expired, or it never "
+                               "started); put it again")
+        upload.timer.cancel()
+        return upload
+
+    def drop_uploads(self) -> None:
+        for upload in self.uploads.values():
+            upload.timer.cancel()
+        self.uploads.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +134,7 @@ class ArenaRegistry:
     :param socket_path: where to listen; ``None``: a fresh private directory under the temp dir
         (mode 0700, so only this uid can connect; name a path to serve other uids).
     :param arena_bytes: size of each arena (and the most an ``OpenArena`` may ask for).
-    :param lease_s: seconds a call waits on its caller (to fill or release slots) before it fails.
+    :param lease_s: seconds the unfinished pieces of a multi-piece Put wait for the next piece.
 
     Create and use it on the server's event loop; the socket starts listening with the first
     :meth:`issue` and :meth:`close` stops it and drops every arena.
@@ -142,11 +192,12 @@ class ArenaRegistry:
             found.calls -= 1
 
     def stats(self) -> dict[str, int]:
-        """Counters for ``Stats``: arenas open, slots and bytes leased now, and totals since start."""
+        """Counters for ``Stats``: arenas open, unfinished uploads and the bytes they hold now, and
+        totals since start."""
         out = {f"shm_{k}": v for k, v in self.counters.items()}
         out["shm_arenas_open"] = len(self._arenas)
-        out["shm_slots_leased"] = sum(a.slots.leased_slots for a in self._arenas.values())
-        out["shm_bytes_leased"] = sum(a.slots.leased_bytes for a in self._arenas.values())
+        out["shm_uploads_open"] = sum(len(a.uploads) for a in self._arenas.values())
+        out["shm_upload_bytes"] = sum(u.nbytes for a in self._arenas.values() for u in a.uploads.values())
         return out
 
     # -- the socket ---------------------------------------------------------------------------------
@@ -198,7 +249,7 @@ class ArenaRegistry:
                 socket.send_fds(conn, [b"\x01"], [fd])
             finally:
                 os.close(fd)  # the server keeps only the mapping
-            arena = ServerArena(promised.arena_id, promised.principal, mapped, SlotAllocator(promised.size), pid)
+            arena = ServerArena(promised.arena_id, promised.principal, mapped, pid)
             self._arenas[arena.arena_id] = arena
             self.counters["arenas_opened"] += 1
             log.debug("arena %s… (%d bytes) handed to pid %d", arena.arena_id[:8], promised.size, pid)
@@ -212,10 +263,10 @@ class ArenaRegistry:
                 self._drop(arena)
 
     def _drop(self, arena: ServerArena) -> None:
-        """Forget ``arena``: new calls cannot use it, running ones fail at their next wait; its memory
-        goes with the last view (Python reference counting keeps it mapped while a copy runs)."""
+        """Forget ``arena`` and its unfinished uploads: new calls cannot use it; its memory goes with the
+        last view (Python reference counting keeps it mapped while a copy runs)."""
         arena.alive = False
-        arena.notify_freed()  # wake waiters so they notice
+        arena.drop_uploads()
         if self._arenas.pop(arena.arena_id, None) is not None:
             self.counters["arenas_reclaimed"] += 1
             log.debug("arena %s… reclaimed (peer pid %d closed it)", arena.arena_id[:8], arena.peer_pid)

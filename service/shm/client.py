@@ -6,37 +6,48 @@ client maps it, closes the fd at once (the mapping is all it needs; an fd would 
 in for a child process) and keeps the socket open: closing it, or the process dying, is what tells
 the server to drop the arena.
 
-``put`` and ``get`` run one ``PutShm``/``GetShm`` call each over the blocking stub. Blocks that
-come back are copied once out of the arena (into a ``bytearray`` the tensor then shares), verified
-against their checksum and returned; the piece is then released, so no tensor handed to the caller
-ever aliases the arena. Thread-safe: concurrent calls get disjoint slots from the server.
+The client owns the arena's space: :class:`ShmLink` leases a range per call from its allocator,
+names it in the call and frees it when the call returns (or fails), so the server holds no range
+between calls and a dead client leaves nothing but its arena (reclaimed with the socket).
+
+``put`` writes the blocks into a range and runs one unary ``PutShm`` (one per piece when they
+exceed half the arena). ``get`` runs one unary ``GetShm`` into a range (more when it fills up);
+each block is verified against its checksum and handed out as a view of the arena whose range stays
+leased until the tensor is garbage (no copy, and the arena's pages are already mapped, whereas fresh
+memory costs a page fault per 4 KiB), up to an alias budget past which blocks are copied out.
+Thread-safe: concurrent calls lease disjoint ranges, and wait for one when the arena is full.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import socket
+import threading
+import time
+import weakref
 from collections.abc import Sequence
 
 import grpc
 import numpy as np
+import torch
 
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.blockwire import decode_block
-from service.client_types import GetResult, KVTierClientError
+from service.client_types import TORCH_DTYPES, GetResult, KVTierClientError
 from service.convert import TIER_FROM_PROTO
 from tiering.codec import checksum
 from tiering.keys import BlockKey
 
-from .arena import Arena
+from .arena import ALIGNMENT, Arena, Slot, SlotAllocator
 
 log = logging.getLogger(__name__)
 
 #: Hosts whose servers share this machine (a ``unix:`` target always does).
+#: Seconds between looks for block tensors that died while a call waits for arena space.
+RECLAIM_POLL_S = 0.02
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-_END = object()
 
 
 def is_local_target(target: str) -> bool:
@@ -50,12 +61,6 @@ def is_local_target(target: str) -> bool:
     return host.strip("[]") in {h.strip("[]") for h in LOCAL_HOSTS}
 
 
-def _requests(first, pending: queue.SimpleQueue):
-    yield first
-    while (item := pending.get()) is not _END:
-        yield item
-
-
 class ShmLink:
     """A mapped arena and the socket that keeps it alive. Create with :meth:`open`; :meth:`close` it.
 
@@ -66,6 +71,13 @@ class ShmLink:
         self.arena_id = arena_id
         self.arena = arena
         self._sock = sock
+        self.slots = SlotAllocator(arena.size)
+        self._freed = threading.Condition()
+        #: Most bytes of the arena that block tensors handed out may view at once (the rest is copied).
+        self.alias_budget = arena.size // 2
+        self._aliased = 0
+        self._finalizers: dict[int, weakref.finalize] = {}
+        self._dead: collections.deque[Slot] = collections.deque()
 
     @classmethod
     def open(cls, stub, metadata, timeout: float | None, size: int = 0) -> "ShmLink":
@@ -101,70 +113,164 @@ class ShmLink:
         log.debug("shared-memory arena of %d MiB mapped from %s", resp.size_bytes >> 20, resp.socket_path)
         return cls(resp.arena_id, arena, sock)
 
+    def _lease(self, need: int, want: int, deadline: float | None) -> Slot:
+        """A range of ``need`` to ``want`` bytes, waiting (until ``deadline``) for other calls to free one.
+
+        :raises KVTierClientError: ``INVALID_ARGUMENT`` if ``need`` exceeds the arena;
+            ``DEADLINE_EXCEEDED`` if none frees up in time.
+        """
+        if not self.slots.fits_ever(need):
+            raise KVTierClientError(grpc.StatusCode.INVALID_ARGUMENT, f"a block of {need} bytes does not fit the "
+                                    f"{self.arena.size}-byte shared-memory arena; use data_path='grpc'")
+        while True:
+            self._reclaim()
+            with self._freed:
+                if (slot := self.slots.alloc_upto(need, want)) is not None:
+                    return slot
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise KVTierClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            f"no {need}-byte range of the shared-memory arena freed up in time")
+                # woken by a call freeing its range; ranges of dead tensors are polled for
+                self._freed.wait(RECLAIM_POLL_S if left is None else min(left, RECLAIM_POLL_S))
+
+    def _free(self, slot: Slot) -> None:
+        self.slots.free(slot)
+        with self._freed:
+            self._freed.notify_all()
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
     def put(self, stub, metadata, timeout: float | None, header: pb.PutHeader,
             views: Sequence[memoryview]) -> pb.PutResponse:
-        """Run one ``PutShm``: write each granted block into its slot, answer with checksums.
+        """Write the blocks into a leased range and run ``PutShm`` (one call per piece of at most half
+        the arena; the server stores nothing before the last).
 
         :raises grpc.RpcError: as the call fails (the caller maps it).
-        :raises KVTierClientError: ``INTERNAL`` if the server grants slots that do not fit the blocks.
+        :raises KVTierClientError: ``INVALID_ARGUMENT`` for a block larger than the arena.
         """
-        pending: queue.SimpleQueue = queue.SimpleQueue()
-        start = pb.PutShmRequest(start=pb.PutShmStart(arena_id=self.arena_id, header=header))
-        call = stub.PutShm(_requests(start, pending), timeout=timeout, metadata=metadata)
-        try:
-            for msg in call:
-                if msg.WhichOneof("msg") == "done":
-                    return msg.done
-                grant = msg.grant
-                sums = []
-                for i, slot in enumerate(grant.slots):
-                    pos = grant.first_index - header.first_block + i
-                    if not 0 <= pos < len(views) or len(views[pos]) != slot.length:
-                        raise KVTierClientError(grpc.StatusCode.INTERNAL, f"server granted a slot of {slot.length} "
-                                                f"bytes for block {grant.first_index + i}")
-                    src = np.frombuffer(views[pos], dtype=np.uint8)
-                    np.copyto(self.arena.view(slot.offset, slot.length), src)
-                    sums.append(checksum(src))
-                pending.put(pb.PutShmRequest(filled=pb.ShmFilled(checksums=sums)))
-            raise KVTierClientError(grpc.StatusCode.INTERNAL, "PutShm ended without an answer")
-        finally:
-            pending.put(_END)
-            call.cancel()  # no-op once it finished
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sizes = [-(-max(len(v), 1) // ALIGNMENT) * ALIGNMENT for v in views]
+        budget = self.arena.size // 2
+        upload_id, i = "", 0
+        while True:
+            j, total = i, 0
+            while j < len(views) and (j == i or total + sizes[j] <= budget):
+                total += sizes[j]
+                j += 1
+            slot = self._lease(total, total, deadline) if total else None
+            try:
+                req = pb.PutShmRequest(arena_id=self.arena_id, upload_id=upload_id, more=j < len(views))
+                if not upload_id:
+                    req.header.CopyFrom(header)
+                pos = slot.offset if slot is not None else 0
+                for k in range(i, j):
+                    src = np.frombuffer(views[k], dtype=np.uint8)
+                    np.copyto(self.arena.array[pos:pos + len(src)], src)
+                    req.slots.add(offset=pos, length=len(src))
+                    req.checksums.append(checksum(src))
+                    pos += sizes[k]
+                resp = stub.PutShm(req, timeout=self._left(deadline), metadata=metadata)
+            finally:
+                if slot is not None:
+                    self._free(slot)
+            if j >= len(views):
+                return resp.done
+            upload_id, i = resp.upload_id, j
 
     def get(self, stub, metadata, timeout: float | None, request: pb.GetRequest) -> GetResult:
-        """Run one ``GetShm``: copy each piece's blocks out, verify them, release the piece.
+        """Run ``GetShm`` into a leased range (again for the rest when it fills up) and verify each block.
+
+        A block's tensor is a view of the arena while the blocks handed out that way hold at most
+        :attr:`alias_budget` bytes: its range stays leased until the tensor (and every view of it) is
+        garbage, so no call ever writes there meanwhile. Past that budget blocks are copied out and
+        their range freed at once, so a caller holding many results never starves later calls.
 
         :raises grpc.RpcError: as the call fails. :raises KVTierClientError: ``DATA_LOSS`` when a
-            block fails its checksum (the call is cancelled, nothing is returned).
+            block fails its checksum (nothing is returned); ``INVALID_ARGUMENT`` for a block larger
+            than the arena.
         """
-        pending: queue.SimpleQueue = queue.SimpleQueue()
-        start = pb.GetShmRequest(start=pb.GetShmStart(arena_id=self.arena_id, request=request))
-        call = stub.GetShm(_requests(start, pending), timeout=timeout, metadata=metadata)
+        deadline = None if timeout is None else time.monotonic() + timeout
         blocks, keys, tiers = [], [], []
-        end = None
-        try:
-            for msg in call:
-                if msg.WhichOneof("msg") == "end":
-                    end = msg.end
-                    pending.put(_END)
-                    continue
-                for item in msg.blocks.blocks:
-                    head, slot = item.header, item.slot
-                    if slot.length != head.size:
-                        raise KVTierClientError(grpc.StatusCode.INTERNAL, f"block {head.index}: slot of "
-                                                f"{slot.length} bytes for {head.size} announced")
-                    blocks.append(decode_block(head, bytearray(self.arena.view(slot.offset, slot.length))))
-                    keys.append(BlockKey(bytes(head.key)))
-                    tiers.append(TIER_FROM_PROTO.get(head.tier))
-                pending.put(pb.GetShmRequest(release=pb.ShmRelease(piece=msg.blocks.piece)))
-        finally:
-            pending.put(_END)
-            if end is None:
-                call.cancel()
-        if end is None:
-            raise KVTierClientError(grpc.StatusCode.INTERNAL, "the GetShm call ended without its GetEnd")
-        return GetResult(blocks, keys, tiers, end.complete, None if end.complete else end.stopped_at, end.reason,
+        base, need, want = 0, ALIGNMENT, self.arena.size // 2
+        while True:
+            region = self._lease(need, want, deadline)
+            kept: list[Slot] = []
+            try:
+                resp = stub.GetShm(pb.GetShmRequest(arena_id=self.arena_id, request=request,
+                                                    region=pb.ShmSlot(offset=region.offset, length=region.length)),
+                                   timeout=self._left(deadline), metadata=metadata)
+                for item in resp.blocks:
+                    blocks.append(self._block(item, region, base, kept))
+                    keys.append(BlockKey(bytes(item.header.key)))
+                    tiers.append(TIER_FROM_PROTO.get(item.header.tier))
+            except BaseException:
+                with self._freed:  # none of these tensors reaches the caller: the region goes back whole
+                    for slot in kept:
+                        self._finalizers.pop(slot.offset).detach()
+                        self._aliased -= slot.capacity
+                self._free(region)
+                raise
+            self.slots.carve(region, kept)
+            with self._freed:
+                self._freed.notify_all()
+            end = resp.end
+            if end.reason != "region":
+                break
+            # the rest of the same chain, by its keys (a session might change between two calls)
+            left = request.max_blocks - (end.stopped_at - request.start_block) if request.max_blocks else 0
+            base += end.stopped_at
+            request = pb.GetRequest(tenant=request.tenant, max_blocks=left)
+            request.keys.keys.extend(resp.rest_keys)
+            need = max(resp.next_block_bytes, ALIGNMENT)
+        stopped = base + end.stopped_at
+        return GetResult(blocks, keys, tiers, end.complete, None if end.complete else stopped, end.reason,
                          sum(int(b.shape[3]) for b in blocks))
+
+    def _block(self, item: pb.ShmBlock, region: Slot, base: int, kept: list[Slot]) -> torch.Tensor:
+        """The verified tensor of one ``ShmBlock`` in ``region``: a view of the arena (its range added to
+        ``kept``) within the alias budget, else a copy."""
+        head = item.header
+        if not region.offset <= item.offset <= region.offset + region.length - head.size or item.offset % ALIGNMENT:
+            raise KVTierClientError(grpc.StatusCode.INTERNAL, f"block {base + head.index}: [{item.offset}, "
+                                    f"+{head.size}) is not an aligned range of the one leased")
+        view = self.arena.array[item.offset:item.offset + head.size]
+        cap = -(-max(head.size, 1) // ALIGNMENT) * ALIGNMENT
+        with self._freed:
+            alias = head.size > 0 and self._aliased + cap <= self.alias_budget
+            if alias:
+                self._aliased += cap
+        if not alias:
+            return decode_block(head, bytearray(view))
+        slot = Slot(item.offset, head.size, cap)
+        kept.append(slot)
+        self._finalizers[slot.offset] = weakref.finalize(view, self._unalias, slot)
+        # the range is ours alone until `view` dies: verifying it here is verifying what the caller gets
+        if checksum(view) != head.checksum:
+            raise KVTierClientError(grpc.StatusCode.DATA_LOSS, f"block {base + head.index} (key {head.key.hex()}) "
+                                    f"failed its checksum; the bytes were not used")
+        dtype, shape = TORCH_DTYPES.get(head.dtype), tuple(head.shape)
+        if dtype is None or len(shape) != 5 or int(np.prod(shape)) * dtype.itemsize != head.size:
+            raise KVTierClientError(grpc.StatusCode.INTERNAL,
+                                    f"block {base + head.index}: {head.size} bytes do not hold {head.dtype} {shape}")
+        # torch.from_numpy keeps `view` alive for as long as the tensor's storage lives
+        return torch.from_numpy(view).view(dtype).reshape(shape)
+
+    def _unalias(self, slot: Slot) -> None:
+        # A finalizer may run inside any allocation (cyclic GC), even one under the allocator's lock:
+        # only queue the range here (deque.append is atomic); _reclaim frees it outside every lock.
+        self._dead.append(slot)
+
+    def _reclaim(self) -> None:
+        """Free the ranges of block tensors that became garbage."""
+        while self._dead:
+            slot = self._dead.popleft()
+            with self._freed:
+                self._finalizers.pop(slot.offset, None)
+                self._aliased -= slot.capacity
+            self._free(slot)
 
     def close(self) -> None:
         """Close the socket (the server drops the arena); the mapping goes with the last reference."""

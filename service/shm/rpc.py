@@ -2,27 +2,25 @@
 
 :class:`service.servicer.KVCacheServicer` delegates to these functions; they use its caller check,
 limits and store exactly as ``Put`` and ``Get`` do, so tenants, quotas and "a miss stops the chain"
-are the same on both data paths. Only the bytes move differently:
+are the same on both data paths. Only the bytes move differently, and each is one unary call in the
+common case (the caller owns the arena's space and names the ranges; the server holds none):
 
-* **PutShm**: the server leases slots for as many of the next blocks as fit in half the arena and
-  answers a ``ShmGrant``; the caller writes the blocks there and answers ``ShmFilled`` with their
-  checksums; the server verifies each against the arena bytes. When the whole Put fits one grant,
-  the arena views go straight to ``TieredStore.put``, whose own copy into the warm tier is the one
-  copy; otherwise each piece is copied out (slots released) and stored with the rest at the end.
-  ``TieredStore.put`` runs once, after the last piece: an interrupted call stores nothing.
-* **GetShm**: blocks from ``TieredStore.iter_blocks`` are copied into leased slots (one copy from
-  the warm or hot tier, a device-to-host copy for a GPU block) and announced in ``ShmBlocks``
-  pieces of at most a quarter of the arena, so the caller reads one piece while the next is
-  written. A piece's slots are freed when the caller releases it; the call ends after ``GetEnd``
-  once every piece was released.
-
-Every wait on the caller is bounded by the registry's ``lease_s`` (then ``DEADLINE_EXCEEDED``), and
-every slot is freed in a ``finally``: when the call ends, fails or is cancelled.
+* **PutShm**: the caller wrote the blocks into its arena and names where, with their checksums.
+  ``TieredStore.put`` copies each block out of the arena into the warm tier (the one copy) and checks
+  the checksum on that copy, so bytes changing under the call can never be stored unverified.
+  A Put larger than the caller's arena comes in pieces: each but the last is copied out and parked
+  (:class:`service.shm.broker.Upload`) until the next piece, for at most the lease time; the store
+  sees the blocks only with the last piece, so an interrupted Put stores nothing.
+* **GetShm**: on one worker thread, blocks from ``TieredStore.iter_blocks`` are copied into the
+  caller's region (one copy from the warm or hot tier, a device-to-host copy for a GPU block), and
+  the answer says where. When the region fills up first the answer says so (reason ``"region"``) with
+  the rest of the chain's keys, so the caller's next call reads the same chain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import numpy as np
@@ -30,16 +28,14 @@ import numpy as np
 from service import convert
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.put_stream import plan_from_header
-from service.thread_iter import ThreadedIterator
-from tiering.codec import checksum
 from tiering.errors import InvalidBlock
 
-from .arena import LeaseExpired, ShmUnavailable, Slot
-from .broker import ArenaRegistry, ServerArena
+from .arena import ALIGNMENT, ShmUnavailable
+from .broker import ArenaRegistry, ServerArena, Upload
 
 log = logging.getLogger(__name__)
 
-#: Blocks a GetShm loads ahead of the one being copied.
+#: Blocks a GetShm loads ahead of the one being copied (cold blocks: disk reads overlap the copies).
 GET_WINDOW = 4
 
 
@@ -49,30 +45,12 @@ def _registry(servicer) -> ArenaRegistry:
     return servicer.shm
 
 
-async def _alloc(arena: ServerArena, length: int, lease_s: float) -> Slot:
-    """A slot of ``length`` bytes, waiting up to ``lease_s`` for other calls to free space."""
-    if not arena.slots.fits_ever(length):
-        raise InvalidBlock(f"a block of {length} bytes does not fit the {arena.slots.size}-byte arena",
-                           field="arena_id")
-    try:
-        async with asyncio.timeout(lease_s):
-            while True:
-                if not arena.alive:
-                    raise ShmUnavailable("the arena was closed by its owner")
-                arena.freed.clear()
-                slot = arena.slots.alloc(length)
-                if slot is not None:
-                    return slot
-                await arena.freed.wait()
-    except TimeoutError:
-        raise LeaseExpired(f"no {length}-byte slot freed up within {lease_s:.0f} s") from None
-
-
-def _free(arena: ServerArena, slots: list[Slot]) -> None:
-    for slot in slots:
-        arena.slots.free(slot)
-    slots.clear()
-    arena.notify_freed()
+def _range(arena: ServerArena, offset: int, length: int, field: str) -> tuple[int, int]:
+    """``(offset, length)`` after checking it lies inside the arena."""
+    if offset + length > arena.arena.size:
+        raise InvalidBlock(f"range [{offset}, {offset + length}) is outside the {arena.arena.size}-byte arena",
+                           field=field)
+    return offset, length
 
 
 async def open_arena(servicer, request: pb.OpenArenaRequest, context) -> pb.OpenArenaResponse:
@@ -80,195 +58,142 @@ async def open_arena(servicer, request: pb.OpenArenaRequest, context) -> pb.Open
     principal, _ = servicer._caller(context)
     arena_id, ticket, path, size = await registry.issue(principal, request.size_bytes)
     return pb.OpenArenaResponse(arena_id=arena_id, ticket=ticket, socket_path=path, size_bytes=size,
-                                alignment=4096)
+                                alignment=ALIGNMENT)
 
 
-async def _next(stream, lease_s: float, want: str):
-    try:
-        async with asyncio.timeout(lease_s):
-            msg = await anext(stream, None)
-    except TimeoutError:
-        raise LeaseExpired(f"the caller sent no {want} within {lease_s:.0f} s; its slots were released") from None
-    if msg is None or msg.WhichOneof("msg") != want:
-        raise InvalidBlock(f"expected a {want} message", field=want)
-    return getattr(msg, want)
-
-
-async def put_shm(servicer, request_iterator, context):
-    """``PutShm`` (module docstring). An async generator of ``PutShmResponse``."""
+async def put_shm(servicer, request: pb.PutShmRequest, context) -> pb.PutShmResponse:
+    """``PutShm`` (module docstring)."""
     registry = _registry(servicer)
-    stream = aiter(request_iterator)
-    start = await _next(stream, registry.lease_s, "start")
     principal, bound = servicer._caller(context)
-    plan = plan_from_header(start.header, convert.tenant_of(start.header.namespace.tenant, bound),
-                            max_bytes=servicer.max_put_bytes)
-    layout = plan.namespace.layout
-    servicer.limits.check_blocks(-(-len(plan.token_ids) // layout.block_tokens), "Put")
-    sizes = [layout.block_bytes(plan.block_tokens(plan.first_block + i)) for i in range(plan.block_count)]
-    held: list[Slot] = []
-    with registry.use(start.arena_id, principal) as arena:
-        try:
-            blocks: list = []
-            done = 0
-            while done < len(sizes):
-                budget = arena.slots.size // 2  # leave room for the caller's other calls
-                held.append(await _alloc(arena, sizes[done], registry.lease_s))
-                taken = held[0].capacity
-                while done + len(held) < len(sizes) and taken + sizes[done + len(held)] <= budget:
-                    slot = arena.slots.alloc(sizes[done + len(held)])
-                    if slot is None:
-                        break
-                    held.append(slot)
-                    taken += slot.capacity
-                yield pb.PutShmResponse(grant=pb.ShmGrant(first_index=plan.first_block + done, slots=[
-                    pb.ShmSlot(offset=s.offset, length=s.length) for s in held]))
-                filled = await _next(stream, registry.lease_s, "filled")
-                if len(filled.checksums) != len(held):
-                    raise InvalidBlock(f"{len(filled.checksums)} checksums for {len(held)} granted slots",
-                                       field="filled.checksums")
-                whole = done == 0 and len(held) == len(sizes)
-                views = [arena.arena.view(s.offset, s.length) for s in held]
-                pieces = await asyncio.to_thread(_verify, views, list(filled.checksums), plan.first_block + done,
-                                                 copy=not whole)
-                blocks += pieces
-                done += len(held)
-                if not whole:
-                    _free(arena, held)
-            result = await asyncio.to_thread(_commit, servicer, plan, blocks)
-            registry.counters["puts"] += 1
-        finally:
-            _free(arena, held)
-    yield pb.PutShmResponse(done=convert.put_result_to_proto(result))
+    with registry.use(request.arena_id, principal) as arena:
+        if request.upload_id:
+            upload = arena.take(request.upload_id)
+        else:
+            plan = plan_from_header(request.header, convert.tenant_of(request.header.namespace.tenant, bound),
+                                    max_bytes=servicer.max_put_bytes)
+            layout = plan.namespace.layout
+            servicer.limits.check_blocks(-(-len(plan.token_ids) // layout.block_tokens), "Put")
+            upload = Upload(plan, [layout.block_bytes(plan.block_tokens(plan.first_block + i))
+                                   for i in range(plan.block_count)])
+        got = len(upload.blocks)
+        if len(request.checksums) != len(request.slots):
+            raise InvalidBlock(f"{len(request.checksums)} checksums for {len(request.slots)} slots", field="checksums")
+        if got + len(request.slots) > len(upload.sizes) or (not request.more and got + len(request.slots)
+                                                            < len(upload.sizes)):
+            raise InvalidBlock(f"{got} + {len(request.slots)} blocks sent, {len(upload.sizes)} declared", field="slots")
+        views = []
+        for i, slot in enumerate(request.slots):
+            if slot.length != upload.sizes[got + i]:
+                raise InvalidBlock(f"block {upload.plan.first_block + got + i} has {slot.length} bytes; its layout "
+                                   f"wants {upload.sizes[got + i]}", field="slots")
+            views.append(arena.arena.view(*_range(arena, slot.offset, slot.length, "slots")))
+        if request.more:
+            # the caller reuses its ranges for the next piece: keep copies (verified at commit, by the store)
+            upload.blocks += await asyncio.to_thread(lambda: [bytearray(v) for v in views])
+            upload.checksums += request.checksums
+            if not arena.alive:
+                raise ShmUnavailable("the arena was closed by its owner")
+            return pb.PutShmResponse(upload_id=arena.park(upload, registry.lease_s, registry.counters))
+        result = await asyncio.to_thread(_commit, servicer, upload.plan, upload.blocks + views,
+                                         upload.checksums + list(request.checksums))
+        registry.counters["puts"] += 1
+    return pb.PutShmResponse(done=convert.put_result_to_proto(result))
 
 
-def _verify(views, sums: list[int], first: int, *, copy: bool) -> list:
-    """Check every view against its checksum; copies of them when ``copy`` (the slots get reused)."""
-    out = []
-    for i, (view, want) in enumerate(zip(views, sums)):
-        got = checksum(view)
-        if got != want:
-            raise InvalidBlock(f"block {first + i}: checksum {got:#018x} of the arena bytes differs from "
-                               f"{want:#018x} sent", field="filled.checksums")
-        out.append(bytearray(view) if copy else view)
-    return out
-
-
-def _commit(servicer, plan, blocks):
-    # As Put's commit: quotas against the real byte count, then one store.put for the whole call.
+def _commit(servicer, plan, blocks, checksums: list[int]):
+    # As Put's commit: quotas against the real byte count, then one store.put for the whole call,
+    # which copies every block and checks it against its checksum before storing any.
     servicer.limits.check_put(servicer.store, plan.namespace.tenant, sum(len(b) for b in blocks),
                               plan.session_id is not None and servicer._is_new_session(plan.namespace.tenant,
                                                                                        plan.session_id))
     return servicer.store.put(plan.namespace, plan.token_ids, blocks, first_block=plan.first_block,
                               session_id=plan.session_id, durable=plan.durable, priority=plan.priority,
-                              ttl_s=plan.ttl_s)
+                              ttl_s=plan.ttl_s, checksums=checksums)
 
 
-async def get_shm(servicer, request_iterator, context, deadline: float | None):
-    """``GetShm`` (module docstring). An async generator of ``GetShmResponse``."""
+async def get_shm(servicer, request: pb.GetShmRequest, context, deadline: float | None) -> pb.GetShmResponse:
+    """``GetShm`` (module docstring)."""
     registry = _registry(servicer)
-    stream = aiter(request_iterator)
-    start = await _next(stream, registry.lease_s, "start")
     principal, bound = servicer._caller(context)
-    request = start.request
-    tenant = convert.tenant_of(request.tenant, bound)
-    with registry.use(start.arena_id, principal) as arena:
-        chain, mine = await servicer._target_keys(request, tenant, "Get")
-        first = request.start_block
-        if first > len(chain):
-            raise InvalidBlock(f"start_block {first} is past the {len(chain)} blocks of the chain",
-                               field="start_block")
-        end = min(len(chain), first + request.max_blocks) if request.max_blocks else len(chain)
-        readable = max(first, min(end, len(mine)))
+    req = request.request
+    tenant = convert.tenant_of(req.tenant, bound)
+    which = req.WhichOneof("target")
+    if which == "keys":
+        keys = convert.keys_from_proto(req.keys.keys, "keys.keys")
+        if not keys:
+            raise InvalidBlock("keys.keys is empty", field="keys.keys")
+        servicer.limits.check_blocks(len(keys), "Get")
+    elif which == "session_id":
+        sid = convert.check_id(req.session_id, "session_id")
+    else:
+        raise InvalidBlock("target is required: keys or session_id", field="target")
+    with registry.use(request.arena_id, principal) as arena:
+        region = _range(arena, request.region.offset, request.region.length, "region")
         store = servicer.store
-        outstanding: dict[int, list[Slot]] = {}
-        all_released = asyncio.Event()
-        all_released.set()
 
-        async def releases():
-            async for msg in stream:
-                if msg.WhichOneof("msg") == "release":
-                    _free(arena, outstanding.pop(msg.release.piece, []))
-                    if not outstanding:
-                        all_released.set()
+        def serve():
+            # one worker thread per call: the chain (as the servicer's _target_keys resolves it), then the copies
+            if which == "keys":
+                owned = store.owned(keys, tenant)
+                chain, readable = keys, next((i for i, ok in enumerate(owned) if not ok), len(keys))
+            else:
+                chain = store.get_session(tenant, sid).keys
+                readable = len(chain)
+            first = req.start_block
+            if first > len(chain):
+                raise InvalidBlock(f"start_block {first} is past the {len(chain)} blocks of the chain",
+                                   field="start_block")
+            end = min(len(chain), first + req.max_blocks) if req.max_blocks else len(chain)
+            readable = max(first, min(end, readable))
+            return chain, first, end, readable, *_fill(store, arena, region, chain[first:readable], tenant, deadline)
 
-        def owned(item):
-            key, block, tier = item
-            if block is not None:
-                ns = store.namespace_of(block.ns_id)
-                if ns is None or ns.tenant != tenant:
-                    return key, None, ""
-            return item
-
-        reader = asyncio.get_running_loop().create_task(releases())
-        pending: list[tuple] = []
-        sent = tokens = piece = 0
+        chain, first, end, readable, filled, miss, next_bytes = await asyncio.to_thread(serve)
+        resp = pb.GetShmResponse(blocks=[
+            pb.ShmBlock(header=convert.block_header_to_proto(first + i, key, block, tier), offset=offset)
+            for i, (key, block, tier, offset) in enumerate(filled)])
+        stopped = first + len(filled)
         reason = ""
-        piece_bytes = max(arena.slots.size // 4, 1)
-        try:
-            async def flush():
-                nonlocal piece, sent, tokens
-                slots = [p[4] for p in pending]
-                await asyncio.to_thread(_fill, arena, pending)
-                msg = pb.GetShmResponse(blocks=pb.ShmBlocks(piece=piece, blocks=[
-                    pb.ShmBlock(header=convert.block_header_to_proto(idx, key, block, tier),
-                                slot=pb.ShmSlot(offset=s.offset, length=s.length))
-                    for idx, key, block, tier, s in pending]))
-                outstanding[piece] = slots
-                all_released.clear()
-                sent += len(pending)
-                tokens += sum(p[2].tokens for p in pending)
-                pending.clear()
-                piece += 1
-                return msg
-
-            gen = store.iter_blocks(chain[first:readable], window=GET_WINDOW, deadline=deadline)
-            async with ThreadedIterator(gen, owned) as blocks:
-                context.add_done_callback(blocks.close_soon)
-                async for key, block, tier in blocks:
-                    if block is None:
-                        reason = "miss"
-                        break
-                    arena.freed.clear()
-                    slot = arena.slots.alloc(block.nbytes)
-                    if slot is None:
-                        if pending:
-                            yield await flush()
-                        slot = await _alloc(arena, block.nbytes, registry.lease_s)
-                    pending.append((first + sent + len(pending), key, block, tier, slot))
-                    if sum(p[4].capacity for p in pending) >= piece_bytes:
-                        yield await flush()
-                if pending:
-                    yield await flush()
-            stopped = first + sent
-            if not reason and stopped < end:
-                reason = "miss" if stopped >= readable else "deadline"
-            elif not reason and end < len(chain):
-                reason = "max_blocks"
-            yield pb.GetShmResponse(end=pb.GetEnd(blocks_sent=sent, complete=stopped == len(chain),
-                                                  stopped_at=stopped, reason=reason, tokens=tokens))
-            try:
-                async with asyncio.timeout(registry.lease_s):
-                    await all_released.wait()
-            except TimeoutError:
-                registry.counters["leases_expired"] += 1
-                log.debug("GetShm: caller kept %d pieces past the lease; slots reclaimed", len(outstanding))
-            registry.counters["gets"] += 1
-        finally:
-            reader.cancel()
-            for slots in outstanding.values():
-                _free(arena, slots)
-            _free(arena, [p[4] for p in pending])
+        if next_bytes:
+            reason = "region"
+            resp.rest_keys.extend(k.digest for k in chain[stopped:])
+            resp.next_block_bytes = next_bytes
+        elif miss or (stopped < end and stopped >= readable):
+            reason = "miss"
+        elif stopped < end:
+            reason = "deadline"  # iter_blocks ends early only when the deadline passed
+        elif end < len(chain):
+            reason = "max_blocks"
+        resp.end.CopyFrom(pb.GetEnd(blocks_sent=len(filled), complete=stopped == len(chain), stopped_at=stopped,
+                                    reason=reason, tokens=sum(f[1].tokens for f in filled)))
+        registry.counters["gets"] += 1
+    return resp
 
 
-def _fill(arena: ServerArena, pending: list[tuple]) -> None:
-    """Copy each pending block into its slot (device-to-host for a GPU block: still one copy)."""
+def _fill(store, arena: ServerArena, region: tuple[int, int], keys, tenant: str, deadline: float | None):
+    """Copy blocks of ``keys`` (prefix order) into ``region`` until a miss, a foreign block, the deadline
+    or a block that does not fit. Runs on one worker thread.
+
+    :returns: ``([(key, block, tier, offset)...], missed, bytes of the block that did not fit or 0)``.
+    """
     if not arena.alive:
         raise ShmUnavailable("the arena was closed by its owner")
-    for _idx, _key, block, _tier, slot in pending:
-        if block.data.device.type == "cpu":
-            # numpy: one plain memcpy on this thread (torch's copy may wake its OpenMP pool, which
-            # contends with the event loop and the gRPC threads on a small host)
-            np.copyto(arena.arena.view(slot.offset, slot.length), block.data.numpy().reshape(-1))
-        else:
-            arena.arena.tensor[slot.offset:slot.offset + slot.length].copy_(block.data.reshape(-1))
-
+    pos, stop = region[0], region[0] + region[1]
+    out = []
+    with contextlib.closing(store.iter_blocks(keys, window=GET_WINDOW, deadline=deadline)) as blocks:
+        for key, block, tier in blocks:
+            if block is None:
+                return out, True, 0
+            ns = store.namespace_of(block.ns_id)
+            if ns is None or ns.tenant != tenant:
+                return out, True, 0
+            if pos + block.nbytes > stop:
+                return out, False, block.nbytes
+            if block.data.device.type == "cpu":
+                # numpy: one plain memcpy on this thread (torch's copy may wake its OpenMP pool, which
+                # contends with the event loop and the gRPC threads on a small host)
+                np.copyto(arena.arena.array[pos:pos + block.nbytes], block.data.numpy().reshape(-1))
+            else:
+                arena.arena.tensor[pos:pos + block.nbytes].copy_(block.data.reshape(-1))
+            out.append((key, block, tier, pos))
+            pos += -(-block.nbytes // ALIGNMENT) * ALIGNMENT
+    return out, False, 0

@@ -69,6 +69,13 @@ def _all_rpcs(stub, ns):
         "Invalidate": lambda m: stub.Invalidate(pb.InvalidateRequest(model=pb.ModelRef(model="m")), metadata=m,
                                                 timeout=10),
         "Stats": lambda m: stub.Stats(pb.StatsRequest(), metadata=m, timeout=10),
+        "OpenArena": lambda m: stub.OpenArena(pb.OpenArenaRequest(), metadata=m, timeout=10),
+        "PutShm": lambda m: stub.PutShm(pb.PutShmRequest(arena_id="0" * 32, header=pb.PutHeader(namespace=ns,
+                                                                                             token_ids=[1])),
+                                        metadata=m, timeout=10),
+        "GetShm": lambda m: stub.GetShm(pb.GetShmRequest(arena_id="0" * 32, request=pb.GetRequest(keys=keys),
+                                                         region=pb.ShmSlot(offset=0, length=1 << 20)),
+                                        metadata=m, timeout=10),
     }
 
 

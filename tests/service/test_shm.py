@@ -1,8 +1,8 @@
 """The shared-memory data path (service/shm) against real server processes.
 
 Round trips are byte-exact for every KV dtype and for sessions larger than the arena; the gRPC
-streams give the same bytes; a client SIGKILLed mid-Get or mid-Put loses its slots and arena and
-stores nothing; another process can neither open nor use a client's arena; remote targets never try
+streams give the same bytes; a client SIGKILLed mid-Put or holding Get results loses its arena and
+uploads and stores nothing; unfinished uploads expire; block tensors view the arena until they die; another process can neither open nor use a client's arena; remote targets never try
 shared memory; the server can listen on a Unix socket and can switch shared memory off.
 """
 
@@ -25,15 +25,17 @@ import torch
 
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.client import KVTierClient
+from service import client_proto as cp
 from service.client_types import KVTierClientError
 from service.shm.client import ShmLink, is_local_target
+from tiering.codec import checksum
 from tiering.keys import Namespace
 from tiering.layout import BlockLayout
 
 from tests.service.conftest import ROOT, KVTierProcess
 
 #: 1 MiB arenas: every session below is larger, so it moves in several pieces.
-SMALL_ARENA = {"KVTIER_SERVER__SHM_ARENA_BYTES": "1MiB"}
+SMALL_ARENA = {"KVTIER_SERVER__SHM_ARENA_BYTES": "1MiB", "KVTIER_STORE__LEASE_S": "2"}
 AUTH = {"KVTIER_SECURITY__TOKENS": json.dumps({"tok-a": "a", "tok-b": "b"}),
         "KVTIER_SECURITY__ADMIN_TOKENS": json.dumps(["tok-admin"])}
 DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"]
@@ -91,7 +93,7 @@ def test_round_trip_every_dtype_larger_than_arena(small_arena, dtype):
         streamed = kv.get(session_id=f"s-{dtype}")
     assert same_bytes(streamed.blocks, got.blocks) and streamed.keys == got.keys
     counters = shm_counters(small_arena.target)
-    assert counters["shm_slots_leased"] == 0 and counters["shm_bytes_leased"] == 0
+    assert counters["shm_uploads_open"] == 0 and counters["shm_upload_bytes"] == 0
 
 
 def test_auto_uses_shm_on_loopback_and_streams_agree(small_arena):
@@ -129,31 +131,27 @@ from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.client import KVTierClient
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service import client_proto as cp
+from tiering.codec import checksum
 from tiering.keys import Namespace
 from tiering.layout import BlockLayout
 mode, target = sys.argv[1], sys.argv[2]
 kv = KVTierClient(target, data_path="shm")
 link = kv._link(10)
 stall = threading.Event()
-def reqs(first):
-    yield first
-    stall.wait()  # never fills, never releases: SIGKILL comes first
-if mode == "put":
+if mode == "put":  # the first piece of a two-piece put, then nothing: SIGKILL comes first
     layout = BlockLayout("float32", 4, 2, 64, 16)
     ns = Namespace("default", "shm-killed-put", "r1", layout)
     header = cp.put_header(ns, list(range(16 * 40)), first_block=0, block_count=40, session_id="killed",
                            durable=False, priority=0, ttl_seconds=0)
-    first = pb.PutShmRequest(start=pb.PutShmStart(arena_id=link.arena_id, header=header))
-    call = kv._stub.PutShm(reqs(first), timeout=60)
-    msg = next(call)
-    view = link.arena.view(msg.grant.slots[0].offset, msg.grant.slots[0].length)
-    view[:] = 7  # half-written block
-else:
-    req = cp.get_request(None, "victim", "", 0, 0)
-    call = kv._stub.GetShm(reqs(pb.GetShmRequest(start=pb.GetShmStart(arena_id=link.arena_id, request=req))),
-                           timeout=60)
-    msg = next(call)
-print("STALLED", len(msg.grant.slots) if mode == "put" else len(msg.blocks.blocks), flush=True)
+    size = layout.block_bytes()
+    link.arena.array[:size] = 7
+    req = pb.PutShmRequest(arena_id=link.arena_id, header=header, more=True)
+    req.slots.add(offset=0, length=size)
+    req.checksums.append(0)
+    held = kv._stub.PutShm(req, timeout=60).upload_id
+else:  # block tensors that view the arena, held
+    held = kv.get(session_id="victim").blocks
+print("STALLED", len(held), flush=True)
 stall.wait()
 """
 
@@ -169,7 +167,7 @@ def _stall_child(mode: str, target: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("mode", ["put", "get"])
-def test_client_sigkilled_mid_call_loses_its_arena(small_arena, mode):
+def test_client_sigkilled_mid_call_loses_its_arena_and_uploads(small_arena, mode):
     target = small_arena.target
     layout = BlockLayout("float32", 4, 2, 64, 16)
     victim_blocks = blocks_for(layout, 16 * 40, seed=5)
@@ -180,12 +178,13 @@ def test_client_sigkilled_mid_call_loses_its_arena(small_arena, mode):
     child = _stall_child(mode, target)
     try:
         mid = shm_counters(target)
-        assert mid["shm_slots_leased"] > 0 and mid["shm_arenas_open"] == base["shm_arenas_open"] + 1
+        assert mid["shm_arenas_open"] == base["shm_arenas_open"] + 1
+        assert mid["shm_uploads_open"] == base["shm_uploads_open"] + (mode == "put")
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:
         child.kill()
-    assert wait_for(lambda: (c := shm_counters(target))["shm_slots_leased"] == 0
+    assert wait_for(lambda: (c := shm_counters(target))["shm_uploads_open"] == 0
                     and c["shm_arenas_open"] == base["shm_arenas_open"]
                     and c["shm_arenas_reclaimed"] == base.get("shm_arenas_reclaimed", 0) + 1)
     with KVTierClient(target, data_path="shm") as kv:  # the server keeps serving everybody else
@@ -215,9 +214,10 @@ with grpc.insecure_channel(target) as ch:
     md = (("authorization", "Bearer tok-b"),)
     own = stub.OpenArena(pb.OpenArenaRequest(), metadata=md, timeout=10)
     out["own_arena_differs"] = own.arena_id != arena_id
-    req = pb.GetShmRequest(start=pb.GetShmStart(arena_id=arena_id, request=pb.GetRequest(session_id="secret")))
+    req = pb.GetShmRequest(arena_id=arena_id, request=pb.GetRequest(session_id="secret"),
+                           region=pb.ShmSlot(offset=0, length=1 << 20))
     try:
-        list(stub.GetShm(iter([req]), metadata=md, timeout=10))
+        stub.GetShm(req, metadata=md, timeout=10)
         out["use_victim_arena"] = "OK"
     except grpc.RpcError as exc:
         out["use_victim_arena"] = exc.code().name
@@ -322,15 +322,65 @@ def test_tampered_shm_block_raises_data_loss(small_arena):
     with KVTierClient(small_arena.target, data_path="shm") as kv:
         put = kv.put(ns, list(range(32)), blocks_for(layout, 32))
         link = kv._link(10)
-        real = link.arena.view
+        real = kv._stub.GetShm
 
-        def flipped(offset, length):  # what a stray write into the arena would do
-            view = real(offset, length)
-            view[0] ^= 1
-            return view
+        def flipped(request, **kw):  # what a stray write into the arena would do
+            resp = real(request, **kw)
+            link.arena.array[resp.blocks[0].offset] ^= 1
+            return resp
 
-        with mock.patch.object(link.arena, "view", side_effect=flipped), pytest.raises(KVTierClientError) as err:
+        with mock.patch.object(kv._stub, "GetShm", side_effect=flipped), pytest.raises(KVTierClientError) as err:
             kv.get(put.keys)
         assert err.value.code == grpc.StatusCode.DATA_LOSS
-        assert wait_for(lambda: shm_counters(small_arena.target)["shm_slots_leased"] == 0)
+        assert link.slots.leased_slots == 0 and link._aliased == 0  # the whole range went back
         assert kv.get(put.keys).complete  # the stored blocks were never touched
+
+
+def test_block_tensors_view_the_arena_until_they_die(small_arena):
+    layout = BlockLayout("float32", 4, 2, 64, 16)  # 64 KiB blocks; the alias budget is 512 KiB
+    ns = Namespace("default", "shm-alias", "r1", layout)
+    blocks = blocks_for(layout, 16 * 12, seed=7)
+    with KVTierClient(small_arena.target, data_path="shm") as kv:
+        put = kv.put(ns, list(range(16 * 12)), blocks)
+        link = kv._link(10)
+        first = kv.get(put.keys[:4]).blocks
+        assert link._aliased == 4 * layout.block_bytes() and link.slots.leased_slots == 4
+        base = link.arena.tensor.data_ptr()
+        assert all(base <= b.data_ptr() < base + link.arena.size for b in first)
+        more = kv.get(put.keys).blocks  # past the budget: the rest are copies, and nothing waits
+        assert same_bytes(blocks, more) and same_bytes(blocks[:4], first)
+        assert link._aliased <= link.alias_budget
+        assert any(not base <= b.data_ptr() < base + link.arena.size for b in more)
+        del first, more
+        again = kv.get(put.keys[:1]).blocks  # a call reclaims the ranges of dead tensors first
+        assert link.slots.leased_slots == 1 and same_bytes(blocks[:1], again)
+        del again
+        link._reclaim()
+        assert link.slots.leased_slots == 0 and link._aliased == 0
+
+
+def test_unfinished_upload_expires_and_stores_nothing(small_arena):
+    layout = BlockLayout("float32", 4, 2, 64, 16)
+    ns = Namespace("default", "shm-expire", "r1", layout)
+    blocks = blocks_for(layout, 32, seed=9)
+    base = shm_counters(small_arena.target)
+    with KVTierClient(small_arena.target, data_path="shm") as kv:
+        link = kv._link(10)
+        header = cp.put_header(ns, list(range(32)), first_block=0, block_count=2, session_id="expire",
+                               durable=False, priority=0, ttl_seconds=0)
+        link.arena.array[:len(blocks[0].numpy().tobytes())] = blocks[0].reshape(-1).view(torch.uint8).numpy()
+        req = pb.PutShmRequest(arena_id=link.arena_id, header=header, more=True)
+        req.slots.add(offset=0, length=layout.block_bytes())
+        req.checksums.append(checksum(link.arena.array[:layout.block_bytes()]))
+        upload = kv._stub.PutShm(req, timeout=10).upload_id
+        assert shm_counters(small_arena.target)["shm_uploads_open"] == base["shm_uploads_open"] + 1
+        assert wait_for(lambda: shm_counters(small_arena.target).get("shm_uploads_expired", 0)
+                        == base.get("shm_uploads_expired", 0) + 1, 10)
+        last = pb.PutShmRequest(arena_id=link.arena_id, upload_id=upload)
+        last.slots.add(offset=0, length=layout.block_bytes())
+        last.checksums.append(0)
+        with pytest.raises(grpc.RpcError) as err:
+            kv._stub.PutShm(last, timeout=10)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert kv.lookup(ns, list(range(32))).cached_blocks == 0
+        assert shm_counters(small_arena.target)["shm_uploads_open"] == base["shm_uploads_open"]

@@ -360,86 +360,56 @@ class ShmSlot(_message.Message):
     length: int
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
-class PutShmStart(_message.Message):
-    __slots__ = ("arena_id", "header")
+class PutShmRequest(_message.Message):
+    __slots__ = ("arena_id", "header", "upload_id", "slots", "checksums", "more")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
     header: PutHeader
-    def __init__(self, arena_id: _Optional[str] = ..., header: _Optional[_Union[PutHeader, _Mapping]] = ...) -> None: ...
-
-class ShmFilled(_message.Message):
-    __slots__ = ("checksums",)
-    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
-    checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, checksums: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class PutShmRequest(_message.Message):
-    __slots__ = ("start", "filled")
-    START_FIELD_NUMBER: _ClassVar[int]
-    FILLED_FIELD_NUMBER: _ClassVar[int]
-    start: PutShmStart
-    filled: ShmFilled
-    def __init__(self, start: _Optional[_Union[PutShmStart, _Mapping]] = ..., filled: _Optional[_Union[ShmFilled, _Mapping]] = ...) -> None: ...
-
-class ShmGrant(_message.Message):
-    __slots__ = ("first_index", "slots")
-    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
-    SLOTS_FIELD_NUMBER: _ClassVar[int]
-    first_index: int
+    upload_id: str
     slots: _containers.RepeatedCompositeFieldContainer[ShmSlot]
-    def __init__(self, first_index: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    more: bool
+    def __init__(self, arena_id: _Optional[str] = ..., header: _Optional[_Union[PutHeader, _Mapping]] = ..., upload_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ..., checksums: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class PutShmResponse(_message.Message):
-    __slots__ = ("grant", "done")
-    GRANT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("upload_id", "done")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
-    grant: ShmGrant
+    upload_id: str
     done: PutResponse
-    def __init__(self, grant: _Optional[_Union[ShmGrant, _Mapping]] = ..., done: _Optional[_Union[PutResponse, _Mapping]] = ...) -> None: ...
-
-class GetShmStart(_message.Message):
-    __slots__ = ("arena_id", "request")
-    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
-    arena_id: str
-    request: GetRequest
-    def __init__(self, arena_id: _Optional[str] = ..., request: _Optional[_Union[GetRequest, _Mapping]] = ...) -> None: ...
-
-class ShmRelease(_message.Message):
-    __slots__ = ("piece",)
-    PIECE_FIELD_NUMBER: _ClassVar[int]
-    piece: int
-    def __init__(self, piece: _Optional[int] = ...) -> None: ...
+    def __init__(self, upload_id: _Optional[str] = ..., done: _Optional[_Union[PutResponse, _Mapping]] = ...) -> None: ...
 
 class GetShmRequest(_message.Message):
-    __slots__ = ("start", "release")
-    START_FIELD_NUMBER: _ClassVar[int]
-    RELEASE_FIELD_NUMBER: _ClassVar[int]
-    start: GetShmStart
-    release: ShmRelease
-    def __init__(self, start: _Optional[_Union[GetShmStart, _Mapping]] = ..., release: _Optional[_Union[ShmRelease, _Mapping]] = ...) -> None: ...
+    __slots__ = ("arena_id", "request", "region")
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    arena_id: str
+    request: GetRequest
+    region: ShmSlot
+    def __init__(self, arena_id: _Optional[str] = ..., request: _Optional[_Union[GetRequest, _Mapping]] = ..., region: _Optional[_Union[ShmSlot, _Mapping]] = ...) -> None: ...
 
 class ShmBlock(_message.Message):
-    __slots__ = ("header", "slot")
+    __slots__ = ("header", "offset")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    SLOT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     header: BlockHeader
-    slot: ShmSlot
-    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., slot: _Optional[_Union[ShmSlot, _Mapping]] = ...) -> None: ...
-
-class ShmBlocks(_message.Message):
-    __slots__ = ("piece", "blocks")
-    PIECE_FIELD_NUMBER: _ClassVar[int]
-    BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    piece: int
-    blocks: _containers.RepeatedCompositeFieldContainer[ShmBlock]
-    def __init__(self, piece: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[ShmBlock, _Mapping]]] = ...) -> None: ...
+    offset: int
+    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class GetShmResponse(_message.Message):
-    __slots__ = ("blocks", "end")
+    __slots__ = ("blocks", "end", "rest_keys", "next_block_bytes")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
-    blocks: ShmBlocks
+    REST_KEYS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[ShmBlock]
     end: GetEnd
-    def __init__(self, blocks: _Optional[_Union[ShmBlocks, _Mapping]] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ...) -> None: ...
+    rest_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    next_block_bytes: int
+    def __init__(self, blocks: _Optional[_Iterable[_Union[ShmBlock, _Mapping]]] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ..., rest_keys: _Optional[_Iterable[bytes]] = ..., next_block_bytes: _Optional[int] = ...) -> None: ...

@@ -80,12 +80,12 @@ class KVCacheStub:
                 request_serializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaResponse.FromString,
                 _registered_method=True)
-        self.PutShm = channel.stream_stream(
+        self.PutShm = channel.unary_unary(
                 '/kvtier.v1.KVCache/PutShm',
                 request_serializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmResponse.FromString,
                 _registered_method=True)
-        self.GetShm = channel.stream_stream(
+        self.GetShm = channel.unary_unary(
                 '/kvtier.v1.KVCache/GetShm',
                 request_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.FromString,
@@ -162,17 +162,17 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PutShm(self, request_iterator, context):
-        """Put through the caller's arena: PutShmStart, then per ShmGrant a ShmFilled; the same guarantees
-        as Put (nothing of an interrupted call is stored).
+    def PutShm(self, request, context):
+        """Put through the caller's arena, one call per piece; the same guarantees as Put (nothing of an
+        interrupted Put is stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetShm(self, request_iterator, context):
-        """Get through the caller's arena: blocks arrive as ShmBlocks pieces the caller releases, then a
-        GetEnd; the same order and stopping rules as Get.
+    def GetShm(self, request, context):
+        """Get through the caller's arena: blocks copied into the caller's region; the same order and
+        stopping rules as Get.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,12 +226,12 @@ def add_KVCacheServicer_to_server(servicer, server):
                     request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_kvtier__pb2.OpenArenaResponse.SerializeToString,
             ),
-            'PutShm': grpc.stream_stream_rpc_method_handler(
+            'PutShm': grpc.unary_unary_rpc_method_handler(
                     servicer.PutShm,
                     request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_kvtier__pb2.PutShmResponse.SerializeToString,
             ),
-            'GetShm': grpc.stream_stream_rpc_method_handler(
+            'GetShm': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShm,
                     request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.SerializeToString,
@@ -492,7 +492,7 @@ class KVCache:
             _registered_method=True)
 
     @staticmethod
-    def PutShm(request_iterator,
+    def PutShm(request,
             target,
             options=(),
             channel_credentials=None,
@@ -502,8 +502,8 @@ class KVCache:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
             '/kvtier.v1.KVCache/PutShm',
             kvtier_dot_v1_dot_kvtier__pb2.PutShmRequest.SerializeToString,
@@ -519,7 +519,7 @@ class KVCache:
             _registered_method=True)
 
     @staticmethod
-    def GetShm(request_iterator,
+    def GetShm(request,
             target,
             options=(),
             channel_credentials=None,
@@ -529,8 +529,8 @@ class KVCache:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
             '/kvtier.v1.KVCache/GetShm',
             kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.SerializeToString,
