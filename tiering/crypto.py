@@ -24,9 +24,6 @@ import os
 import secrets
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from .codec import HEADER
 from .errors import ChecksumError
 
@@ -86,6 +83,9 @@ class RecordSealer:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError("the cold-tier key must be 32 bytes")
+        # Imported here: encryption is opt-in, and a store without it needs no `cryptography`.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._aead = AESGCM(key)
         #: public fingerprint of the key, stored in the cold tier to detect a missing or wrong key
         self.key_id = hmac.new(key, b"kvtier-cold-key-id-v1", hashlib.sha256).digest()[:16]
@@ -112,6 +112,8 @@ class RecordSealer:
             raise ChecksumError("record is not encrypted, but this store requires encryption")
         header = bytes(record[:HEADER.size])
         nonce = bytes(record[HEADER.size:HEADER.size + NONCE_BYTES])
+        from cryptography.exceptions import InvalidTag
+
         try:
             payload = self._aead.decrypt(nonce, bytes(record[HEADER.size + NONCE_BYTES:]), header + block_key)
         except InvalidTag:
