@@ -41,6 +41,11 @@ AUTH = {"KVTIER_SECURITY__TOKENS": json.dumps({"tok-a": "a", "tok-b": "b"}),
 DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"]
 
 
+
+def _child_env() -> dict[str, str]:
+    """The environment for a client subprocess: this checkout first, any PYTHONPATH kept after it."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
 def blocks_for(layout: BlockLayout, n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, layout.dtype)
@@ -158,7 +163,7 @@ stall.wait()
 
 def _stall_child(mode: str, target: str) -> subprocess.Popen:
     child = subprocess.Popen([sys.executable, "-c", _STALL, mode, target], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             stderr=subprocess.PIPE, text=True, env=_child_env())
     line = child.stdout.readline()
     if not line.startswith("STALLED"):
         child.kill()
@@ -263,7 +268,7 @@ def test_another_process_cannot_open_or_use_an_arena(kvtier_process):
                 assert "memfd:kvtier-arena" in maps.read()  # mapped, yet reachable by no name
             out = subprocess.run([sys.executable, "-c", _INTRUDER, proc.target, resp.socket_path, link.arena_id,
                                   resp.ticket.hex()], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                 env=_child_env())
         finally:
             owner.close()
     result = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else out.stderr
