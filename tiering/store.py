@@ -14,6 +14,11 @@ the single-flight table; it is never held across LMDB I/O, decompression or a ho
 (those happen before publishing under the lock). Concurrent reads of one block that must come from
 disk do the work once (single-flight). Reads and prefetches pin their blocks with expiring leases.
 
+Files. The class is one object split by concern: this file holds opening/closing, put, get and
+placement (insert, demote, promote); ``store_reads.py`` lookup, tenancy checks, prefetch and stats;
+``store_sessions.py`` session records, resume, deletion, invalidation and expiry; ``results.py`` the
+values returned.
+
 Copies per path (bytes of one block): put → top tier 1 (stage); write to disk 2 (shuffle, compress);
 hit in top tier 0; warm → hot promotion 1; cold → top tier 3 (LMDB read, decompress+unshuffle,
 stage onto the tier's device).
@@ -29,7 +34,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ from .codec import Codec, CodecId, checksum
 from .cold import ColdTier
 from .config import StoreConfig
 from .crypto import RecordSealer
-from .errors import InvalidBlock, LayoutMismatch, SessionNotFound, TierUnavailable
+from .errors import InvalidBlock, LayoutMismatch, TierUnavailable
 from .hot import make_hot_tier
 from .keys import BlockKey, Namespace, chain_keys
 from .leases import LeaseTable
@@ -50,6 +54,9 @@ from .stats import StoreStats
 from .tier import Block
 from .warm import make_warm_tier
 from .writer import ColdWriter, WriteJob
+from .results import LookupResult, PrefetchHandle, PutResult
+from .store_reads import ReadsMixin
+from .store_sessions import SessionsMixin
 
 log = logging.getLogger(__name__)
 
@@ -63,39 +70,10 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 Payload = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
 
 
-@dataclass(slots=True)
-class PutResult:
-    """What a put did. ``keys`` covers every block of the token ids, in prefix order."""
-
-    keys: list[BlockKey]
-    stored: list[BlockKey] = field(default_factory=list)
-    skipped_present: list[BlockKey] = field(default_factory=list)
-    skipped_not_admitted: list[BlockKey] = field(default_factory=list)
+__all__ = ["LookupResult", "Payload", "PrefetchHandle", "PutResult", "TieredStore"]
 
 
-@dataclass(slots=True)
-class LookupResult:
-    """The longest cached prefix: ``tiers[i]`` is where block ``keys[i]`` is now."""
-
-    keys: list[BlockKey]
-    tiers: list[str]
-    tokens: int
-
-    @property
-    def blocks(self) -> int:
-        return len(self.tiers)
-
-
-@dataclass(slots=True)
-class PrefetchHandle:
-    """A running prefetch. ``future`` resolves to the number of blocks now in the top tier."""
-
-    keys: list[BlockKey]
-    future: Future
-    lease: int
-
-
-class TieredStore:
+class TieredStore(ReadsMixin, SessionsMixin):
     """The engine: see the module docstring. Thread-safe; blocking (run it off an event loop).
 
     :param config: capacities, policies, paths.
@@ -607,391 +585,3 @@ class TieredStore:
             self.leases.release(lease)
             if ops is not None:
                 ops.finish()
-
-    # ------------------------------------------------------------------------------------------------
-    # lookup, prefetch, sessions
-    def namespace_of(self, ns_id: bytes) -> Namespace | None:
-        """The namespace registered under ``ns_id`` (a :attr:`Block.ns_id`), or ``None`` if unknown.
-
-        Lets the service check that a block requested by key belongs to the caller's tenant.
-        """
-        with self._lock:
-            return self._namespaces.get(ns_id)
-
-    def owned(self, keys: Sequence[BlockKey], tenant: str) -> list[bool]:
-        """Whether each key is held (anywhere) for a namespace of ``tenant``: False for a block of
-        another tenant and for an absent one alike. Reads namespace ids only; moves no data and
-        changes no recency, so a caller can drop foreign keys before any load or promotion."""
-        keys = list(keys)
-        ns_ids: list[bytes | None] = []
-        with self._lock:
-            for k in keys:
-                block = next((t.peek(k) for t in self.memory if t.contains(k)), None) or self._pending.get(k)
-                ns_ids.append(None if block is None else block.ns_id)
-        if self.cold is not None:
-            ns_ids = [i if i is not None else self.cold.ns_of(k) for k, i in zip(keys, ns_ids)]
-        with self._lock:
-            return [i is not None and (ns := self._namespaces.get(i)) is not None and ns.tenant == tenant
-                    for i in ns_ids]
-
-    def tenant_usage(self, tenant: str) -> dict[str, int]:
-        """Bytes ``tenant`` holds: ``memory`` (hot + warm, as their ``used_bytes`` count) and ``cold``
-        (committed record footprints; blocks still queued for the writer are not counted yet)."""
-        with self._lock:
-            ns_ids = [i for i, ns in self._namespaces.items() if ns.tenant == tenant]
-            memory = sum(t.ns_used_bytes(ns_ids) for t in self.memory)
-        cold = self.cold.ns_used_bytes(ns_ids) if self.cold is not None else 0
-        return {"memory": memory, "cold": cold}
-
-    def session_count(self, tenant: str) -> int:
-        """Sessions of ``tenant``, expired ones included until swept (O(the tenant's sessions))."""
-        prefix = tenant.encode("utf-8") + b"\0"
-        with self._lock:
-            if self.cold is None:
-                return sum(1 for sid in self._mem_sessions if sid.startswith(prefix))
-            pending = {sid: rec for sid, rec in self._pending_sessions.items() if sid.startswith(prefix)}
-        stored = self.cold.session_count(prefix)
-        # queued records change the count: a new session adds one, a queued deletion removes one
-        for sid, rec in pending.items():
-            on_disk = self.cold.session_get(sid) is not None
-            stored += (rec is not None) - on_disk
-        return stored
-
-    def where(self, key: BlockKey) -> str | None:
-        """The highest tier holding ``key`` now (no data movement, no recency change)."""
-        return self._where([key])[0]
-
-    def _where(self, keys: list[BlockKey]) -> list[str | None]:
-        out: list[str | None] = []
-        with self._lock:
-            for k in keys:
-                out.append(next((t.name for t in self.memory if t.contains(k)),
-                                self._pending_tier if k in self._pending else None))
-        missing = [i for i, t in enumerate(out) if t is None]
-        if missing and self.cold is not None:
-            on_disk = self.cold.contains_many([keys[i] for i in missing])
-            for i, here in zip(missing, on_disk):
-                if here:
-                    out[i] = "cold"
-        return out
-
-    def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray | None = None, *,
-               keys: Sequence[BlockKey] | None = None) -> LookupResult:
-        """The longest cached prefix of ``token_ids`` (or of ``keys``) and the tier of each block.
-
-        Moves no data and changes no recency. A partial last block counts its own tokens only.
-        """
-        self._check_open()
-        if keys is None:
-            if token_ids is None:
-                raise InvalidBlock("lookup needs token ids or keys", field="token_ids")
-            keys = chain_keys(namespace, token_ids)
-            n_tokens = len(token_ids)
-        else:
-            keys = list(keys)
-            n_tokens = None
-        with self.tracer.start_as_current_span("kvtier.lookup") as span:
-            tiers: list[str] = []
-            for t in self._where(list(keys)):
-                if t is None:
-                    break
-                tiers.append(t)
-            bt = namespace.layout.block_tokens
-            tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
-            span.set_attribute("kvtier.blocks", len(tiers))
-        return LookupResult(list(keys[:len(tiers)]), tiers, tokens)
-
-    def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None) -> PrefetchHandle:
-        """Start moving ``keys`` up to the top tier, in order, and return at once.
-
-        The keys stay pinned until the prefetch ends plus ``lease_s`` (or until ``deadline``, a
-        ``time.monotonic()`` instant, if that comes first), so the following get finds them. A get of
-        a block still being loaded waits for that load instead of reading it twice.
-        """
-        self._check_open()
-        keys = list(keys)
-        lease_s = self.config.lease_s
-        # While running, the pins last until the deadline (or one lease_s); when the prefetch ends
-        # they are renewed for lease_s from then, so the Get that follows finds its blocks.
-        run_s = lease_s if deadline is None else max(0.0, min(lease_s, deadline - time.monotonic()))
-        lease = self.leases.acquire(keys, run_s)
-        with self._lock:
-            self.stats.prefetches += 1
-        ctx = trace.get_current_span().get_span_context()
-        t0 = time.monotonic()
-        fut = self._prefetch_pool.submit(self._prefetch_run, keys, deadline, ctx)
-
-        def finished(_f: Future) -> None:
-            self.leases.extend(lease, lease_s)
-            self._report_timing("prefetch", t0)
-
-        fut.add_done_callback(finished)
-        return PrefetchHandle(keys, fut, lease)
-
-    def _report_timing(self, what: str, t0: float) -> None:
-        hook = self.on_timing
-        if hook is not None:
-            try:
-                hook(what, time.monotonic() - t0)
-            except Exception:  # a metrics hook must never break a prefetch
-                log.debug("timing hook failed", exc_info=True)
-
-    def _prefetch_run(self, keys: list[BlockKey], deadline: float | None, parent) -> int:
-        """Coordinator of one prefetch: keeps ``window`` block loads in flight on the fetch pool, so
-        LMDB reads, decompression and host→device copies of consecutive blocks overlap."""
-        links = [trace.Link(parent)] if parent is not None and parent.is_valid else []
-        window = max(2, self.config.prefetch_threads * 2)
-        with self.tracer.start_as_current_span("kvtier.prefetch", links=links) as span:
-            span.set_attribute("kvtier.blocks_requested", len(keys))
-            # one span per tier op for the whole prefetch, children of kvtier.prefetch
-            ops = TierOps(self.tracer, span) if span.is_recording() else None
-            futures: list[Future] = []
-            done = nxt = 0
-            try:
-                for idx in range(len(keys)):
-                    while nxt < len(keys) and nxt < idx + window:
-                        futures.append(self._pool.submit(self._prefetch_one, keys[nxt], ops))
-                        nxt += 1
-                    if self._closed or (deadline is not None and time.monotonic() > deadline):
-                        span.set_attribute("kvtier.deadline_hit", True)
-                        break
-                    if not futures[idx].result():
-                        break
-                    done += 1
-            finally:
-                for f in futures[done:]:
-                    f.cancel()
-                if ops is not None:
-                    ops.finish()
-            span.set_attribute("kvtier.blocks", done)
-            return done
-
-    def _prefetch_one(self, key: BlockKey, ops: TierOps | None = None) -> bool:
-        top = self.memory[0] if self.memory else None
-        with self._lock:
-            if top is not None and top.contains(key):
-                return True
-        return self._get(key, True, ops) is not None
-
-    def _store_session(self, session: Session, job: WriteJob | None = None) -> None:
-        self._submit_sessions({session.id_key: session.to_json()}, job)
-
-    def _submit_sessions(self, records: dict[bytes, bytes | None], job: WriteJob | None = None) -> Future | None:
-        """Queue session records (None deletes) for the writer, or keep them in memory without a cold tier.
-
-        Until committed they are readable from ``_pending_sessions``, so a session written a moment ago
-        is visible to its next read without waiting for the disk.
-        """
-        with self._lock:
-            if self._writer is None:
-                for sid, rec in records.items():
-                    if rec is None:
-                        self._mem_sessions.pop(sid, None)
-                    else:
-                        self._mem_sessions[sid] = rec
-                return None
-            self._pending_sessions.update(records)
-            for sid in records:
-                self._pending_session_writes[sid] = self._pending_session_writes.get(sid, 0) + 1
-        if job is not None:
-            job.sessions.update(records)
-            return None
-        return self._writer.submit(WriteJob(sessions=dict(records)))
-
-    def _load_session(self, sid: bytes) -> Session | None:
-        with self._lock:
-            if self._writer is None:
-                raw = self._mem_sessions.get(sid)
-            elif sid in self._pending_sessions:
-                raw = self._pending_sessions[sid]
-            else:
-                raw = self.cold.session_get(sid)
-        return None if raw is None else Session.from_json(raw)
-
-    def get_session(self, tenant: str, session_id: str) -> Session:
-        """The session's record.
-
-        :raises SessionNotFound: if there is none for this tenant, or it expired.
-        """
-        self._check_open()
-        sid = session_id_key(tenant, session_id)
-        trace.get_current_span().set_attribute("kvtier.session", session_hash(sid))
-        session = self._load_session(sid)
-        if session is None or session.expired():
-            raise SessionNotFound(f"no session {session_id!r} for this tenant (never stored, deleted or expired)")
-        return session
-
-    def resume(self, tenant: str, session_id: str, *, deadline: float | None = None
-               ) -> tuple[Session, list[str | None], PrefetchHandle]:
-        """Start bringing a session's blocks up to the top tier; return its manifest at once.
-
-        :returns: the session, the tier of each of its blocks *before* the prefetch (None: gone),
-            and the running prefetch.
-        :raises SessionNotFound: see :meth:`get_session`.
-        """
-        t0 = time.monotonic()
-        session = self.get_session(tenant, session_id)
-        tiers = self._where(session.keys)
-        handle = self.prefetch(session.keys, deadline=deadline)
-        handle.future.add_done_callback(lambda _f: self._report_timing("resume", t0))
-        with self._lock:
-            # Touch the record as it is *now*: a put that extended the session since we read it
-            # must not be overwritten by our older copy.
-            current = self._load_session(session.id_key)
-            if current is not None and current.keys == session.keys:
-                current.last_used = time.time()
-                self._store_session(current)
-        return session, tiers, handle
-
-    def delete_session(self, tenant: str, session_id: str, *, erase_blocks: bool = False) -> int:
-        """Forget a session; with ``erase_blocks`` also delete its blocks from every tier (even if
-        other sessions of the tenant share them: they will miss and recompute — privacy first).
-
-        :returns: blocks erased.
-        :raises SessionNotFound: if there is no such session.
-        """
-        session = self.get_session(tenant, session_id)
-        return self._delete_session(session, erase_blocks)
-
-    def _delete_session(self, session: Session, erase_blocks: bool) -> int:
-        erased = self._erase(session.keys) if erase_blocks else 0
-        fut = self._submit_sessions({session.id_key: None})
-        if fut is not None:
-            fut.result()
-        return erased
-
-    def _erase(self, keys: Sequence[BlockKey]) -> int:
-        """Delete ``keys`` from every tier and the write queue; returns how many were anywhere."""
-        keys = set(keys)
-        gone: set[BlockKey] = set()  # a block held by several tiers counts once
-        with self._lock:
-            for tier in self.memory:
-                gone.update(k for k in keys if tier.delete(k))
-            gone.update(k for k in keys if self._pending.pop(k, None) is not None)
-        if self._writer is not None:
-            self._writer.flush()
-            ordered = list(keys)
-            gone.update(k for k, here in zip(ordered, self.cold.contains_many(ordered)) if here)
-            self.cold.delete_many(ordered)
-        return len(gone)
-
-    def invalidate(self, tenant: str, *, model: str | None = None, revision: str | None = None,
-                   namespace: Namespace | None = None) -> int:
-        """Delete every block and session of a namespace, or of every namespace of ``model`` (at
-        ``revision`` when given) of this tenant.
-
-        :returns: blocks deleted.
-        """
-        self._check_open()
-        self.flush()
-        if namespace is not None:
-            ns_ids = {namespace.ns_id}
-        elif model:
-            with self._lock:
-                ns_ids = {i for i, ns in self._namespaces.items() if ns.tenant == tenant and ns.model == model
-                          and (revision is None or ns.revision == revision)}
-        else:
-            raise InvalidBlock("invalidate needs a namespace or a model", field="model")
-        gone: set[BlockKey] = set()  # a block held by several tiers counts once
-        with self._lock:
-            for tier in self.memory:
-                for k in list(tier.keys()):
-                    b = tier.peek(k)
-                    if b is not None and b.ns_id in ns_ids and tier.delete(k):
-                        gone.add(k)
-        if self.cold is not None:
-            for ns_id in ns_ids:
-                keys = self.cold.keys_of_namespace(ns_id)
-                self.cold.delete_many(keys)
-                gone.update(keys)
-        n = len(gone)
-        dead = [s for s in self.sessions() if s.namespace.ns_id in ns_ids]
-        fut = self._submit_sessions({s.id_key: None for s in dead}) if dead else None
-        if fut is not None:
-            fut.result()
-        log.info("invalidated %d blocks and %d sessions in %d namespaces", n, len(dead), len(ns_ids))
-        return n
-
-    def sessions(self) -> list[Session]:
-        """Every session record (expired ones included until the sweeper removes them)."""
-        with self._lock:
-            if self.cold is None:
-                merged = dict(self._mem_sessions)
-            else:
-                merged = dict(self.cold.session_items())
-                merged.update(self._pending_sessions)
-        return [Session.from_json(r) for r in merged.values() if r is not None]
-
-    def expire_sessions(self) -> int:
-        """Delete sessions whose TTL has passed, with their blocks. Returns how many expired."""
-        now = time.time()
-        dead = [s for s in self.sessions() if s.expired(now)]
-        for s in dead:
-            # Not delete_session: get_session treats an expired session as absent, so it would
-            # raise SessionNotFound and the session and its blocks would stay forever.
-            self._delete_session(s, erase_blocks=True)
-        return len(dead)
-
-    def _maintenance(self) -> None:
-        last_ttl = 0.0
-        while not self._stop.wait(self.config.maintenance_s):
-            try:
-                self.leases.sweep()
-                if time.monotonic() - last_ttl > 10 * self.config.maintenance_s:
-                    last_ttl = time.monotonic()
-                    if self.expire_sessions():
-                        log.info("expired sessions removed")
-            except TierUnavailable:
-                return
-            except Exception:  # the sweeper must outlive any single failure
-                log.exception("maintenance pass failed")
-
-    # ------------------------------------------------------------------------------------------------
-    # stats
-    def usage(self) -> dict[str, dict[str, int]]:
-        """Per tier: blocks, used bytes, capacity bytes."""
-        out = {}
-        with self._lock:
-            for t in self.memory:
-                out[t.name] = {"blocks": len(t), "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes}
-        if self.cold is not None:
-            out["cold"] = {"blocks": self.cold.block_count(), "used_bytes": self.cold.used_bytes,
-                           "capacity_bytes": self.cold.capacity_bytes}
-        return out
-
-    def snapshot(self) -> dict:
-        """Counters, usage, pins and queue depths in one dict (for the Stats RPC and metrics)."""
-        with self._lock:
-            snap = self.stats.snapshot()
-            snap["pending_writes"] = len(self._pending)
-            snap["inflight_loads"] = len(self._inflight)
-        snap["usage"] = self.usage()
-        snap["pinned_blocks"] = self.leases.pinned_keys()
-        snap["active_leases"] = self.leases.active()
-        snap["write_queue_depth"] = self._writer.depth() if self._writer else 0
-        raw, rec = snap["cold_raw_bytes_written"], snap["cold_record_bytes_written"]
-        snap["compression_ratio"] = raw / rec if rec else None
-        return snap
-
-    def check(self) -> list[str]:
-        """Verify internal invariants (accounting matches contents, used <= capacity, for every tier
-        the cold one included: O(blocks)); returns problems found, [] if none."""
-        problems = []
-        with self._lock:
-            for t in self.memory:
-                real = sum(t.peek(k).nbytes for k in t.keys())
-                if real != t.used_bytes:
-                    problems.append(f"{t.name}: used_bytes {t.used_bytes} != sum of blocks {real}")
-                if t.used_bytes > t.capacity_bytes:
-                    problems.append(f"{t.name}: over capacity")
-                if len(t.policy) != len(t):
-                    problems.append(f"{t.name}: policy tracks {len(t.policy)} keys, tier holds {len(t)}")
-                per_ns: dict[bytes, int] = {}
-                for k in t.keys():
-                    per_ns[t.peek(k).ns_id] = per_ns.get(t.peek(k).ns_id, 0) + t.peek(k).nbytes
-                if any(t.ns_used_bytes([i]) != n for i, n in per_ns.items()) or t.ns_used_bytes(per_ns) != t.used_bytes:
-                    problems.append(f"{t.name}: per-namespace byte counts disagree with its blocks")
-        if self.cold is not None:
-            problems += self.cold.check()
-        return problems
-

@@ -1,0 +1,40 @@
+"""Values the store returns: what a put did, the cached prefix a lookup found, a running prefetch."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .keys import BlockKey
+
+
+@dataclass(slots=True)
+class PutResult:
+    """What a put did. ``keys`` covers every block of the token ids, in prefix order."""
+
+    keys: list[BlockKey]
+    stored: list[BlockKey] = field(default_factory=list)
+    skipped_present: list[BlockKey] = field(default_factory=list)
+    skipped_not_admitted: list[BlockKey] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class LookupResult:
+    """The longest cached prefix: ``tiers[i]`` is where block ``keys[i]`` is now."""
+
+    keys: list[BlockKey]
+    tiers: list[str]
+    tokens: int
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+
+@dataclass(slots=True)
+class PrefetchHandle:
+    """A running prefetch. ``future`` resolves to the number of blocks now in the top tier."""
+
+    keys: list[BlockKey]
+    future: Future
+    lease: int
