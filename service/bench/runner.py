@@ -19,6 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from service.memtune import tune_malloc
+
 from . import report
 from .context import BenchContext
 
@@ -79,6 +81,9 @@ def run_bench(out: Path, *, quick: bool = False, tiny: bool | None = None, scena
     """
     if tiny is None:
         tiny = os.environ.get(TINY_ENV, "") not in ("", "0")
+    # In-process engine rows run with the allocator setting `kvtier serve` uses (service/memtune.py),
+    # so both sides of a comparison pay the same page-fault cost for fresh block buffers.
+    tune_malloc()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = (scenarios or list(SCENARIOS)) + list(peers or [])
