@@ -149,6 +149,7 @@ def test_32_clients_short_run(kvtier_process):
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1200)  # 120 s warm-up + 600 s load + drain: past the suite's 600 s per-test limit
 @pytest.mark.skipif(os.environ.get("KVTIER_SOAK") != "1", reason="10-minute soak: set KVTIER_SOAK=1")
 def test_32_clients_soak(kvtier_process):
     run_load(kvtier_process, seconds=600, warmup=120)
