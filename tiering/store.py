@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from opentelemetry import trace
 
+from .bytecopy import copy_many
 from .codec import Codec, CodecId, checksum
 from .cold import ColdTier
 from .config import StoreConfig
@@ -214,12 +215,14 @@ class TieredStore(ReadsMixin, SessionsMixin):
 
     # ------------------------------------------------------------------------------------------------
     # put
-    def _to_block(self, ns: Namespace, data: Payload, tokens: int, index: int, owned: bool = False) -> Block:
+    def _source(self, ns: Namespace, data: Payload, tokens: int, index: int, owned: bool) -> tuple[np.ndarray, bool]:
+        """The bytes of one payload as a flat ``uint8`` array after checking them against the layout,
+        and whether the store may keep that array as it is (``True``: nobody else holds it)."""
         lay = ns.layout
         shape = lay.shape(tokens)
         if isinstance(data, np.ndarray):
             if data.dtype == np.uint8 and data.ndim == 1:
-                data = data.tobytes() if not data.flags.c_contiguous else memoryview(data)
+                data = memoryview(np.ascontiguousarray(data))
             else:
                 data = torch.from_numpy(np.ascontiguousarray(data))
         if isinstance(data, torch.Tensor):
@@ -229,17 +232,37 @@ class TieredStore(ReadsMixin, SessionsMixin):
                 raise LayoutMismatch(f"block {index} has shape {tuple(data.shape)}; the layout "
                                      f"{lay.describe()} wants {shape} for {tokens} tokens")
             raw = data.detach().contiguous().to("cpu").reshape(-1).view(torch.uint8)
-            if raw.untyped_storage().data_ptr() == data.untyped_storage().data_ptr():
-                raw = raw.clone()  # the caller may reuse its tensor: the store must own its bytes
-        else:
-            mv = memoryview(data).cast("B")
-            if len(mv) != lay.block_bytes(tokens):
-                raise InvalidBlock(f"block {index} has {len(mv)} bytes; layout {lay.describe()} wants "
-                                   f"{lay.block_bytes(tokens)} for its {tokens} tokens", field="payload")
-            # an owned bytearray is kept as it is; anything else is copied (the caller may reuse it)
-            buf = data if owned and type(data) is bytearray else bytearray(mv)
-            raw = torch.frombuffer(buf, dtype=torch.uint8) if len(mv) else torch.empty(0, dtype=torch.uint8)
-        return Block(raw, lay.dtype, shape, checksum(raw.numpy()), ns.ns_id)
+            # a fresh tensor (made contiguous, or brought from a device) is the store's to keep
+            return raw.numpy(), raw.untyped_storage().data_ptr() != data.untyped_storage().data_ptr()
+        mv = memoryview(data).cast("B")
+        if len(mv) != lay.block_bytes(tokens):
+            raise InvalidBlock(f"block {index} has {len(mv)} bytes; layout {lay.describe()} wants "
+                               f"{lay.block_bytes(tokens)} for its {tokens} tokens", field="payload")
+        # an owned bytearray is kept as it is; anything else is copied (the caller may reuse it)
+        return np.frombuffer(mv, dtype=np.uint8), owned and type(data) is bytearray
+
+    def _to_blocks(self, ns: Namespace, sources: list[tuple[np.ndarray, bool]], tokens: list[int],
+                   store: list[bool], verify: bool) -> tuple[list[Block | None], list[int | None]]:
+        """Blocks owning the bytes of the ``sources`` to ``store`` (``None`` for the others), and the
+        XXH3-64 of every source (``None`` for one not stored when not ``verify``). Bytes not kept as
+        they are get copied and checksummed in the same pass, on the copy threads (:mod:`tiering.bytecopy`)."""
+        lay = ns.layout
+        dsts = {i: np.empty(src.nbytes, dtype=np.uint8) for i, ((src, keep), c) in enumerate(zip(sources, store))
+                if c and not keep}
+        sums: list[int | None] = [None] * len(sources)
+        for i, value in zip(dsts, copy_many([(dsts[i], sources[i][0]) for i in dsts])):
+            sums[i] = value
+        out: list[Block | None] = []
+        for i, (src, _keep) in enumerate(sources):
+            if sums[i] is None and (store[i] or verify):
+                sums[i] = checksum(src)
+            if not store[i]:
+                out.append(None)
+                continue
+            raw = dsts.get(i, src)
+            out.append(Block(torch.from_numpy(raw) if raw.nbytes else torch.empty(0, dtype=torch.uint8), lay.dtype,
+                             lay.shape(tokens[i]), sums[i], ns.ns_id))
+        return out, sums
 
     def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload], *,
             first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
@@ -277,27 +300,32 @@ class TieredStore(ReadsMixin, SessionsMixin):
         sid = session_id_key(namespace.tenant, session_id) if session_id is not None else None
         if sid is not None:
             trace.get_current_span().set_attribute("kvtier.session", session_hash(sid))
-        prepared = [(keys[first_block + i], self._to_block(namespace, data, min(bt, n_tokens - (first_block + i) * bt),
-                                                           first_block + i, owned))
-                    for i, data in enumerate(blocks)]
+        tokens = [min(bt, n_tokens - (first_block + i) * bt) for i in range(len(blocks))]
+        sources = [self._source(namespace, data, tokens[i], first_block + i, owned) for i, data in enumerate(blocks)]
+        if checksums is not None and len(checksums) != len(sources):
+            raise InvalidBlock(f"{len(checksums)} checksums for {len(sources)} blocks", field="checksums")
+        block_keys = keys[first_block:first_block + len(blocks)]
+        admitted = n_tokens >= self.config.min_tokens
+        present = self._present(block_keys) if admitted else [True] * len(block_keys)
+        # a block already stored (or not admitted) is not copied, only checked against its checksum if one came
+        built, sums = self._to_blocks(namespace, sources, tokens, [not here for here in present],
+                                      checksums is not None)
         if checksums is not None:
-            bad = next((i for i, ((_, b), want) in enumerate(zip(prepared, checksums, strict=True))
-                        if b.checksum != want), None)
+            bad = next((i for i, (got, want) in enumerate(zip(sums, checksums)) if got != want), None)
             if bad is not None:
-                raise InvalidBlock(f"block {first_block + bad}: checksum {prepared[bad][1].checksum:#018x} of the "
+                raise InvalidBlock(f"block {first_block + bad}: checksum {sums[bad]:#018x} of the "
                                    f"bytes differs from {checksums[bad]:#018x} sent", field="checksums")
         result = PutResult(keys)
         with self._lock:
             self.stats.puts += 1
-            if n_tokens < self.config.min_tokens:
-                result.skipped_not_admitted = [k for k, _ in prepared]
-                self.stats.blocks_skipped_admission += len(prepared)
+            if not admitted:
+                result.skipped_not_admitted = list(block_keys)
+                self.stats.blocks_skipped_admission += len(block_keys)
                 return result
-        present = self._present([k for k, _ in prepared])
         to_disk: list[tuple[BlockKey, Block]] = []
         seen: set[BlockKey] = set()
         with self.tracer.start_as_current_span("kvtier.store.put") as span:
-            for (key, block), here in zip(prepared, present):
+            for key, block, here in zip(block_keys, built, present):
                 if here or key in seen:
                     result.skipped_present.append(key)
                     continue
@@ -307,7 +335,7 @@ class TieredStore(ReadsMixin, SessionsMixin):
                     to_disk.append((key, block))
                 result.stored.append(key)
             span.set_attribute("kvtier.blocks", len(result.stored))
-            span.set_attribute("kvtier.bytes", sum(b.nbytes for _, b in prepared))
+            span.set_attribute("kvtier.bytes", sum(src.nbytes for src, _ in sources))
         with self._lock:
             self.stats.blocks_stored += len(result.stored)
             self.stats.blocks_skipped_present += len(result.skipped_present)

@@ -23,11 +23,10 @@ import asyncio
 import contextlib
 import logging
 
-import numpy as np
-
 from service import convert
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.put_stream import plan_from_header
+from tiering.bytecopy import copy_many
 from tiering.errors import InvalidBlock
 
 from .arena import ALIGNMENT, ShmUnavailable
@@ -171,29 +170,42 @@ async def get_shm(servicer, request: pb.GetShmRequest, context, deadline: float 
 
 def _fill(store, arena: ServerArena, region: tuple[int, int], keys, tenant: str, deadline: float | None):
     """Copy blocks of ``keys`` (prefix order) into ``region`` until a miss, a foreign block, the deadline
-    or a block that does not fit. Runs on one worker thread.
+    or a block that does not fit. Runs on one worker thread, the copies on the copy threads.
+
+    Each block is copied and checksummed in one pass (:func:`tiering.bytecopy.copy_many`); the
+    checksum is of the arena's bytes after the copy, so a block is answered only if exactly what the
+    caller will read matches what was stored. One that does not stops the answer there, as a miss.
 
     :returns: ``([(key, block, tier, offset)...], missed, bytes of the block that did not fit or 0)``.
     """
     if not arena.alive:
         raise ShmUnavailable("the arena was closed by its owner")
     pos, stop = region[0], region[0] + region[1]
-    out = []
+    out, missed, next_bytes = [], False, 0
     with contextlib.closing(store.iter_blocks(keys, window=GET_WINDOW, deadline=deadline)) as blocks:
+        # the blocks stay leased (unevictable) until the iteration closes, after the copies
         for key, block, tier in blocks:
             if block is None:
-                return out, True, 0
+                missed = True
+                break
             ns = store.namespace_of(block.ns_id)
             if ns is None or ns.tenant != tenant:
-                return out, True, 0
+                missed = True
+                break
             if pos + block.nbytes > stop:
-                return out, False, block.nbytes
-            if block.data.device.type == "cpu":
-                # numpy: one plain memcpy on this thread (torch's copy may wake its OpenMP pool, which
-                # contends with the event loop and the gRPC threads on a small host)
-                np.copyto(arena.arena.array[pos:pos + block.nbytes], block.data.numpy().reshape(-1))
-            else:
-                arena.arena.tensor[pos:pos + block.nbytes].copy_(block.data.reshape(-1))
+                next_bytes = block.nbytes
+                break
             out.append((key, block, tier, pos))
             pos += -(-block.nbytes // ALIGNMENT) * ALIGNMENT
-    return out, False, 0
+        array = arena.arena.array
+        for _key, block, _tier, offset in out:
+            if block.data.device.type != "cpu":  # device-to-host into the arena; hashed with the rest below
+                arena.arena.tensor[offset:offset + block.nbytes].copy_(block.data.reshape(-1))
+        sums = copy_many([(array[o:o + b.nbytes], b.data.numpy().reshape(-1) if b.data.device.type == "cpu"
+                           else array[o:o + b.nbytes]) for _k, b, _t, o in out])
+    bad = next((i for i, (item, got) in enumerate(zip(out, sums)) if got != item[1].checksum), None)
+    if bad is not None:
+        log.error("block %s failed its checksum on its way into an arena: answered as a miss",
+                  out[bad][0].digest.hex())
+        return out[:bad], True, 0
+    return out, missed, next_bytes

@@ -327,6 +327,7 @@ def test_tampered_shm_block_raises_data_loss(small_arena):
     with KVTierClient(small_arena.target, data_path="shm") as kv:
         put = kv.put(ns, list(range(32)), blocks_for(layout, 32))
         link = kv._link(10)
+        link.verify = True  # the server checked its own writes; this catches the caller's stray ones
         real = kv._stub.GetShm
 
         def flipped(request, **kw):  # what a stray write into the arena would do
