@@ -1,10 +1,12 @@
 """Reference points measured beside kvtier on the same bytes: what moving them could cost at best.
 
-* ``memcpy``: one numpy copy of the block, the limit of any in-memory path;
+* ``memcpy``: one numpy copy of the block, the limit of any in-memory path (``memcpy_batch``: of
+  ``blocks_per_call`` blocks at once, from a source larger than the caches, as a batched call moves them);
 * ``grpc_echo``: the bare ``grpc.aio`` stream of :mod:`service.bench.echo` (same 1 MiB chunking), the
   ceiling of kvtier's transport;
 * ``redis``: ``SET``/``GET`` through redis-py against a local ``redis-server`` without persistence, the
   usual "just put it in Redis" alternative (skipped with a note when redis-server is missing);
+  ``redis_batch``: ``blocks_per_call`` blocks per round trip (pipelined ``SET``s, one ``MGET``);
 * ``lmdb_zstd``: a raw LMDB get of the record the cold tier would write, then zstd decompression of its
   payload (no unshuffle, no checksum), the ceiling of the cold tier; ``zstd``: the decompression alone.
 
@@ -31,6 +33,22 @@ from .procs import echo_server, redis_binary, redis_server
 
 def _row(path: str, op: str, size: int, lat: list[float], tier: str = "-", **extra) -> dict:
     return {"path": path, "tier": tier, "op": op, "block_bytes": size, **summarize(lat, size), **extra}
+
+
+def batch_row(path: str, op: str, size: int, blocks: int, lat: list[float], tier: str = "-") -> dict:
+    """A row of calls moving ``blocks`` blocks of ``size`` bytes each: ``gbps`` over all their bytes,
+    latencies per call."""
+    return {"path": path, "tier": tier, "op": op, "block_bytes": size, "blocks_per_call": blocks,
+            **summarize(lat, size * blocks)}
+
+
+def memcpy_batch_rows(payload: np.ndarray, blocks: int, n: int) -> list[dict]:
+    """numpy copy of ``blocks`` copies of ``payload`` laid end to end into a preallocated buffer (both
+    larger than the caches, as the blocks of a batched call are), counted as both put and get."""
+    src = np.tile(payload, blocks)
+    dst = np.empty_like(src)
+    lat = time_ops(lambda i: np.copyto(dst, src), n, warmup=2)
+    return [batch_row("memcpy_batch", op, payload.nbytes, blocks, lat) for op in ("put", "get")]
 
 
 def memcpy_rows(payload: np.ndarray, n: int) -> list[dict]:
@@ -84,6 +102,40 @@ def redis_rows(ctx: BenchContext, payloads: dict[int, np.ndarray], notes: list[s
                 client.close()
     except Exception as exc:  # a broken Redis must cost its rows, never the run
         notes.append(f"redis: skipped after an error: {type(exc).__name__}: {exc}")
+    return rows
+
+
+def redis_batch_rows(ctx: BenchContext, payload: np.ndarray, blocks: int, n: int, notes: list[str]) -> list[dict]:
+    """``blocks`` blocks per round trip: a pipeline of SETs, then one MGET (``[]`` without Redis)."""
+    if redis_binary() is None:
+        return []
+    try:
+        import redis
+    except ImportError:
+        return []
+    rows = []
+    data = payload.tobytes()
+    names = [f"batch{j}" for j in range(blocks)]
+
+    def put(_i: int) -> None:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.set(name, data)
+        pipe.execute()
+
+    try:
+        with redis_server(ctx.workdir) as port:
+            client = redis.Redis(host="127.0.0.1", port=port)
+            try:
+                rows.append(batch_row("redis_batch", "put", payload.nbytes, blocks, time_ops(put, n)))
+                if any(got != data for got in client.mget(names)):
+                    notes.append("redis: MGET returned different bytes")
+                lat = time_ops(lambda i: client.mget(names), n)
+                rows.append(batch_row("redis_batch", "get", payload.nbytes, blocks, lat))
+            finally:
+                client.close()
+    except Exception as exc:  # a broken Redis must cost its rows, never the run
+        notes.append(f"redis batch: skipped after an error: {type(exc).__name__}: {exc}")
     return rows
 
 

@@ -94,7 +94,8 @@ def _plot_transport(plt, rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 6), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         sel = [r for r in rows if r["block_bytes"] == size]
-        labels = [f"{r['path']}/{r['tier']}/{r['op']}" for r in sel]
+        labels = [f"{r['path']}/{r['tier']}/{r['op']}" + (f" x{r['blocks_per_call']}" if r.get("blocks_per_call") else "")
+                  for r in sel]
         ax.barh(labels, [r["gbps"] for r in sel], color=["C0" if r["op"] == "get" else "C1" for r in sel])
         ax.set_title(f"{size // 1024} KiB blocks")
         ax.set_xlabel("GB/s (higher is better)")

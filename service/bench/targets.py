@@ -33,6 +33,31 @@ def _transport_ratio(results: dict, path: str, tier: str, ref: str, op: str) -> 
     return worst, where
 
 
+def _shm_batch(results: dict, op: str, refs: tuple[str, ...]) -> tuple[float | None, str]:
+    """shm_batch GB/s over the best of ``refs`` (same block size; a batched ref with the same blocks per
+    call), at the largest batch measured."""
+    rows = _rows(results, "transport")
+    mine = [r for r in rows if r["path"] == "shm_batch" and r["op"] == op]
+    if not mine:
+        return None, ""
+    r = max(mine, key=lambda r: r["blocks_per_call"])
+    peers = [p for p in rows if p["path"] in refs and p["op"] == op and p["block_bytes"] == r["block_bytes"]
+             and p.get("blocks_per_call") in (None, r["blocks_per_call"])]
+    best = max(peers, key=lambda p: p["gbps"], default=None)
+    if best is None:
+        return None, ""
+    return ratio(r["gbps"], best["gbps"]), (f"{r['blocks_per_call']} x {r['block_bytes'] >> 10} KiB per call, "
+                                           f"vs {best['path']}")
+
+
+def _resume_paths(results: dict) -> tuple[float | None, str]:
+    rows = {r["path"]: r for r in _rows(results, "transport") if r["path"].startswith("resume_")}
+    shm, grpc = rows.get("resume_shm"), rows.get("resume_grpc")
+    if not shm or not grpc:
+        return None, ""
+    return ratio(grpc["p50_ms"], shm["p50_ms"]), f"{shm.get('tokens')} tokens"
+
+
 def _resume(results: dict, source: str) -> tuple[float | None, str]:
     rows = [r for r in _rows(results, "resume") if r.get("source") == source]
     if not rows:
@@ -84,6 +109,14 @@ TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, f
      lambda r: _resume(r, "warm"), ">=", 20.0, "2048 tokens"),
     ("resume_cold_speedup", "resume from cold: recompute TTFT / restore TTFT",
      lambda r: _resume(r, "cold"), ">=", 10.0, "2048 tokens"),
+    ("shm_get_vs_memcpy", "shared-memory Get of warm blocks / memcpy of the same bytes",
+     lambda r: _shm_batch(r, "get", ("memcpy_batch",)), ">=", 0.5, "2 MiB blocks"),
+    ("shm_get_vs_redis", "shared-memory Get of warm blocks / Redis GET (its faster of GET and MGET)",
+     lambda r: _shm_batch(r, "get", ("redis", "redis_batch")), ">=", 5.0, "2 MiB blocks"),
+    ("shm_put_vs_memcpy", "shared-memory Put / memcpy of the same bytes",
+     lambda r: _shm_batch(r, "put", ("memcpy_batch",)), ">=", 0.4, "2 MiB blocks"),
+    ("resume_shm_vs_grpc", "resume of a SmolLM2 session: gRPC streams p50 / shared memory p50",
+     _resume_paths, ">=", 1.0, "2048 tokens"),
     ("cold_read_vs_zstd", "engine cold Get / zstd decompress alone",
      lambda r: _transport_ratio(r, "engine", "cold", "zstd", "get"), ">=", 0.8, ""),
     ("bf16_disk_fraction", "bf16 bytes on disk / raw (lossless)", _codec, "<=", 0.70, ""),

@@ -10,6 +10,7 @@ durable (returns once committed to LMDB, fsync off); a Get cycles over 8 stored 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from service.client import KVTierClient
@@ -21,6 +22,7 @@ from tiering.store import TieredStore
 
 from . import peers, tiers
 from .context import BenchContext, ratio, summarize, time_ops
+from .peers import batch_row
 from .procs import kvtier_server
 
 SIZES: dict[str, BlockLayout] = {
@@ -29,8 +31,12 @@ SIZES: dict[str, BlockLayout] = {
     "8MiB": BlockLayout("float16", 32, 8, 128, 64),
 }
 GET_POOL = 8
-#: Blocks per call of the batched shared-memory rows.
-SHM_BATCH = 16
+#: Blocks (2 MiB) per call of the batched shared-memory rows: a 256- and a 1024-token Llama-3-8B turn.
+SHM_BATCHES = (16, 64)
+#: The shared-memory server: memory only, a warm tier small enough that the timed puts recycle evicted
+#: blocks' memory (the steady state of a full cache) rather than fault in fresh pages.
+SHM_WARM_BYTES = 768 << 20
+SHM_SETTINGS = {**tiers.SETTINGS["warm"], "warm_capacity": str(SHM_WARM_BYTES), "cold_enabled": "false"}
 
 
 def namespace(layout: BlockLayout) -> Namespace:
@@ -85,10 +91,12 @@ def grpc_rows(ctx: BenchContext, tier: str, notes: list[str]) -> list[dict]:
 
 
 def shm_rows(ctx: BenchContext, notes: list[str]) -> list[dict]:
-    """kvtier's same-host path (``data_path="shm"``, service/shm) against a fresh warm server: one block
-    per call (``shm``), and ``SHM_BATCH`` blocks per call (``shm_batch``, per-block latency)."""
+    """kvtier's same-host path (``data_path="shm"``, service/shm) against a fresh memory-only server:
+    one block per call (``shm``), and ``SHM_BATCHES`` blocks per call (``shm_batch``), beside a memcpy
+    and Redis round trips of the same blocks per call."""
+    batches = (2,) if ctx.tiny else SHM_BATCHES[:1] if ctx.quick else SHM_BATCHES
     with kvtier_server(ctx.workdir, "transport-shm", ctx.workdir / "transport-shm-warm",
-                       store=tiers.SETTINGS["warm"]) as address, \
+                       store=SHM_SETTINGS) as address, \
             KVTierClient(address, timeout=120, data_path="shm") as client:
         client.wait_ready(30)
 
@@ -100,19 +108,47 @@ def shm_rows(ctx: BenchContext, notes: list[str]) -> list[dict]:
             return res.blocks[0].reshape(-1).view(torch.uint8).numpy() if res.blocks else None
 
         rows = _measure(ctx, "shm", "warm", put, get, notes)
-        layout = SIZES["2MiB"] if not ctx.tiny else SIZES["360KiB"]
-        ns = namespace(layout)
-        data = tiers.payload(layout, seed=1)
-        tokens = [t for i in range(SHM_BATCH) for t in tiers.block_tokens(layout, 1000 + i)]
-        n = max(3, ctx.iterations(data.nbytes * SHM_BATCH, lo=3, hi=20))
-        ctx.step(f"shm warm batched put/get {SHM_BATCH} x {data.nbytes >> 10} KiB x{n}")
-        lat = time_ops(lambda i: client.put(ns, tokens, [data] * SHM_BATCH, first_block=0), n)
-        rows.append(_row("shm_batch", "warm", "put", data.nbytes, [t / SHM_BATCH for t in lat]))
-        keys = chain_keys(ns, tokens)
-        lat = time_ops(lambda i: client.get(keys), n)
-        rows.append(_row("shm_batch", "warm", "get", data.nbytes, [t / SHM_BATCH for t in lat]))
-    notes.append(f"shm: shared-memory data path on a warm server; shm_batch: {SHM_BATCH} blocks per call, "
-                 "latency per block (a batched put re-sends present blocks: they are deduplicated)")
+        for blocks in batches:
+            rows += _shm_batch(ctx, client, blocks, notes)
+    notes.append("shm: shared-memory data path, memory-only server; shm_batch: blocks_per_call blocks per call, "
+                 "fresh blocks every Put (the warm tier is full: evicted blocks' memory is reused), Get of a "
+                 "resident chain; memcpy_batch/redis_batch move the same blocks per call")
+    return rows
+
+
+def _shm_batch(ctx: BenchContext, client: KVTierClient, blocks: int, notes: list[str]) -> list[dict]:
+    layout = SIZES["360KiB"] if ctx.tiny else SIZES["2MiB"]
+    ns = namespace(layout)
+    data = tiers.payload(layout, seed=blocks)
+    per_call = data.nbytes * blocks
+    n = max(3, ctx.iterations(per_call, lo=3, hi=20))
+    base = iter(range(10**6))
+
+    def tokens() -> np.ndarray:  # a chain never stored before: every block of it is new
+        start = next(base) * blocks
+        return np.concatenate([tiers.block_tokens(layout, 10**5 + start + j) for j in range(blocks)])
+
+    warm_up = 2 if ctx.tiny else -(-SHM_WARM_BYTES // per_call) + 1  # tiny: toy sizes, recycling does not matter
+    ctx.step(f"shm batch {blocks} x {data.nbytes >> 10} KiB: filling the warm tier ({warm_up} puts)")
+    for _ in range(warm_up):
+        client.put(ns, tokens(), [data] * blocks)
+    ctx.step(f"shm batch put/get {blocks} x {data.nbytes >> 10} KiB x{n}")
+    chains: list[np.ndarray] = []
+
+    def put(_i: int) -> None:
+        chains.append(tokens())
+        client.put(ns, chains[-1], [data] * blocks)
+
+    rows = [batch_row("shm_batch", "put", data.nbytes, blocks, time_ops(put, n), tier="warm")]
+    keys = chain_keys(ns, chains[-1])
+    got = client.get(keys)
+    if len(got.blocks) != blocks or any(b.reshape(-1).view(torch.uint8).numpy().tobytes() != data.tobytes()
+                                        for b in (got.blocks[0], got.blocks[-1])):
+        notes.append(f"shm_batch {blocks}: Get returned different bytes (or fewer blocks) than were put")
+    del got
+    rows.append(batch_row("shm_batch", "get", data.nbytes, blocks, time_ops(lambda i: client.get(keys), n), tier="warm"))
+    rows += peers.memcpy_batch_rows(data, blocks, n)
+    rows += peers.redis_batch_rows(ctx, data, blocks, n, notes)
     return rows
 
 
@@ -158,22 +194,27 @@ def engine_rows(ctx: BenchContext, tier: str, notes: list[str]) -> list[dict]:
 
 
 def shm_ratios(rows: list[dict]) -> list[str]:
-    """Notes comparing the 2 MiB shm rows with memcpy, Redis and the gRPC streams (targets: Get ≥ 0.5x
-    memcpy and ≥ 5x Redis, Put ≥ 0.4x memcpy), and the shm/gRPC resume speedup."""
-    def gbps(path, op, size=SIZES["2MiB"].block_bytes()):
-        return next((r["gbps"] for r in rows if r["path"] == path and r["op"] == op and r["block_bytes"] == size
-                     and r["tier"] in ("warm", "-")), None)
-
+    """Notes comparing the shm rows with memcpy, Redis and the gRPC streams of the same blocks per call
+    (targets: Get >= 0.5x memcpy and >= 5x Redis, Put >= 0.4x memcpy), and the shm/gRPC resume speedup."""
     out = []
-    for path in ("shm", "shm_batch"):
-        for op in ("get", "put"):
-            parts = [f"{ref} {r:.2f}x" for ref in ("memcpy", "redis", "grpc")
-                     if (r := ratio(gbps(path, op), gbps(ref, op))) is not None]
-            if parts:
-                out.append(f"{path} {op} 2 MiB warm vs " + ", ".join(parts))
+    for r in rows:
+        if r["path"] not in ("shm", "shm_batch") or r["tier"] != "warm":
+            continue
+        blocks = r.get("blocks_per_call")
+        refs = (("memcpy_batch", "redis_batch") if blocks else ("memcpy", "redis", "grpc"))
+        parts = []
+        for ref in refs:
+            peer = next((p for p in rows if p["path"] == ref and p["op"] == r["op"]
+                         and p["block_bytes"] == r["block_bytes"] and p.get("blocks_per_call") == blocks
+                         and p["tier"] in ("warm", "-")), None)
+            if peer is not None and (v := ratio(r["gbps"], peer["gbps"])) is not None:
+                parts.append(f"{ref} {v:.2f}x")
+        if parts:
+            out.append(f"{r['path']} {r['op']} {blocks or 1} x {r['block_bytes'] >> 10} KiB per call vs "
+                       + ", ".join(parts))
     rs = {r["path"]: r["p50_ms"] for r in rows if r["path"].startswith("resume_")}
-    if (r := ratio(rs.get("resume_grpc"), rs.get("resume_shm"))) is not None:
-        out.append(f"resume over shm is {r:.2f}x faster than over gRPC streams (p50)")
+    if (v := ratio(rs.get("resume_grpc"), rs.get("resume_shm"))) is not None:
+        out.append(f"resume over shm is {v:.2f}x faster than over gRPC streams (p50)")
     return out
 
 
