@@ -14,7 +14,7 @@ Primitives:
 * :func:`copy_checksum` copies one buffer into another of the same size and returns the XXH3-64 of
   the copy (equal to :func:`tiering.codec.checksum` of it).
 * :func:`copy_many` does that for many ``(dst, src)`` pairs, spread over the copy threads when there
-  is enough to share.
+  is enough to share; :func:`spread` shares out any such per-block work (decoding cold records).
 
 Both are thread-safe and allocate nothing.
 """
@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import xxhash
@@ -32,6 +33,8 @@ import xxhash
 #: Below this many bytes in all, :func:`copy_many` stays on the calling thread (a hand-off costs more).
 PARALLEL_MIN_BYTES = 4 << 20
 
+T = TypeVar("T")
+R = TypeVar("R")
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -66,26 +69,22 @@ def _copy_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def copy_many(pairs: Sequence[tuple[object, object]]) -> list[int]:
-    """:func:`copy_checksum` for every ``(dst, src)`` pair, in order of the result.
+def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int) -> list[R]:
+    """``[fn(item) for item in items]``, shared out over the copy threads (the calling thread takes
+    one share) when the items move at least :data:`PARALLEL_MIN_BYTES` together (``nbytes``).
 
-    Pairs are shared out over the copy threads (the calling thread takes one share) when they hold at
-    least :data:`PARALLEL_MIN_BYTES` together.
-
-    :returns: the XXH3-64 of each destination after its copy.
-    :raises ValueError: if a pair's sizes differ (the other copies may have been done).
+    :raises: the first exception of a share, once every share has ended.
     """
-    total = sum(_as_u8(s).nbytes for _, s in pairs)
-    workers = _copy_pool()._max_workers if len(pairs) > 1 and total >= PARALLEL_MIN_BYTES else 1
+    workers = _copy_pool()._max_workers if len(items) > 1 and nbytes >= PARALLEL_MIN_BYTES else 1
     if workers == 1:
-        return [copy_checksum(d, s) for d, s in pairs]
-    out = [0] * len(pairs)
+        return [fn(item) for item in items]
+    out: list = [None] * len(items)
 
     def run(share: range) -> None:
         for i in share:
-            out[i] = copy_checksum(*pairs[i])
+            out[i] = fn(items[i])
 
-    shares = [range(k, len(pairs), workers) for k in range(min(workers, len(pairs)))]
+    shares = [range(k, len(items), workers) for k in range(min(workers, len(items)))]
     futures = [_copy_pool().submit(run, share) for share in shares[1:]]
     try:
         run(shares[0])
@@ -93,3 +92,12 @@ def copy_many(pairs: Sequence[tuple[object, object]]) -> list[int]:
         for f in futures:
             f.result()
     return out
+
+
+def copy_many(pairs: Sequence[tuple[object, object]]) -> list[int]:
+    """:func:`copy_checksum` for every ``(dst, src)`` pair (:func:`spread` over the copy threads).
+
+    :returns: the XXH3-64 of each destination after its copy.
+    :raises ValueError: if a pair's sizes differ (the other copies may have been done).
+    """
+    return spread(lambda pair: copy_checksum(*pair), pairs, sum(_as_u8(s).nbytes for _, s in pairs))

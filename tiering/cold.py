@@ -199,21 +199,41 @@ class ColdTier(Tier):
         record = self.codec.encode(raw, dtype, shape, csum)
         return record if self.sealer is None else self.sealer.seal(key.digest, record)
 
-    def decode(self, key: BlockKey, record: bytes, out: np.ndarray | None = None) -> Block | None:
-        """Decode a record fetched by :meth:`get_record`; a damaged one (or, with encryption on, one
-        that fails authentication) is deleted and gives ``None``."""
+    def open(self, key: BlockKey, record: bytes) -> tuple[RecordHeader, bytes] | None:
+        """The header and the plain record of a record fetched by :meth:`get_record` (unsealed when
+        encryption is on), so a caller can size the destination before :meth:`decode`. A damaged one
+        (or one that fails authentication) is deleted and gives ``None``."""
         try:
             if self.sealer is not None:
                 record = self.sealer.open(key.digest, record)
             elif is_sealed(record):
                 raise ChecksumError("record is encrypted and no key is configured")
+            return self.codec.read_header(record), record
+        except ChecksumError as exc:
+            self._drop(key, exc)
+            return None
+
+    def decode(self, key: BlockKey, record: bytes, out: np.ndarray | None = None, *,
+               opened: bool = False) -> Block | None:
+        """Decode a record fetched by :meth:`get_record` (or, with ``opened``, returned by :meth:`open`)
+        into a fresh buffer or ``out`` (of exactly the block's size); a damaged one (or, with encryption
+        on, one that fails authentication) is deleted and gives ``None``."""
+        if not opened:
+            got = self.open(key, record)
+            if got is None:
+                return None
+            record = got[1]
+        try:
             header, raw = self.codec.decode(record, out)
         except ChecksumError as exc:
-            self.checksum_failures += 1
-            log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
-            self.delete(key)
+            self._drop(key, exc)
             return None
         return self._block(header, raw, self.ns_of(key) or b"")
+
+    def _drop(self, key: BlockKey, exc: ChecksumError) -> None:
+        self.checksum_failures += 1
+        log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
+        self.delete(key)
 
     @staticmethod
     def _block(header: RecordHeader, raw: np.ndarray, ns_id: bytes) -> Block:

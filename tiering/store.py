@@ -56,6 +56,7 @@ from .tier import Block
 from .warm import make_warm_tier
 from .writer import ColdWriter, WriteJob
 from .results import LookupResult, PrefetchHandle, PutResult
+from .store_copyout import CopyOutMixin
 from .store_reads import ReadsMixin
 from .store_sessions import SessionsMixin
 
@@ -74,7 +75,7 @@ Payload = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
 __all__ = ["LookupResult", "Payload", "PrefetchHandle", "PutResult", "TieredStore"]
 
 
-class TieredStore(ReadsMixin, SessionsMixin):
+class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
     """The engine: see the module docstring. Thread-safe; blocking (run it off an event loop).
 
     :param config: capacities, policies, paths.

@@ -11,22 +11,20 @@ common case (the caller owns the arena's space and names the ranges; the server 
   A Put larger than the caller's arena comes in pieces: each but the last is copied out and parked
   (:class:`service.shm.broker.Upload`) until the next piece, for at most the lease time; the store
   sees the blocks only with the last piece, so an interrupted Put stores nothing.
-* **GetShm**: on one worker thread, blocks from ``TieredStore.iter_blocks`` are copied into the
-  caller's region (one copy from the warm or hot tier, a device-to-host copy for a GPU block), and
-  the answer says where. When the region fills up first the answer says so (reason ``"region"``) with
+* **GetShm**: on one worker thread, ``TieredStore.copy_out`` writes the blocks into the caller's
+  region (one copy from the warm or hot tier, a device-to-host copy for a GPU block, cold blocks
+  decompressed straight into it; each checked on the arena's bytes), and the answer says where. When the region fills up first the answer says so (reason ``"region"``) with
   the rest of the chain's keys, so the caller's next call reads the same chain.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from service import convert
 from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.put_stream import plan_from_header
-from tiering.bytecopy import copy_many
 from tiering.errors import InvalidBlock
 
 from .arena import ALIGNMENT, ShmUnavailable
@@ -34,8 +32,6 @@ from .broker import ArenaRegistry, ServerArena, Upload
 
 log = logging.getLogger(__name__)
 
-#: Blocks a GetShm loads ahead of the one being copied (cold blocks: disk reads overlap the copies).
-GET_WINDOW = 4
 
 
 def _registry(servicer) -> ArenaRegistry:
@@ -159,7 +155,7 @@ async def get_shm(servicer, request: pb.GetShmRequest, context, deadline: float 
         elif miss or (stopped < end and stopped >= readable):
             reason = "miss"
         elif stopped < end:
-            reason = "deadline"  # iter_blocks ends early only when the deadline passed
+            reason = "deadline"  # copy_out ends early only when the deadline passed
         elif end < len(chain):
             reason = "max_blocks"
         resp.end.CopyFrom(pb.GetEnd(blocks_sent=len(filled), complete=stopped == len(chain), stopped_at=stopped,
@@ -169,43 +165,24 @@ async def get_shm(servicer, request: pb.GetShmRequest, context, deadline: float 
 
 
 def _fill(store, arena: ServerArena, region: tuple[int, int], keys, tenant: str, deadline: float | None):
-    """Copy blocks of ``keys`` (prefix order) into ``region`` until a miss, a foreign block, the deadline
-    or a block that does not fit. Runs on one worker thread, the copies on the copy threads.
-
-    Each block is copied and checksummed in one pass (:func:`tiering.bytecopy.copy_many`); the
-    checksum is of the arena's bytes after the copy, so a block is answered only if exactly what the
-    caller will read matches what was stored. One that does not stops the answer there, as a miss.
+    """Write blocks of ``keys`` (prefix order) into ``region`` with :meth:`TieredStore.copy_out` (one
+    copy from memory, cold blocks decoded straight into the arena, each checked on the arena's bytes)
+    until a miss, a foreign block, the deadline or a block that does not fit. Runs on one worker thread.
 
     :returns: ``([(key, block, tier, offset)...], missed, bytes of the block that did not fit or 0)``.
     """
     if not arena.alive:
         raise ShmUnavailable("the arena was closed by its owner")
-    pos, stop = region[0], region[0] + region[1]
-    out, missed, next_bytes = [], False, 0
-    with contextlib.closing(store.iter_blocks(keys, window=GET_WINDOW, deadline=deadline)) as blocks:
-        # the blocks stay leased (unevictable) until the iteration closes, after the copies
-        for key, block, tier in blocks:
-            if block is None:
-                missed = True
-                break
-            ns = store.namespace_of(block.ns_id)
-            if ns is None or ns.tenant != tenant:
-                missed = True
-                break
-            if pos + block.nbytes > stop:
-                next_bytes = block.nbytes
-                break
-            out.append((key, block, tier, pos))
-            pos += -(-block.nbytes // ALIGNMENT) * ALIGNMENT
-        array = arena.arena.array
-        for _key, block, _tier, offset in out:
-            if block.data.device.type != "cpu":  # device-to-host into the arena; hashed with the rest below
-                arena.arena.tensor[offset:offset + block.nbytes].copy_(block.data.reshape(-1))
-        sums = copy_many([(array[o:o + b.nbytes], b.data.numpy().reshape(-1) if b.data.device.type == "cpu"
-                           else array[o:o + b.nbytes]) for _k, b, _t, o in out])
-    bad = next((i for i, (item, got) in enumerate(zip(out, sums)) if got != item[1].checksum), None)
-    if bad is not None:
-        log.error("block %s failed its checksum on its way into an arena: answered as a miss",
-                  out[bad][0].digest.hex())
-        return out[:bad], True, 0
-    return out, missed, next_bytes
+    owners: dict[bytes, bool] = {}
+
+    def accept(ns_id: bytes) -> bool:
+        if ns_id not in owners:
+            ns = store.namespace_of(ns_id)
+            owners[ns_id] = ns is not None and ns.tenant == tenant
+        return owners[ns_id]
+
+    start, length = region
+    got = store.copy_out(keys, arena.arena.array[start:start + length], align=ALIGNMENT, accept=accept,
+                         deadline=deadline)
+    items = [(key, block, tier, start + offset) for key, block, tier, offset in got.items]
+    return items, got.stop == "miss", got.next_bytes
