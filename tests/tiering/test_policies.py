@@ -147,3 +147,25 @@ def test_order_is_a_permutation_of_the_keys(name, ops):
     order = p.order()
     assert sorted(order) == sorted(live) and len(order) == len(set(order)) == len(p)
     assert p.victims(len(live), ONE, NONE) == (order if live else [])
+
+
+@pytest.mark.parametrize("name", ["lru", "s3fifo"])
+def test_victims_walk_the_order_lazily(name):
+    # an eviction needing two victims must not materialise the order of a large tier
+    p = make_policy(name)
+    for k in range(50_000):
+        p.insert(k)
+    for k in range(0, 50_000, 7):
+        p.touch(k)
+    walked = 0
+    real = p.iter_order
+
+    def counting():
+        nonlocal walked
+        for key in real():
+            walked += 1
+            yield key
+
+    p.iter_order = counting
+    assert p.victims(2, lambda k: 1, lambda k: False) == p.order()[:2]
+    assert walked <= 50  # O(victims) here, not O(keys)

@@ -9,7 +9,7 @@ so a failed eviction leaves everything as it was.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 
 class EvictionPolicy(ABC):
@@ -35,6 +35,11 @@ class EvictionPolicy(ABC):
     def order(self) -> list[Hashable]:
         """Every key, least valuable first (the order victims are taken in)."""
 
+    def iter_order(self) -> Iterator[Hashable]:
+        """:meth:`order`, lazily: an eviction that needs a few victims must not cost a walk over every
+        key of a large tier. Valid until the policy next changes."""
+        return iter(self.order())
+
     def victims(self, need: int, size_of: Callable[[Hashable], int],
                 protected: Callable[[Hashable], bool]) -> list[Hashable] | None:
         """Pick the least valuable unprotected keys whose sizes add up to at least ``need`` bytes.
@@ -45,7 +50,7 @@ class EvictionPolicy(ABC):
         if need <= 0:
             return []
         chosen, freed = [], 0
-        for key in self.order():
+        for key in self.iter_order():
             if protected(key):
                 continue
             chosen.append(key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 
 from .base import EvictionPolicy
 
@@ -29,6 +29,9 @@ class LRUPolicy(EvictionPolicy):
 
     def order(self) -> list[Hashable]:
         return list(self._keys)
+
+    def iter_order(self) -> Iterator[Hashable]:
+        return iter(self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)

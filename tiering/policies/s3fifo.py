@@ -13,7 +13,7 @@ survive scans — exactly the pattern of long chat sessions next to one-off prom
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 
 from .base import EvictionPolicy
 
@@ -87,36 +87,46 @@ class S3FIFOPolicy(EvictionPolicy):
 
     def order(self) -> list[Hashable]:
         """Simulate evictions until every key has been chosen once; least valuable first."""
-        small = list(self._small)
-        main = list(self._main)
-        freq = dict(self._freq)
-        out: list[Hashable] = []
-        total = len(freq)
-        si = mi = 0
+        return list(self.iter_order())
+
+    def iter_order(self) -> Iterator[Hashable]:
+        """:meth:`order` lazily: the queues are read in place and only the simulated changes (keys
+        moved to main's tail, counters spent) are kept aside, so the first victims cost O(victims)."""
+        n_small, n_main = len(self._small), len(self._main)
+        small_it, main_it = iter(self._small), iter(self._main)
+        extra: list[Hashable] = []  # keys the simulation appended to main's tail
+        spent: dict[Hashable, int] = {}  # simulated counters, where they differ from self._freq
+        total = len(self._freq)
+        emitted = si = mi = ei = rounds = 0
         target_small = max(1, int(total * self.small_ratio))
-        rounds = 0
-        while len(out) < total:
+        while emitted < total:
             rounds += 1
-            take_small = si < len(small) and (len(small) - si > target_small or mi >= len(main))
-            if take_small:
-                key = small[si]
+            main_left = (n_main - mi) + (len(extra) - ei)
+            if si < n_small and (n_small - si > target_small or main_left == 0):
+                key = next(small_it)
                 si += 1
-                if freq[key] > 0:
-                    freq[key] = 0
-                    main.append(key)  # promoted to main on its way out of the small queue
+                if spent.get(key, self._freq[key]) > 0:
+                    spent[key] = 0
+                    extra.append(key)  # promoted to main on its way out of the small queue
                 else:
-                    out.append(key)
-            elif mi < len(main):
-                key = main[mi]
-                mi += 1
-                if freq[key] > 0 and rounds <= 4 * total + 8:
-                    freq[key] -= 1
-                    main.append(key)  # second chance
+                    emitted += 1
+                    yield key
+            elif main_left:
+                if mi < n_main:
+                    key = next(main_it)
+                    mi += 1
                 else:
-                    out.append(key)
-            else:  # pragma: no cover - both queues drained means out is complete
-                break
-        return out
+                    key = extra[ei]
+                    ei += 1
+                freq = spent.get(key, self._freq[key])
+                if freq > 0 and rounds <= 4 * total + 8:
+                    spent[key] = freq - 1
+                    extra.append(key)  # second chance
+                else:
+                    emitted += 1
+                    yield key
+            else:  # pragma: no cover - both queues drained means every key was emitted
+                return
 
     def __len__(self) -> int:
         return len(self._freq)
