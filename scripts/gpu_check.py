@@ -1,6 +1,8 @@
-"""Measurements for a lent GPU machine: pinned→device vs pageable copies, and the store's warm→hot path.
+"""Measurements for a lent GPU machine: pinned→device vs pageable copies, the store's warm→hot path,
+CUDA IPC of one buffer, and a Get of hot blocks through the RPCs by CUDA IPC vs the shared-memory arena.
 
-Writes JSON to the path given (default stdout). Run by scripts/gpu_check.sh after the GPU tests.
+Writes JSON to the path given (default stdout). Run by scripts/gpu_check.sh after the GPU tests; exits
+with status 2 and a message when torch sees no CUDA device.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,13 +19,7 @@ from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 
 
 def _bw(fn, nbytes: int, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return nbytes * reps / (time.perf_counter() - t0) / 1e9
+    return nbytes / _timed(fn, reps) / 1e9
 
 
 def copies() -> dict:
@@ -76,15 +73,21 @@ def store_paths() -> dict:
 
 
 def _ipc_child(handles, results) -> None:
-    from service.shm.cuda_ipc import import_copy
-    for handle, reps in iter(handles.get, None):
+    from service._gen.kvtier.v1 import kvtier_pb2 as pb
+    from service.shm.cuda_ipc import copy_out
+
+    def copy(raw: bytes) -> None:
+        buf = pb.CudaIpcBuffer.FromString(raw)
+        copy_out(buf, "cuda:0", [(0, buf.size_bytes)])
+
+    for first_handle, handles_then in iter(handles.get, None):
         t0 = time.perf_counter()
-        import_copy(handle)
+        copy(first_handle)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(reps):
-            import_copy(handle)
-        results.put((first, (time.perf_counter() - t0) / reps))
+        for raw in handles_then:
+            copy(raw)
+        results.put((first, (time.perf_counter() - t0) / len(handles_then)))
 
 
 def cuda_ipc() -> dict:
@@ -92,7 +95,7 @@ def cuda_ipc() -> dict:
     (device→host→device, what the shared-memory arena costs a CUDA client)."""
     import multiprocessing as mp
 
-    from service.shm.cuda_ipc import export_handle
+    from service.shm.cuda_ipc import share
     ctx = mp.get_context("spawn")
     handles, results = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_ipc_child, args=(handles, results))
@@ -102,7 +105,8 @@ def cuda_ipc() -> dict:
         for mib in (2, 64):
             n = mib << 20
             block = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-            handles.put((export_handle(block), 20))
+            # one share per open: each carries the one reference its reader gives back
+            handles.put((share(block).SerializeToString(), [share(block).SerializeToString() for _ in range(20)]))
             first, steady = results.get(timeout=300)
             host = _bw(lambda: block.cpu().to("cuda"), n, 20)
             out[f"{mib}MiB"] = {"ipc_first_open_ms": first * 1e3, "ipc_GBps": n / steady / 1e9,
@@ -115,13 +119,64 @@ def cuda_ipc() -> dict:
     return out
 
 
+def _timed(fn, reps: int) -> float:
+    """Seconds per call of ``fn`` (after one warm-up call), the GPU's work included."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def rpc_get(reps: int = 10) -> dict:
+    """A Get of hot blocks (2 MiB each) to a CUDA client on the server's GPU, through the RPCs:
+    ``get(keys, device="cuda:0")`` (GetIpc: one device-to-device copy on each side) vs ``get(keys)``
+    through the shared-memory arena then ``.to("cuda")`` (device→host in the server, host→device here)."""
+    from service.bench.procs import kvtier_server
+    from service.client import KVTierClient
+
+    layout = BlockLayout("float16", 32, 8, 128, 16)
+    ns = Namespace("default", "gpu-check", "ipc", layout)
+    n = 32
+    blocks = [torch.randn(layout.shape()).to(torch.float16) for _ in range(n)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            kvtier_server(Path(tmp), "ipc", Path(tmp) / "data",
+                          store={"hot_device": "cuda:0", "hot_capacity": "1GiB", "warm_capacity": "1GiB"}) as target, \
+            KVTierClient(target, data_path="shm") as kv:
+        keys = kv.put(ns, list(range(16 * n)), blocks).keys
+        out["hot_blocks"] = kv.lookup(ns, list(range(16 * n))).tiers.count("hot")
+        for mib in (16, 64):
+            chain = keys[:mib * n // 64]
+            by_ipc = kv.get(chain, device="cuda:0").blocks
+            by_host = [b.to("cuda") for b in kv.get(chain).blocks]
+            same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(by_ipc, by_host))
+            before = kv.stats().counters.get("ipc_blocks", 0)
+            ipc_s = _timed(lambda: kv.get(chain, device="cuda:0"), reps)
+            ipc_blocks = (kv.stats().counters.get("ipc_blocks", 0) - before) / (reps + 1)
+            host_s = _timed(lambda: [b.to("cuda") for b in kv.get(chain).blocks], reps)
+            nbytes = mib << 20
+            out[f"{mib}MiB"] = {"blocks": len(chain), "blocks_by_ipc_per_get": ipc_blocks, "bit_identical": same,
+                                "ipc_ms": ipc_s * 1e3, "ipc_GBps": nbytes / ipc_s / 1e9,
+                                "shm_then_to_cuda_ms": host_s * 1e3, "shm_then_to_cuda_GBps": nbytes / host_s / 1e9,
+                                "ipc_over_host": host_s / ipc_s}
+    return out
+
+
 def main() -> int:
+    if not torch.cuda.is_available():
+        sys.stderr.write("gpu_check: torch sees no CUDA device; run it on a GPU machine (scripts/gpu_check.sh)\n")
+        return 2
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "copies": copies(), "store": store_paths()}
-    try:
-        result["cuda_ipc"] = cuda_ipc()
-    except Exception as exc:  # the older measurements must come back even if IPC does not work here
-        result["cuda_ipc"] = {"error": f"{type(exc).__name__}: {exc}"}
+    # the older measurements must come back even if IPC does not work here
+    for name, measure in (("cuda_ipc", cuda_ipc), ("rpc_get", rpc_get)):
+        try:
+            result[name] = measure()
+        except Exception as exc:
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"}
     text = json.dumps(result, indent=2)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as fh:

@@ -32,6 +32,7 @@ from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal, require_admin
 from service.errors import grpc_errors
 from service.quota import Limits
+from service.shm import ipc as shm_ipc
 from service.shm import rpc as shm_rpc
 from service.shm.broker import ArenaRegistry
 from service.put_stream import MAX_CHUNK_BYTES, PutAssembler, plan_from_header
@@ -74,6 +75,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.auth = auth or Authenticator()
         self.limits = limits or Limits()
         self.shm = shm  # same-host arenas (service/shm); None: OpenArena answers FAILED_PRECONDITION
+        self.ipc = shm_ipc.IpcLeases(store.config.lease_s)  # CUDA IPC buffers on lease (GetIpc)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> tuple[Principal | None, str | None]:
         """The caller and the tenant its credentials bind it to (None: it may name one).
@@ -288,6 +290,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         resp = convert.stats_to_proto(snap, service.__version__)
         if self.shm is not None:
             resp.counters.update(self.shm.stats())
+            resp.counters.update(self.ipc.stats())
         return resp
 
     # -- same-host data plane (service/shm/rpc.py) ----------------------------------------------------
@@ -302,3 +305,13 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     @grpc_errors
     async def GetShm(self, request: pb.GetShmRequest, context: grpc.aio.ServicerContext) -> pb.GetShmResponse:
         return await shm_rpc.get_shm(self, request, context, deadline_of(context))
+
+    # -- same-host CUDA IPC (service/shm/ipc.py) ------------------------------------------------------
+    @grpc_errors
+    async def GetIpc(self, request: pb.GetIpcRequest, context: grpc.aio.ServicerContext) -> pb.GetIpcResponse:
+        return await shm_ipc.get_ipc(self, request, context, deadline_of(context))
+
+    @grpc_errors
+    async def ReleaseIpc(self, request: pb.ReleaseIpcRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ReleaseIpcResponse:
+        return await shm_ipc.release_ipc(self, request, context)

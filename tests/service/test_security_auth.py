@@ -76,6 +76,9 @@ def _all_rpcs(stub, ns):
         "GetShm": lambda m: stub.GetShm(pb.GetShmRequest(arena_id="0" * 32, request=pb.GetRequest(keys=keys),
                                                          region=pb.ShmSlot(offset=0, length=1 << 20)),
                                         metadata=m, timeout=10),
+        "GetIpc": lambda m: stub.GetIpc(pb.GetIpcRequest(arena_id="0" * 32, request=pb.GetRequest(keys=keys),
+                                                         device_uuid="0" * 32), metadata=m, timeout=10),
+        "ReleaseIpc": lambda m: stub.ReleaseIpc(pb.ReleaseIpcRequest(lease_id="0" * 32), metadata=m, timeout=10),
     }
 
 

@@ -413,3 +413,65 @@ class GetShmResponse(_message.Message):
     rest_keys: _containers.RepeatedScalarFieldContainer[bytes]
     next_block_bytes: int
     def __init__(self, blocks: _Optional[_Iterable[_Union[ShmBlock, _Mapping]]] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ..., rest_keys: _Optional[_Iterable[bytes]] = ..., next_block_bytes: _Optional[int] = ...) -> None: ...
+
+class CudaIpcBuffer(_message.Message):
+    __slots__ = ("mem_handle", "size_bytes", "offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    MEM_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    mem_handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, mem_handle: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class GetIpcRequest(_message.Message):
+    __slots__ = ("arena_id", "request", "device_uuid")
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    arena_id: str
+    request: GetRequest
+    device_uuid: str
+    def __init__(self, arena_id: _Optional[str] = ..., request: _Optional[_Union[GetRequest, _Mapping]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+
+class IpcBlock(_message.Message):
+    __slots__ = ("header", "offset")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    header: BlockHeader
+    offset: int
+    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class GetIpcResponse(_message.Message):
+    __slots__ = ("lease_id", "lease_seconds", "buffer", "blocks", "end", "rest_keys")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    REST_KEYS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    lease_seconds: float
+    buffer: CudaIpcBuffer
+    blocks: _containers.RepeatedCompositeFieldContainer[IpcBlock]
+    end: GetEnd
+    rest_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, lease_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., buffer: _Optional[_Union[CudaIpcBuffer, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[IpcBlock, _Mapping]]] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ..., rest_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ReleaseIpcRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseIpcResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

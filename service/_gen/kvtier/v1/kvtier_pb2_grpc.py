@@ -90,6 +90,16 @@ class KVCacheStub:
                 request_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.FromString,
                 _registered_method=True)
+        self.GetIpc = channel.unary_unary(
+                '/kvtier.v1.KVCache/GetIpc',
+                request_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetIpcRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetIpcResponse.FromString,
+                _registered_method=True)
+        self.ReleaseIpc = channel.unary_unary(
+                '/kvtier.v1.KVCache/ReleaseIpc',
+                request_serializer=kvtier_dot_v1_dot_kvtier__pb2.ReleaseIpcRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_kvtier__pb2.ReleaseIpcResponse.FromString,
+                _registered_method=True)
 
 
 class KVCacheServicer:
@@ -178,6 +188,24 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetIpc(self, request, context):
+        """Same-host callers on the server's hot-tier GPU: hot blocks as a CUDA IPC handle (see "Same-host data
+        plane (CUDA IPC)" above), the same order and stopping rules as Get plus "not_hot". Answers
+        FAILED_PRECONDITION when the hot tier is not on CUDA, shared memory is off, or the caller's device
+        is not the hot tier's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseIpc(self, request, context):
+        """End a GetIpc lease early (once the caller copied its blocks and unmapped the buffer). NOT_FOUND when
+        the caller holds no such lease (released, expired, or another caller's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +263,16 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.GetShm,
                     request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.SerializeToString,
+            ),
+            'GetIpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIpc,
+                    request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.GetIpcRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_kvtier__pb2.GetIpcResponse.SerializeToString,
+            ),
+            'ReleaseIpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseIpc,
+                    request_deserializer=kvtier_dot_v1_dot_kvtier__pb2.ReleaseIpcRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_kvtier__pb2.ReleaseIpcResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -535,6 +573,60 @@ class KVCache:
             '/kvtier.v1.KVCache/GetShm',
             kvtier_dot_v1_dot_kvtier__pb2.GetShmRequest.SerializeToString,
             kvtier_dot_v1_dot_kvtier__pb2.GetShmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVCache/GetIpc',
+            kvtier_dot_v1_dot_kvtier__pb2.GetIpcRequest.SerializeToString,
+            kvtier_dot_v1_dot_kvtier__pb2.GetIpcResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseIpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVCache/ReleaseIpc',
+            kvtier_dot_v1_dot_kvtier__pb2.ReleaseIpcRequest.SerializeToString,
+            kvtier_dot_v1_dot_kvtier__pb2.ReleaseIpcResponse.FromString,
             options,
             channel_credentials,
             insecure,
