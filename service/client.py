@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import client_proto as cp
@@ -29,6 +30,7 @@ from service._gen.kvtier.v1 import kvtier_pb2 as pb
 from service.blockwire import GetAssembler, Payload, check_payload_count, payload_view, put_requests
 from service.client_types import (GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo,
                                   StatsInfo)
+from service.shm import ipc_client
 from service.shm.client import ShmLink, is_local_target
 from service.wire_fast import FastKVCacheStub
 from tiering.keys import BlockKey, Namespace
@@ -203,13 +205,27 @@ class KVTierClient:
             raise cp.client_error(exc) from None
 
     def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None, tenant: str | None = None,
-            start_block: int = 0, max_blocks: int = 0, timeout: float | None = None) -> GetResult:
+            start_block: int = 0, max_blocks: int = 0, timeout: float | None = None,
+            device: str | torch.device | None = None) -> GetResult:
         """Blocks of ``keys`` (prefix order) or of a session's chain, stopping at the first miss.
 
+        :param device: where the blocks go (``None`` or ``"cpu"``: host tensors, as they arrive). For a
+            CUDA device whose GPU is the hot tier of a server on this host (shared-memory link), the
+            hot blocks come by CUDA IPC, copied device to device and not checksummed again
+            (``service/shm/ipc_client.py``); the others, and every block in any other case, come the
+            usual way and are moved there with ``.to(device)``.
         :raises KVTierClientError: ``DATA_LOSS`` if a block fails its checksum (the stream is
             cancelled, nothing is returned); ``NOT_FOUND`` for an unknown session.
         """
         req = cp.get_request(keys, session_id, self.tenant if tenant is None else tenant, start_block, max_blocks)
+        if device is None or torch.device(device).type == "cpu":
+            return self._get(req, timeout)
+        link = self._link(timeout) if ipc_client.cuda_device(device) is not None else None
+        return ipc_client.get_on_device(self._stub, self._metadata, self.timeout if timeout is None else timeout, link,
+                                        req, torch.device(device), self._get)
+
+    def _get(self, req: pb.GetRequest, timeout: float | None) -> GetResult:
+        """:meth:`get` of a built request: through the shared-memory link if any, else the stream."""
         if (link := self._link(timeout)) is not None:
             try:
                 return self._shm_call(link.get, req, timeout=timeout)
@@ -287,22 +303,68 @@ class AsyncKVTierClient:
     """``grpc.aio`` client: the methods of :class:`KVTierClient` as coroutines, same arguments and results.
 
     Create and use it inside one running event loop; ``async with`` closes it. Checksums are
-    computed and verified on the loop thread (XXH3 runs at several GB/s).
+    computed and verified on the loop thread (XXH3 runs at several GB/s). ``data_path`` as for
+    :class:`KVTierClient`: on the same host, puts and gets go through a shared-memory arena, and a
+    call waiting for a free range of it never blocks the loop.
     """
 
     def __init__(self, target: str, *, timeout: float | None = 60.0, tenant: str = "", token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, object]] = ()) -> None:
+                 options: Sequence[tuple[str, object]] = (), data_path: str = "auto") -> None:
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path must be one of {DATA_PATHS}, not {data_path!r}")
         opts = _channel_options(max_message_bytes, options)
         self.target = target
         self.timeout = timeout
         self.tenant = tenant
+        self.data_path = data_path
         self._metadata = ((AUTH_METADATA, f"Bearer {token}"),) if token else None
         self._channel = (grpc.aio.secure_channel(target, credentials, options=opts) if credentials is not None
                          else grpc.aio.insecure_channel(target, options=opts))
         self._stub = FastKVCacheStub(self._channel)  # Get/Put payloads skip protobuf (same bytes)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._shm: ShmLink | None = None
+        self._shm_tried = data_path == "grpc" or (data_path == "auto" and not is_local_target(target))
+        self._shm_lock = asyncio.Lock()
+
+    async def _link(self, timeout: float | None) -> ShmLink | None:
+        """See :meth:`KVTierClient._link`."""
+        if self._shm is not None or self._shm_tried:
+            return self._shm
+        async with self._shm_lock:
+            if self._shm is None and not self._shm_tried:
+                try:
+                    self._shm = await ShmLink.open_async(self._stub, self._metadata,
+                                                         self.timeout if timeout is None else timeout)
+                except (KVTierClientError, OSError) as exc:
+                    if self.data_path == "shm":
+                        if isinstance(exc, KVTierClientError):
+                            raise
+                        raise KVTierClientError(grpc.StatusCode.UNAVAILABLE,
+                                                f"shared-memory arena unreachable: {exc}") from None
+                    log.debug("shared memory not available from %s (%s); using the gRPC streams", self.target, exc)
+                self._shm_tried = True
+            return self._shm
+
+    async def _shm_call(self, method, *args, timeout: float | None):
+        """Run ``method`` (a link's ``put_async``/``get_async``); after FAILED_PRECONDITION (the server
+        forgot the arena: it restarted) once more over a new link, as :meth:`KVTierClient.put` does."""
+        for attempt in (0, 1):
+            link = await self._link(timeout)
+            try:
+                return await getattr(link, method)(self._stub, self._metadata,
+                                                   self.timeout if timeout is None else timeout, *args)
+            except grpc.RpcError as exc:
+                err = cp.client_error(exc)
+            if attempt or err.code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise err
+            async with self._shm_lock:
+                if self._shm is link:
+                    link.close()
+                    self._shm, self._shm_tried = None, False
+            if await self._link(timeout) is None:
+                raise err
 
     async def _call(self, method, request, timeout):
         try:
@@ -335,6 +397,10 @@ class AsyncKVTierClient:
                   session_id: str | None = None, durable: bool = False, priority: int = 0, ttl_seconds: float = 0.0,
                   checksums: bool = True, timeout: float | None = None) -> PutInfo:
         """See :meth:`KVTierClient.put`."""
+        if await self._link(timeout) is not None:
+            header, views = _prepare_put_views(namespace, token_ids, blocks, first_block, session_id, durable, priority,
+                                               ttl_seconds)
+            return cp.put_info(await self._shm_call("put_async", header, views, timeout=timeout))
         stream = _prepare_put(namespace, token_ids, blocks, first_block, session_id, durable, priority, ttl_seconds,
                               checksums)
         return cp.put_info(await self._call(self._stub.Put, stream, timeout))
@@ -342,8 +408,10 @@ class AsyncKVTierClient:
     async def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
                   tenant: str | None = None, start_block: int = 0, max_blocks: int = 0,
                   timeout: float | None = None) -> GetResult:
-        """See :meth:`KVTierClient.get`."""
+        """See :meth:`KVTierClient.get` (host tensors only)."""
         req = cp.get_request(keys, session_id, self.tenant if tenant is None else tenant, start_block, max_blocks)
+        if await self._link(timeout) is not None:
+            return await self._shm_call("get_async", req, timeout=timeout)
         asm = GetAssembler()
         call = self._stub.Get(req, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         try:
@@ -388,7 +456,11 @@ class AsyncKVTierClient:
         return cp.stats_info(await self._call(self._stub.Stats, pb.StatsRequest(), timeout))
 
     async def close(self) -> None:
-        """Close the channel (idempotent)."""
+        """Close the channel and the shared-memory link, if any (idempotent)."""
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+        self._shm_tried = True
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncKVTierClient":
