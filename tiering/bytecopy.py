@@ -69,13 +69,19 @@ def _copy_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int) -> list[R]:
-    """``[fn(item) for item in items]``, shared out over the copy threads (the calling thread takes
-    one share) when the items move at least :data:`PARALLEL_MIN_BYTES` together (``nbytes``).
+def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int, pool: ThreadPoolExecutor | None = None) -> list[R]:
+    """``[fn(item) for item in items]``, shared out over the threads of ``pool`` (default: the copy
+    threads; the calling thread takes one share) when the items move at least
+    :data:`PARALLEL_MIN_BYTES` together (``nbytes``).
+
+    Work that allocates (decoding) belongs on a pool whose threads already do such work: each thread
+    keeps the memory it freed for reuse (``service/memtune.py``), so the copy threads are kept to
+    copies, which allocate nothing.
 
     :raises: the first exception of a share, once every share has ended.
     """
-    workers = _copy_pool()._max_workers if len(items) > 1 and nbytes >= PARALLEL_MIN_BYTES else 1
+    pool = pool or _copy_pool()
+    workers = pool._max_workers if len(items) > 1 and nbytes >= PARALLEL_MIN_BYTES else 1
     if workers == 1:
         return [fn(item) for item in items]
     out: list = [None] * len(items)
@@ -85,7 +91,7 @@ def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int) -> list[R]:
             out[i] = fn(items[i])
 
     shares = [range(k, len(items), workers) for k in range(min(workers, len(items)))]
-    futures = [_copy_pool().submit(run, share) for share in shares[1:]]
+    futures = [pool.submit(run, share) for share in shares[1:]]
     try:
         run(shares[0])
     finally:

@@ -179,7 +179,7 @@ class CopyOutMixin:
             return block is not None
 
         before = self.cold.checksum_failures if self.cold is not None else 0
-        decoded = spread(decode, cold, sum(p.nbytes for p in cold))
+        decoded = spread(decode, cold, sum(p.nbytes for p in cold), self._pool)  # the fetch threads decode
         good |= {id(p) for p, ok in zip(cold, decoded) if ok}
         with self._lock:
             self.stats.tier("cold").hits += sum(decoded)

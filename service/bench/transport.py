@@ -121,7 +121,7 @@ def _shm_batch(ctx: BenchContext, client: KVTierClient, blocks: int, notes: list
     ns = namespace(layout)
     data = tiers.payload(layout, seed=blocks)
     per_call = data.nbytes * blocks
-    n = max(3, ctx.iterations(per_call, lo=3, hi=20))
+    n = ctx.iterations(per_call, lo=3 if ctx.quick else 8, hi=20)
     base = iter(range(10**6))
 
     def tokens() -> np.ndarray:  # a chain never stored before: every block of it is new
