@@ -1,7 +1,8 @@
 """Scenario 5, concurrency: 1, 4, 16 and 32 async clients doing Get of a 360 KiB block at once.
 
 Each client is an :class:`service.client.AsyncKVTierClient` with its own channel, all on one event loop
-in this process, against a warm server subprocess holding 8 such blocks. Per level: aggregate GB/s
+in this process, against a warm server subprocess holding 8 such blocks; once over the shared-memory
+path (what a same-host caller gets by default) and once over the gRPC streams (``path``). Per level: aggregate GB/s
 (bytes of every Get over the wall time of the level) and p50/p99 of single Gets as each client saw
 them (client-side queueing included, which is what a caller waits for).
 """
@@ -21,8 +22,8 @@ from .transport import SIZES, namespace
 LEVELS = (1, 4, 16, 32)
 
 
-async def _level(address: str, keys: list, clients: int, ops: int) -> tuple[float, list[float]]:
-    conns = [AsyncKVTierClient(address, timeout=120) for _ in range(clients)]
+async def _level(address: str, keys: list, clients: int, ops: int, path: str) -> tuple[float, list[float]]:
+    conns = [AsyncKVTierClient(address, timeout=120, data_path=path) for _ in range(clients)]
     try:
         await asyncio.gather(*(c.wait_ready(30) for c in conns))
         await asyncio.gather(*(c.get([keys[i % len(keys)]]) for i, c in enumerate(conns)))  # warm the channels
@@ -44,7 +45,7 @@ async def _level(address: str, keys: list, clients: int, ops: int) -> tuple[floa
 
 
 def run(ctx: BenchContext) -> dict:
-    """Rows ``{clients, ops, gbps, ops_per_s, p50_ms, p99_ms}``."""
+    """Rows ``{path, clients, ops, gbps, ops_per_s, p50_ms, p99_ms}``."""
     layout = SIZES["360KiB"]
     ns = namespace(layout)
     data = tiers.payload(layout)
@@ -58,12 +59,13 @@ def run(ctx: BenchContext) -> dict:
             keys = []
             for i in range(8):
                 keys.append(client.put(ns, tiers.block_tokens(layout, i), [data]).keys[0])
-        for clients in levels:
-            ops = max(4 if not ctx.tiny else 2, total // clients)
-            ctx.step(f"{clients} clients x {ops} Gets")
-            wall, lat = asyncio.run(_level(address, keys, clients, ops))
-            rows.append({"clients": clients, "ops": len(lat), "block_bytes": size,
-                         "gbps": size * len(lat) / wall / 1e9, "ops_per_s": len(lat) / wall,
-                         "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3})
+        for path in ("shm", "grpc"):
+            for clients in levels:
+                ops = max(4 if not ctx.tiny else 2, total // clients)
+                ctx.step(f"{clients} clients x {ops} Gets over {path}")
+                wall, lat = asyncio.run(_level(address, keys, clients, ops, path))
+                rows.append({"path": path, "clients": clients, "ops": len(lat), "block_bytes": size,
+                             "gbps": size * len(lat) / wall / 1e9, "ops_per_s": len(lat) / wall,
+                             "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3})
     return {"rows": rows, "notes": ["warm server; clients share this process's event loop and its CPU "
                                     "with the server (2-core machines: client-side queueing is part of p99)"]}

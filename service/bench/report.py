@@ -106,8 +106,13 @@ def _plot_transport(plt, rows: list[dict], path: Path) -> None:
 
 def _plot_xy(plt, rows: list[dict], x: str, ys: list[str], path: Path, title: str, logx: bool = False) -> None:
     fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 4), squeeze=False)
+    groups = sorted({r.get("path", "") for r in rows})
     for ax, y in zip(axes[0], ys):
-        ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o")
+        for g in groups:  # one line per data path where rows have one
+            sel = [r for r in rows if r.get("path", "") == g]
+            ax.plot([r[x] for r in sel], [r[y] for r in sel], marker="o", label=g or None)
+        if groups != [""]:
+            ax.legend()
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         if logx:

@@ -81,11 +81,13 @@ def _scale(results: dict, field: str) -> tuple[float | None, str]:
 
 
 def _concurrency(results: dict) -> tuple[float | None, str]:
+    """p99 at the most clients, over the shared-memory path (a same-host caller's default) when measured."""
     rows = _rows(results, "concurrency")
     if not rows:
         return None, ""
-    r = max(rows, key=lambda r: r["clients"])
-    return r.get("p99_ms"), f"{r['clients']} clients"
+    shm = [r for r in rows if r.get("path") == "shm"]
+    r = max(shm or rows, key=lambda r: r["clients"])
+    return r.get("p99_ms"), f"{r['clients']} clients" + (f", {r['path']}" if r.get("path") else "")
 
 
 def _tracing(results: dict) -> tuple[float | None, str]:
