@@ -53,6 +53,7 @@ from .sessions import Session, namespace_to_dict, session_id_key
 from .spans import TierOps, now_ns, session_hash
 from .stats import StoreStats
 from .tier import Block
+from .tombstones import Tombstones
 from .warm import make_warm_tier
 from .writer import ColdWriter, WriteJob
 from .results import LookupResult, PrefetchHandle, PutResult
@@ -127,6 +128,7 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
             self.stats.tier(t)
         self._pending: dict[BlockKey, Block] = {}  # queued for the cold tier, not yet committed
         self._inflight: dict[BlockKey, Future] = {}  # single-flight of loads from the cold tier
+        self._tombstones = Tombstones()  # erased blocks no earlier read may put back (tiering/tombstones.py)
         self._namespaces: dict[bytes, Namespace] = {}
         self._mem_sessions: dict[bytes, bytes] = {}  # session records when there is no cold tier
         self._pending_sessions: dict[bytes, bytes | None] = {}  # queued for the writer, newer than LMDB
@@ -391,16 +393,20 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
             found = [a or b for a, b in zip(found, on_disk)]
         return found
 
-    def _place(self, key: BlockKey, block: Block, start: int) -> int:
+    def _place(self, key: BlockKey, block: Block, start: int, since: int | None = None) -> int:
         """Put ``block`` into the first memory tier from ``start`` down that can make room.
 
-        :returns: the index of the tier that took it, or -1 when none could (everything pinned, or no
-            memory tier).
+        :param since: for a read's promotion, the tombstone generation the read began at: a block
+            erased since is not put back (:mod:`tiering.tombstones`).
+        :returns: the index of the tier that took it, or -1 when none could (everything pinned, no
+            memory tier, or the block was erased meanwhile).
         """
         for i in range(start, len(self.memory)):
             tier = self.memory[i]
             staged = tier.stage(block) if block.data.device != tier.device or tier.pin_memory else block
             with self._lock:
+                if self._tombstones.refuses(since, key, block.ns_id):
+                    return -1
                 if self._insert(i, key, staged):
                     return i
         return -1
@@ -482,6 +488,16 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
     def _get(self, key: BlockKey, promote: bool, ops: TierOps | None) -> tuple[Block, str] | None:
         """:meth:`get`, recording its tier work into ``ops`` (when not None)."""
         self._check_open()
+        with self._lock:
+            since = self._tombstones.begin_read()
+        try:
+            return self._get_since(key, promote, ops, since)
+        finally:
+            with self._lock:
+                self._tombstones.end_read(since)
+
+    def _get_since(self, key: BlockKey, promote: bool, ops: TierOps | None, since: int) -> tuple[Block, str] | None:
+        """:meth:`_get` of a read that began at tombstone generation ``since`` (:mod:`tiering.tombstones`)."""
         owner = False
         t0 = now_ns() if ops is not None else 0
         with self._lock:
@@ -508,7 +524,7 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
                 ops.record(f"{served}.read", t0, t1, nbytes=block.nbytes)
         if block is not None:
             if promote and i != 0 and self.memory:
-                self._promote(key, block, served, ops)
+                self._promote(key, block, served, ops, since)
             return block, served
         if self.cold is None:
             return None
@@ -516,19 +532,23 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
             got = fut.result()
             return None if got is None else (got, "cold")
         try:
-            got = self._load_cold(key, promote, ops)
+            got = self._load_cold(key, promote, ops, since)
             fut.set_result(got)
         except BaseException as exc:
             fut.set_exception(exc)
             raise
         finally:
             with self._lock:
-                self._inflight.pop(key, None)
+                if self._inflight.get(key) is fut:  # an erase may have let a newer load take the key
+                    del self._inflight[key]
         return None if got is None else (got, "cold")
 
-    def _promote(self, key: BlockKey, block: Block, src: str, ops: TierOps | None = None) -> Block:
+    def _promote(self, key: BlockKey, block: Block, src: str, ops: TierOps | None = None,
+                 since: int | None = None) -> Block:
+        """Put ``block`` (read from tier ``src``) into the top memory tier that takes it; a read that
+        began at tombstone generation ``since`` never puts back a block erased since."""
         t0 = now_ns() if ops is not None else 0
-        placed = self._place(key, block, 0)
+        placed = self._place(key, block, 0, since)
         if placed < 0:
             return block
         dst = self.memory[placed]
@@ -543,7 +563,8 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
                 self.stats.bytes_moved[f"{src}->{dst.name}"] += block.nbytes
             return dst.peek(key) or block
 
-    def _load_cold(self, key: BlockKey, promote: bool, ops: TierOps | None = None) -> Block | None:
+    def _load_cold(self, key: BlockKey, promote: bool, ops: TierOps | None = None,
+                   since: int | None = None) -> Block | None:
         cold = self.cold
         t0 = now_ns() if ops is not None else 0
         record = cold.get_record(key)
@@ -568,7 +589,7 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
                 return None
             self.stats.tier("cold").hits += 1
         if promote and self.memory:
-            block = self._promote(key, block, "cold", ops)
+            block = self._promote(key, block, "cold", ops, since)
         return block
 
     def iter_blocks(self, keys: Sequence[BlockKey], *, window: int = 4,

@@ -84,9 +84,10 @@ class CopyOutMixin:
         lease = self.leases.acquire(keys, self.config.lease_s)
         parent = trace.get_current_span()
         ops = TierOps(self.tracer, parent) if parent.is_recording() else None
+        with self._lock:
+            self.stats.gets += 1
+            since = self._tombstones.begin_read()
         try:
-            with self._lock:
-                self.stats.gets += 1
             plan, result = self._plan_copy(keys, region.nbytes, align, accept, deadline, ops)
             ok = self._do_copy(plan, region, ops)
             if ok < len(plan):
@@ -98,10 +99,12 @@ class CopyOutMixin:
                     block = Block(torch.from_numpy(raw), p.header.dtype, p.header.shape, p.header.checksum, p.ns_id)
                     if promote and self.memory:
                         own = raw.copy()  # the region is the caller's: the tier keeps its own bytes
-                        self._promote(p.key, block.with_data(torch.from_numpy(own)), "cold", ops)
+                        self._promote(p.key, block.with_data(torch.from_numpy(own)), "cold", ops, since)
                 result.items.append((p.key, block, p.tier, p.offset))
             return result
         finally:
+            with self._lock:
+                self._tombstones.end_read(since)
             self.leases.release(lease)
             if ops is not None:
                 ops.finish()

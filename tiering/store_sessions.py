@@ -118,14 +118,22 @@ class SessionsMixin:
         keys = set(keys)
         gone: set[BlockKey] = set()  # a block held by several tiers counts once
         with self._lock:
+            # reads already running may hold these blocks: they must not put them back (tombstones)
+            self._tombstones.begin_erase(keys)
+            for k in keys:
+                self._inflight.pop(k, None)  # a load begun before the erase is not shared with later reads
             for tier in self.memory:
                 gone.update(k for k in keys if tier.delete(k))
             gone.update(k for k in keys if self._pending.pop(k, None) is not None)
-        if self._writer is not None:
-            self._writer.flush()
-            ordered = list(keys)
-            gone.update(k for k, here in zip(ordered, self.cold.contains_many(ordered)) if here)
-            self.cold.delete_many(ordered)
+        try:
+            if self._writer is not None:
+                self._writer.flush()
+                ordered = list(keys)
+                gone.update(k for k, here in zip(ordered, self.cold.contains_many(ordered)) if here)
+                self.cold.delete_many(ordered)
+        finally:
+            with self._lock:
+                self._tombstones.end_erase(keys)
         return len(gone)
 
     def invalidate(self, tenant: str, *, model: str | None = None, revision: str | None = None,
@@ -147,16 +155,25 @@ class SessionsMixin:
             raise InvalidBlock("invalidate needs a namespace or a model", field="model")
         gone: set[BlockKey] = set()  # a block held by several tiers counts once
         with self._lock:
+            self._tombstones.begin_erase(ns_ids)  # running reads must not put them back
             for tier in self.memory:
                 for k in list(tier.keys()):
                     b = tier.peek(k)
                     if b is not None and b.ns_id in ns_ids and tier.delete(k):
                         gone.add(k)
-        if self.cold is not None:
-            for ns_id in ns_ids:
-                keys = self.cold.keys_of_namespace(ns_id)
-                self.cold.delete_many(keys)
-                gone.update(keys)
+        marked: list[BlockKey] = []
+        try:
+            if self.cold is not None:
+                for ns_id in ns_ids:
+                    keys = self.cold.keys_of_namespace(ns_id)
+                    with self._lock:  # by key too: a block loaded meanwhile may no longer know its namespace
+                        self._tombstones.begin_erase(keys)
+                        marked += keys
+                    self.cold.delete_many(keys)
+                    gone.update(keys)
+        finally:
+            with self._lock:
+                self._tombstones.end_erase([*ns_ids, *marked])
         n = len(gone)
         dead = [s for s in self.sessions() if s.namespace.ns_id in ns_ids]
         fut = self._submit_sessions({s.id_key: None for s in dead}) if dead else None
