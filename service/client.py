@@ -71,6 +71,16 @@ def _prepare_put(namespace: Namespace, token_ids, blocks: Sequence[Payload], fir
     return put_requests(header, views, with_checksums=checksums)
 
 
+def _no_link(target: str, data_path: str, exc: Exception) -> None:
+    """Opening the shared-memory link failed with ``exc``: in ``shm`` mode raise it (a socket error as
+    UNAVAILABLE); in ``auto`` mode note it, and the caller uses the gRPC streams from then on."""
+    if data_path == "shm":
+        if isinstance(exc, KVTierClientError):
+            raise exc
+        raise KVTierClientError(grpc.StatusCode.UNAVAILABLE, f"shared-memory arena unreachable: {exc}") from None
+    log.debug("shared memory not available from %s (%s); using the gRPC streams", target, exc)
+
+
 class KVTierClient:
     """Blocking client. Thread-safe (gRPC channels are); use as a context manager or call :meth:`close`.
 
@@ -121,12 +131,7 @@ class KVTierClient:
                 try:
                     self._shm = ShmLink.open(self._stub, self._metadata, self.timeout if timeout is None else timeout)
                 except (KVTierClientError, OSError) as exc:
-                    if self.data_path == "shm":
-                        if isinstance(exc, KVTierClientError):
-                            raise
-                        raise KVTierClientError(grpc.StatusCode.UNAVAILABLE,
-                                                f"shared-memory arena unreachable: {exc}") from None
-                    log.debug("shared memory not available from %s (%s); using the gRPC streams", self.target, exc)
+                    _no_link(self.target, self.data_path, exc)
                 self._shm_tried = True
             return self._shm
 
@@ -338,12 +343,7 @@ class AsyncKVTierClient:
                     self._shm = await ShmLink.open_async(self._stub, self._metadata,
                                                          self.timeout if timeout is None else timeout)
                 except (KVTierClientError, OSError) as exc:
-                    if self.data_path == "shm":
-                        if isinstance(exc, KVTierClientError):
-                            raise
-                        raise KVTierClientError(grpc.StatusCode.UNAVAILABLE,
-                                                f"shared-memory arena unreachable: {exc}") from None
-                    log.debug("shared memory not available from %s (%s); using the gRPC streams", self.target, exc)
+                    _no_link(self.target, self.data_path, exc)
                 self._shm_tried = True
             return self._shm
 

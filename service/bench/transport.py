@@ -73,21 +73,25 @@ def _sizes(ctx: BenchContext) -> dict[str, BlockLayout]:
     return {"360KiB": SIZES["360KiB"]} if ctx.tiny else SIZES
 
 
+def _client_ops(client: KVTierClient):
+    """``(put, get)`` of one block each through ``client``, as :func:`_measure` calls them."""
+    def put(ns, tokens, data, durable):
+        client.put(ns, tokens, [data], durable=durable)
+
+    def get(key: BlockKey):
+        res = client.get([key])
+        return res.blocks[0].reshape(-1).view(torch.uint8).numpy() if res.blocks else None
+
+    return put, get
+
+
 def grpc_rows(ctx: BenchContext, tier: str, notes: list[str]) -> list[dict]:
     """kvtier's gRPC path against a fresh server of ``tier``."""
     with kvtier_server(ctx.workdir, f"transport-{tier}", ctx.workdir / f"transport-grpc-{tier}",
                        store=tiers.SETTINGS[tier]) as address, KVTierClient(address, timeout=120,
                                                                             data_path="grpc") as client:
         client.wait_ready(30)
-
-        def put(ns, tokens, data, durable):
-            client.put(ns, tokens, [data], durable=durable)
-
-        def get(key: BlockKey):
-            res = client.get([key])
-            return res.blocks[0].reshape(-1).view(torch.uint8).numpy() if res.blocks else None
-
-        return _measure(ctx, "grpc", tier, put, get, notes)
+        return _measure(ctx, "grpc", tier, *_client_ops(client), notes)
 
 
 def shm_rows(ctx: BenchContext, notes: list[str]) -> list[dict]:
@@ -99,15 +103,7 @@ def shm_rows(ctx: BenchContext, notes: list[str]) -> list[dict]:
                        store=SHM_SETTINGS) as address, \
             KVTierClient(address, timeout=120, data_path="shm") as client:
         client.wait_ready(30)
-
-        def put(ns, tokens, data, durable):
-            client.put(ns, tokens, [data], durable=durable)
-
-        def get(key: BlockKey):
-            res = client.get([key])
-            return res.blocks[0].reshape(-1).view(torch.uint8).numpy() if res.blocks else None
-
-        rows = _measure(ctx, "shm", "warm", put, get, notes)
+        rows = _measure(ctx, "shm", "warm", *_client_ops(client), notes)
         for blocks in batches:
             rows += _shm_batch(ctx, client, blocks, notes)
     notes.append("shm: shared-memory data path, memory-only server; shm_batch: blocks_per_call blocks per call, "
