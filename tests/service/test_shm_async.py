@@ -61,22 +61,13 @@ def test_many_concurrent_async_calls_share_one_small_arena(small_arena):
         return ok
 
     async def main():
-        async with AsyncKVTierClient(small_arena.target, data_path="shm", timeout=60) as kv:
-            ticks = 0
+        # 12 puts of 384 KiB into a 1 MiB arena: most calls wait for a range another call holds. A driver
+        # that blocked the event loop while waiting would stop the holder's response from being read, so
+        # no range would ever free and every waiting call would end in DEADLINE_EXCEEDED (or wait_for).
+        async with AsyncKVTierClient(small_arena.target, data_path="shm", timeout=30) as kv:
+            return await asyncio.wait_for(asyncio.gather(*(one(kv, i) for i in range(12))), 90)
 
-            async def heartbeat():  # the loop keeps running while calls wait for arena ranges
-                nonlocal ticks
-                while True:
-                    await asyncio.sleep(0.01)
-                    ticks += 1
-
-            beat = asyncio.create_task(heartbeat())
-            results = await asyncio.wait_for(asyncio.gather(*(one(kv, i) for i in range(12))), 120)
-            beat.cancel()
-            return results, ticks
-
-    results, ticks = asyncio.run(main())
-    assert all(results) and ticks > 0
+    assert all(asyncio.run(main()))
 
 
 def test_async_path_choice(small_arena):
