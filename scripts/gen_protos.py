@@ -4,7 +4,7 @@
     python scripts/gen_protos.py --check  # exit 1 if the checked-in stubs are stale
 
 The generated modules import each other as ``kvtier.v1``; the import lines are rewritten to the
-package path ``service._gen.kvtier.v1`` so the stubs live inside the ``service`` package.
+package path ``kvtier.service._gen.kvtier.v1`` so the stubs live inside the ``service`` package.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
     files = []
     for path in sorted(out.rglob("*.py*")):
         text = path.read_text()
-        text = re.sub(r"^from kvtier\.v1 import", "from service._gen.kvtier.v1 import", text, flags=re.M)
+        text = re.sub(r"^from kvtier\.v1 import", "from kvtier.service._gen.kvtier.v1 import", text, flags=re.M)
         path.write_text(text)
         files.append(path)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:

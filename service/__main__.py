@@ -1,5 +1,5 @@
 """``python -m service``: the ``kvtier`` command line (see ``service/cli.py``)."""
 
-from service.cli import main
+from kvtier.service.cli import main
 
 main()

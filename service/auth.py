@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiering.errors import KVTierError
+from kvtier.tiering.errors import KVTierError
 
 #: Metadata key gRPC carries the credentials in (lower case, as HTTP/2 headers are).
 AUTH_METADATA = "authorization"

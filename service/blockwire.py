@@ -15,12 +15,12 @@ import grpc
 import numpy as np
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.client_types import DTYPE_NAMES, TORCH_DTYPES, GetResult, KVTierClientError
-from service.convert import TIER_FROM_PROTO
-from service.wire_fast import encode_put_chunk
-from tiering.codec import checksum
-from tiering.keys import BlockKey
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client_types import DTYPE_NAMES, TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.service.convert import TIER_FROM_PROTO
+from kvtier.service.wire_fast import encode_put_chunk
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import BlockKey
 
 #: Largest ``BlockChunk.data`` the contract allows (1 MiB).
 CHUNK_BYTES = 1 << 20

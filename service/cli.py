@@ -34,7 +34,7 @@ log = logging.getLogger("kvtier")
 
 def setup_logging(level: str) -> None:
     """Log to stderr with trace correlation (``trace_id``/``span_id`` on every line)."""
-    from service.telemetry import LOG_FORMAT, TraceContextFilter
+    from kvtier.service.telemetry import LOG_FORMAT, TraceContextFilter
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -71,7 +71,7 @@ def serve(
     """Run the kvtier server until SIGTERM/SIGINT (then drain, flush to disk, exit 0)."""
     import pydantic
 
-    from service.config import Settings
+    from kvtier.service.config import Settings
 
     overrides: dict[str, Any] = {
         "server": {"host": host, "port": port, "port_file": port_file},
@@ -88,8 +88,8 @@ def serve(
         console.print(f"[red]invalid settings:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     setup_logging(settings.log_level)
-    from service.server import serve as run_server
-    from tiering.errors import TierUnavailable
+    from kvtier.service.server import serve as run_server
+    from kvtier.tiering.errors import TierUnavailable
 
     try:
         code = asyncio.run(run_server(settings))
@@ -102,8 +102,8 @@ def serve(
 async def _fetch_stats(target: str, timeout: float):
     import grpc
 
-    from service._gen.kvtier.v1 import kvtier_pb2 as pb
-    from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+    from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+    from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(target) as channel:
         return await pb_grpc.KVCacheStub(channel).Stats(pb.StatsRequest(), timeout=timeout)
@@ -119,7 +119,7 @@ def stats(
     import grpc
     from google.protobuf import json_format
 
-    from service._gen.kvtier.v1 import kvtier_pb2 as pb
+    from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 
     try:
         resp = asyncio.run(_fetch_stats(target, timeout))
@@ -161,7 +161,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Summarise a data directory offline and read-only: namespaces, sessions, blocks, bytes, ratio."""
-    from service.inspect_dir import summarize
+    from kvtier.service.inspect_dir import summarize
 
     try:
         summary = summarize(data_dir)
@@ -199,7 +199,7 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per turn")] = 24,
 ) -> None:
     """Chat with SmolLM2-135M, park the KV cache between turns and resume it token-exact."""
-    from service.demo import run_demo
+    from kvtier.service.demo import run_demo
 
     setup_logging(os.environ.get("KVTIER_LOG_LEVEL", "WARNING"))
     run_demo(target=target, data_dir=str(data_dir) if data_dir is not None else None, turns=turns,
@@ -216,8 +216,8 @@ def bench(
         help="also measure these peers beside kvtier, after the scenarios: lmcache (needs `make lmcache-venv`)")] = None,
 ) -> None:
     """Measure kvtier beside its limits (memcpy, bare gRPC, Redis, LMDB+zstd); write OUT/results.{json,md} and PNGs."""
-    from service.bench import parse_scenarios, run_bench
-    from service.bench.runner import parse_peers
+    from kvtier.service.bench import parse_scenarios, run_bench
+    from kvtier.service.bench.runner import parse_peers
 
     try:
         chosen = parse_scenarios(scenarios)

@@ -25,15 +25,15 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service import client_proto as cp
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.blockwire import GetAssembler, Payload, check_payload_count, payload_view, put_requests
-from service.client_types import (GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo,
+from kvtier.service import client_proto as cp
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.blockwire import GetAssembler, Payload, check_payload_count, payload_view, put_requests
+from kvtier.service.client_types import (GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo,
                                   StatsInfo)
-from service.shm import ipc_client
-from service.shm.client import ShmLink, is_local_target
-from service.wire_fast import FastKVCacheStub
-from tiering.keys import BlockKey, Namespace
+from kvtier.service.shm import ipc_client
+from kvtier.service.shm.client import ShmLink, is_local_target
+from kvtier.service.wire_fast import FastKVCacheStub
+from kvtier.tiering.keys import BlockKey, Namespace
 
 #: Metadata key of the bearer token (``service/auth.py`` reads the same key).
 AUTH_METADATA = "authorization"

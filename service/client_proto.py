@@ -14,11 +14,11 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.client_types import (KVTierClientError, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo, StatsInfo,
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client_types import (KVTierClientError, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo, StatsInfo,
                                   TierStatsInfo)
-from service.convert import TIER_FROM_PROTO, keys_to_proto, namespace_from_proto, namespace_to_proto
-from tiering.keys import BlockKey, Namespace
+from kvtier.service.convert import TIER_FROM_PROTO, keys_to_proto, namespace_from_proto, namespace_to_proto
+from kvtier.tiering.keys import BlockKey, Namespace
 
 _DETAIL_TYPES = [getattr(error_details_pb2, name) for name in error_details_pb2.DESCRIPTOR.message_types_by_name]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from tiering.keys import BlockKey, Namespace
+from kvtier.tiering.keys import BlockKey, Namespace
 
 #: Layout dtype name -> torch dtype (every dtype kvtier stores).
 TORCH_DTYPES: dict[str, torch.dtype] = {

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ByteSize, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from tiering.config import StoreConfig
+from kvtier.tiering.config import StoreConfig
 
 #: Env var naming the TOML file when ``--config`` is not given.
 CONFIG_ENV = "KVTIER_CONFIG"

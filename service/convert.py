@@ -7,10 +7,10 @@ the offending field's path, so the error boundary can answer INVALID_ARGUMENT wi
 
 from __future__ import annotations
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from tiering.errors import InvalidBlock
-from tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace
-from tiering.layout import BlockLayout
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.tiering.errors import InvalidBlock
+from kvtier.tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace
+from kvtier.tiering.layout import BlockLayout
 
 TIER_TO_PROTO = {"hot": pb.TIER_HOT, "warm": pb.TIER_WARM, "cold": pb.TIER_COLD, None: pb.TIER_UNSPECIFIED,
                  "": pb.TIER_UNSPECIFIED}

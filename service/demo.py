@@ -27,8 +27,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from service import hf
-from service.client import KVTierClient
+from kvtier.service import hf
+from kvtier.service.client import KVTierClient
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.auth import PermissionDenied, Unauthenticated
-from service.shm.arena import LeaseExpired, ShmUnavailable
-from tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, KVTierError, LayoutMismatch,
+from kvtier.service.auth import PermissionDenied, Unauthenticated
+from kvtier.service.shm.arena import LeaseExpired, ShmUnavailable
+from kvtier.tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, KVTierError, LayoutMismatch,
                             TierUnavailable)
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from service.client_types import DTYPE_NAMES, TORCH_DTYPES, LookupInfo, PutInfo
-from service.convert import DEFAULT_TENANT
-from service.local_client import LocalKVTierClient
-from tiering.keys import Namespace, chain_keys
-from tiering.layout import BlockLayout
-from tiering.store import TieredStore
+from kvtier.service.client_types import DTYPE_NAMES, TORCH_DTYPES, LookupInfo, PutInfo
+from kvtier.service.convert import DEFAULT_TENANT
+from kvtier.service.local_client import LocalKVTierClient
+from kvtier.tiering.keys import Namespace, chain_keys
+from kvtier.tiering.layout import BlockLayout
+from kvtier.tiering.store import TieredStore
 
 log = logging.getLogger(__name__)
 

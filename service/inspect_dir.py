@@ -11,9 +11,9 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from tiering.codec import Codec
-from tiering.cold import ColdTier
-from tiering.sessions import Session, namespace_from_dict
+from kvtier.tiering.codec import Codec
+from kvtier.tiering.cold import ColdTier
+from kvtier.tiering.sessions import Session, namespace_from_dict
 
 
 def summarize(data_dir: str | os.PathLike) -> dict:

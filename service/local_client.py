@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.blockwire import Payload, check_payload_count, payload_view
-from service.client_types import (TORCH_DTYPES, GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo,
+from kvtier.service.blockwire import Payload, check_payload_count, payload_view
+from kvtier.service.client_types import (TORCH_DTYPES, GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo,
                                   ResumeInfo)
-from service.convert import DEFAULT_TENANT
-from service.errors import status_for
-from tiering import errors
-from tiering.keys import BlockKey, Namespace, chain_keys
-from tiering.store import TieredStore
+from kvtier.service.convert import DEFAULT_TENANT
+from kvtier.service.errors import status_for
+from kvtier.tiering import errors
+from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
+from kvtier.tiering.store import TieredStore
 
 def _client_error(exc: errors.KVTierError) -> KVTierClientError:
     # the server's own mapping (service.errors), so both clients raise the same codes

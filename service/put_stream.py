@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import convert
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.quota import QuotaExceeded
-from tiering.codec import checksum
-from tiering.errors import InvalidBlock
-from tiering.keys import Namespace
+from kvtier.service import convert
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.quota import QuotaExceeded
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.errors import InvalidBlock
+from kvtier.tiering.keys import Namespace
 
 #: Largest ``BlockChunk.data`` accepted (and sent by Get): 1 MiB.
 MAX_CHUNK_BYTES = 1 << 20

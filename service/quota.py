@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tiering.errors import CapacityExceeded
+from kvtier.tiering.errors import CapacityExceeded
 
 
 class QuotaExceeded(CapacityExceeded):

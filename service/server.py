@@ -25,20 +25,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import wire_fast
-from service.memtune import tune_malloc
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
-from service.auth import authenticator_from_settings
-from service.config import Settings
-from service.errors import MalformedRequests
-from service.quota import Limits
-from service.servicer import KVCacheServicer
-from service.shm.broker import ArenaRegistry
-from service.telemetry import setup_telemetry
-from service.tls import check_exposure, server_credentials
-from tiering.crypto import RecordSealer, load_key
-from tiering.store import TieredStore
+from kvtier.service import wire_fast
+from kvtier.service.memtune import tune_malloc
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.service.auth import authenticator_from_settings
+from kvtier.service.config import Settings
+from kvtier.service.errors import MalformedRequests
+from kvtier.service.quota import Limits
+from kvtier.service.servicer import KVCacheServicer
+from kvtier.service.shm.broker import ArenaRegistry
+from kvtier.service.telemetry import setup_telemetry
+from kvtier.service.tls import check_exposure, server_credentials
+from kvtier.tiering.crypto import RecordSealer, load_key
+from kvtier.tiering.store import TieredStore
 
 log = logging.getLogger(__name__)
 

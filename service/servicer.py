@@ -25,22 +25,22 @@ import time
 
 import grpc
 
-import service
-from service import convert
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
-from service.auth import Authenticator, Principal, require_admin
-from service.errors import grpc_errors
-from service.quota import Limits
-from service.shm import ipc as shm_ipc
-from service.shm import rpc as shm_rpc
-from service.shm.broker import ArenaRegistry
-from service.put_stream import MAX_CHUNK_BYTES, PutAssembler, plan_from_header
-from service.thread_iter import ThreadedIterator
-from service.wire_fast import encode_get_data
-from tiering.errors import InvalidBlock, SessionNotFound
-from tiering.keys import BlockKey, chain_keys
-from tiering.store import TieredStore
+from kvtier.service import __version__
+from kvtier.service import convert
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.service.auth import Authenticator, Principal, require_admin
+from kvtier.service.errors import grpc_errors
+from kvtier.service.quota import Limits
+from kvtier.service.shm import ipc as shm_ipc
+from kvtier.service.shm import rpc as shm_rpc
+from kvtier.service.shm.broker import ArenaRegistry
+from kvtier.service.put_stream import MAX_CHUNK_BYTES, PutAssembler, plan_from_header
+from kvtier.service.thread_iter import ThreadedIterator
+from kvtier.service.wire_fast import encode_get_data
+from kvtier.tiering.errors import InvalidBlock, SessionNotFound
+from kvtier.tiering.keys import BlockKey, chain_keys
+from kvtier.tiering.store import TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         principal, _ = self._caller(context)
         require_admin(principal, "Stats")  # store-wide counters and usage span every tenant
         snap = await asyncio.to_thread(self.store.snapshot)
-        resp = convert.stats_to_proto(snap, service.__version__)
+        resp = convert.stats_to_proto(snap, __version__)
         if self.shm is not None:
             resp.counters.update(self.shm.stats())
             resp.counters.update(self.ipc.stats())

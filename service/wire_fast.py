@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import grpc
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 
 #: Key of field 2, wire type 2 (length-delimited): ``GetResponse.data`` and ``PutRequest.chunk``.
 _TAG_F2_LEN = 0x12

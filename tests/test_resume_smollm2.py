@@ -15,10 +15,10 @@ import signal
 import pytest
 import torch
 
-from service import hf
-from service.client import KVTierClient
+from kvtier.service import hf
+from kvtier.service.client import KVTierClient
 from tests.service.conftest import KVTierProcess
-from tiering import Namespace, StoreConfig, TieredStore
+from kvtier.tiering import Namespace, StoreConfig, TieredStore
 
 pytestmark = pytest.mark.model
 

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from service.hf import cache_to_blocks, layout_for
-from tiering.codec import Codec, CodecId
-from tiering.config import StoreConfig
+from kvtier.service.hf import cache_to_blocks, layout_for
+from kvtier.tiering.codec import Codec, CodecId
+from kvtier.tiering.config import StoreConfig
 
 from .context import BenchContext
 from .model import get_model, kv_sample

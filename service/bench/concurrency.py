@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.client import AsyncKVTierClient, KVTierClient
+from kvtier.service.client import AsyncKVTierClient, KVTierClient
 
 from . import tiers
 from .context import BenchContext, percentile

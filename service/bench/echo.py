@@ -3,7 +3,7 @@
 No protobuf, no store, no checksums: ``Put`` is a client stream of raw chunks answered with the byte
 count; ``Get`` answers an 8-byte size with a server stream of chunks cut from one buffer. Chunks are
 :data:`service.blockwire.CHUNK_BYTES` (1 MiB), as in kvtier's ``Put``/``Get``. Run it as
-``python -m service.bench.echo PORT_FILE``: it binds 127.0.0.1 on a free port, writes the port to
+``python -m kvtier.service.bench.echo PORT_FILE``: it binds 127.0.0.1 on a free port, writes the port to
 ``PORT_FILE`` and serves until SIGTERM. The client helpers below drive it (sync and asyncio).
 """
 
@@ -17,7 +17,7 @@ import sys
 
 import grpc
 
-from service.blockwire import CHUNK_BYTES
+from kvtier.service.blockwire import CHUNK_BYTES
 
 _SIZE = struct.Struct("<Q")
 PUT = "/kvtier.bench.Echo/Put"

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.client import KVTierClient
-from service.convert import DEFAULT_TENANT
-from tiering.keys import Namespace, chain_keys
-from tiering.layout import BlockLayout
+from kvtier.service.client import KVTierClient
+from kvtier.service.convert import DEFAULT_TENANT
+from kvtier.tiering.keys import Namespace, chain_keys
+from kvtier.tiering.layout import BlockLayout
 
 from . import tiers
 from .context import BenchContext, ratio, summarize

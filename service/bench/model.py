@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.hf import ModelFingerprint, load_smollm2, model_fingerprint
+from kvtier.service.hf import ModelFingerprint, load_smollm2, model_fingerprint
 
 from .context import BenchContext
 

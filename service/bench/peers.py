@@ -23,8 +23,8 @@ import lmdb
 import numpy as np
 import zstandard
 
-from tiering.codec import HEADER, Codec, CodecId
-from tiering.layout import itemsize
+from kvtier.tiering.codec import HEADER, Codec, CodecId
+from kvtier.tiering.layout import itemsize
 
 from . import echo
 from .context import BenchContext, summarize, time_ops

@@ -23,7 +23,7 @@ import grpc
 
 #: Started by ``python -c``: the real server process (``service.server.serve``) with env settings.
 _SERVE = ("import asyncio, logging, sys; logging.basicConfig(level=logging.WARNING); "
-          "from service.config import Settings; from service.server import serve; "
+          "from kvtier.service.config import Settings; from kvtier.service.server import serve; "
           "sys.exit(asyncio.run(serve(Settings.load())))")
 _REPO = str(Path(__file__).resolve().parents[2])
 
@@ -109,7 +109,7 @@ def echo_server(workdir: Path, timeout_s: float = 60.0) -> Iterator[str]:
     port_file.unlink(missing_ok=True)
     log_path = workdir / "echo.log"
     with open(log_path, "ab") as log_fh:
-        proc = subprocess.Popen([sys.executable, "-m", "service.bench.echo", str(port_file)], env=_env({}),
+        proc = subprocess.Popen([sys.executable, "-m", "kvtier.service.bench.echo", str(port_file)], env=_env({}),
                                 cwd=str(workdir), stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         port = _wait_port_file(port_file, proc, log_path, timeout_s)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from service.client import KVTierClient
-from service.hf import greedy_generate, namespace_for, restore_cache, save_cache
+from kvtier.service.client import KVTierClient
+from kvtier.service.hf import greedy_generate, namespace_for, restore_cache, save_cache
 
 from . import tiers
 from .context import BenchContext, ratio

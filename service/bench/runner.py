@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from service.memtune import tune_malloc
+from kvtier.service.memtune import tune_malloc
 
 from . import report
 from .context import BenchContext
@@ -124,7 +124,7 @@ def run_bench(out: Path, *, quick: bool = False, tiny: bool | None = None, scena
 def _run_one(name: str, ctx: BenchContext) -> dict:
     t0 = time.perf_counter()
     try:
-        module = importlib.import_module(f"service.bench.{SCENARIOS.get(name) or PEERS[name]}")
+        module = importlib.import_module(f"kvtier.service.bench.{SCENARIOS.get(name) or PEERS[name]}")
         res = module.run(ctx)
         status = res.pop("status", "ok")
     except Exception as exc:  # one broken scenario must not cost the others their results

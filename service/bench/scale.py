@@ -3,7 +3,7 @@
 Blocks are tiny (layout ``uint8:1x1x1/16``, 32 bytes) so a million of them are written in seconds,
 straight into the cold tier with :meth:`tiering.cold.ColdTier.write_batch` (big batches, no fsync),
 as conversations of 64 blocks (1024 tokens) each: the keys are the real chained keys of those tokens.
-Each size is measured by a *fresh process* (``python -m service.bench.scale DATA_DIR N OUT``) so its
+Each size is measured by a *fresh process* (``python -m kvtier.service.bench.scale DATA_DIR N OUT``) so its
 RSS says what the index costs: RSS after opening the store and answering the lookups, minus RSS
 before opening it, divided by the blocks (``/proc/self/status``: ``VmRSS``, split into anonymous and
 file-backed pages; LMDB's pages are file-backed and only the touched ones count).
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tiering.keys import Namespace, chain_keys
-from tiering.layout import BlockLayout
+from kvtier.tiering.keys import Namespace, chain_keys
+from kvtier.tiering.layout import BlockLayout
 
 from .context import BenchContext, percentile
 
@@ -48,9 +48,9 @@ def _rss() -> dict[str, int]:
 
 def populate(data_dir: Path, start_seq: int, end_seq: int) -> None:
     """Write the blocks of conversations ``[start_seq, end_seq)`` into the cold tier of ``data_dir``."""
-    from tiering.codec import Codec
-    from tiering.cold import ColdTier, ColdWrite
-    from tiering.sessions import namespace_to_dict
+    from kvtier.tiering.codec import Codec
+    from kvtier.tiering.cold import ColdTier, ColdWrite
+    from kvtier.tiering.sessions import namespace_to_dict
 
     codec = Codec()
     cold = ColdTier(str(data_dir / "cold"), MAP_BYTES, codec, durable_sync=False)
@@ -71,8 +71,8 @@ def populate(data_dir: Path, start_seq: int, end_seq: int) -> None:
 
 def probe(data_dir: str, seqs: int, lookups: int) -> dict:
     """In a fresh process: open the store, time ``lookups`` random conversation lookups, measure RSS."""
-    from tiering.config import StoreConfig
-    from tiering.store import TieredStore
+    from kvtier.tiering.config import StoreConfig
+    from kvtier.tiering.store import TieredStore
 
     cfg = StoreConfig(data_dir=data_dir, hot_device="off", warm_capacity=64 << 20, cold_capacity=MAP_BYTES,
                       durable_sync=False)
@@ -119,7 +119,7 @@ def run(ctx: BenchContext) -> dict:
         ctx.step(f"reopening {want * SEQ_BLOCKS:,} blocks in a fresh process")
         out = ctx.workdir / f"scale-{n}.json"
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-        subprocess.run([sys.executable, "-m", "service.bench.scale", str(data_dir), str(want),
+        subprocess.run([sys.executable, "-m", "kvtier.service.bench.scale", str(data_dir), str(want),
                         str(200 if ctx.tiny else 2000), str(out)], check=True, env=env, timeout=1800)
         got = json.loads(out.read_text())
         disk = sum(f.stat().st_blocks * 512 for f in (data_dir / "cold").iterdir() if f.name.endswith(".mdb"))

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.config import StoreSettings
-from tiering.config import StoreConfig
-from tiering.layout import BlockLayout
+from kvtier.service.config import StoreSettings
+from kvtier.tiering.config import StoreConfig
+from kvtier.tiering.layout import BlockLayout
 
 _COMMON = {"cold_capacity": "16GiB", "durable_sync": "false", "prefetch_threads": "2"}
 SETTINGS: dict[str, dict[str, str]] = {

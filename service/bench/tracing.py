@@ -17,7 +17,7 @@ from concurrent import futures
 
 import grpc
 
-from service.client import KVTierClient
+from kvtier.service.client import KVTierClient
 
 from . import tiers
 from .context import BenchContext, ratio, summarize, time_ops
@@ -50,7 +50,7 @@ def otlp_sink() -> Iterator[tuple[str, list[int]]]:
 def run(ctx: BenchContext) -> dict:
     """Rows ``{tracing, gbps, p50_ms, p99_ms, n}`` plus ``on_over_off`` and ``spans_exported``."""
     try:
-        import service.telemetry  # noqa: F401  (the server needs it to trace at all)
+        import kvtier.service.telemetry  # noqa: F401  (the server needs it to trace at all)
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc  # noqa: F401
     except ImportError as exc:
         return {"status": "not measured", "rows": [], "notes": [f"not measured: {exc}"]}

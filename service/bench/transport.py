@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.client import KVTierClient
-from service.convert import DEFAULT_TENANT
-from tiering.codec import Codec, CodecId
-from tiering.keys import BlockKey, Namespace, chain_keys
-from tiering.layout import BlockLayout
-from tiering.store import TieredStore
+from kvtier.service.client import KVTierClient
+from kvtier.service.convert import DEFAULT_TENANT
+from kvtier.tiering.codec import Codec, CodecId
+from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
+from kvtier.tiering.layout import BlockLayout
+from kvtier.tiering.store import TieredStore
 
 from . import peers, tiers
 from .context import BenchContext, ratio, summarize, time_ops
@@ -150,7 +150,7 @@ def _shm_batch(ctx: BenchContext, client: KVTierClient, blocks: int, notes: list
 
 def resume_rows(ctx: BenchContext, notes: list[str]) -> list[dict]:
     """restore_cache of a SmolLM2 session (2048 tokens; 512 quick, 64 tiny) over shm vs gRPC streams."""
-    from service.hf import namespace_for, restore_cache, save_cache
+    from kvtier.service.hf import namespace_for, restore_cache, save_cache
 
     from .model import conversation, get_model, prefill
     n = 64 if ctx.tiny else 512 if ctx.quick else 2048

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tiering.errors import KVTierError
+from kvtier.tiering.errors import KVTierError
 
 #: Every slot starts on a multiple of this (a cache line is enough; a page keeps copies page aligned).
 ALIGNMENT = 4096

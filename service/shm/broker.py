@@ -38,8 +38,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from service.auth import Principal
-from tiering.errors import CapacityExceeded
+from kvtier.service.auth import Principal
+from kvtier.tiering.errors import CapacityExceeded
 
 from .arena import ALIGNMENT, Arena, LeaseExpired, ShmUnavailable, create_memfd
 

@@ -41,13 +41,13 @@ import grpc
 import numpy as np
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.blockwire import decode_block
-from service.client_types import TORCH_DTYPES, GetResult, KVTierClientError
-from service.convert import TIER_FROM_PROTO
-from tiering.bytecopy import copy_many
-from tiering.codec import checksum
-from tiering.keys import BlockKey
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.blockwire import decode_block
+from kvtier.service.client_types import TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.service.convert import TIER_FROM_PROTO
+from kvtier.tiering.bytecopy import copy_many
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import BlockKey
 
 from .arena import ALIGNMENT, Arena, Slot, SlotAllocator
 
@@ -123,7 +123,7 @@ class ShmLink:
         try:
             resp = stub.OpenArena(pb.OpenArenaRequest(size_bytes=size), timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            from service.client_proto import client_error
+            from kvtier.service.client_proto import client_error
             raise client_error(exc) from None
         return cls._connect(resp, timeout)
 
@@ -133,7 +133,7 @@ class ShmLink:
         try:
             resp = await stub.OpenArena(pb.OpenArenaRequest(size_bytes=size), timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            from service.client_proto import client_error
+            from kvtier.service.client_proto import client_error
             raise client_error(exc) from None
         return await asyncio.to_thread(cls._connect, resp, timeout)
 

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 
 #: Slots of one torch reference-counter file (``CUDA_IPC_REF_COUNTER_FILE_SIZE`` in torch/csrc/CudaIPCTypes.h).
 REF_COUNTER_SLOTS = 10000

@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service import convert
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from tiering.errors import BlockNotFound, InvalidBlock
+from kvtier.service import convert
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.tiering.errors import BlockNotFound, InvalidBlock
 
 from . import cuda_ipc
 from .arena import ShmUnavailable

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.client_types import TORCH_DTYPES, GetResult, KVTierClientError
-from tiering.keys import BlockKey
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client_types import TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.tiering.keys import BlockKey
 
 from . import cuda_ipc
 
@@ -117,7 +117,7 @@ def _get_hot(stub, metadata, deadline: float | None, arena_id: str, request: pb.
                                timeout=_left(deadline), metadata=metadata)
         except grpc.RpcError as exc:
             if exc.code() not in FALLBACK_CODES:
-                from service.client_proto import client_error
+                from kvtier.service.client_proto import client_error
                 raise client_error(exc) from None
             log.debug("no CUDA IPC from the server (%s: %s)", exc.code().name, exc.details())
             if not got.blocks:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service import convert
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.put_stream import plan_from_header
-from tiering.errors import InvalidBlock
+from kvtier.service import convert
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.put_stream import plan_from_header
+from kvtier.tiering.errors import InvalidBlock
 
 from .arena import ALIGNMENT, ShmUnavailable
 from .broker import ArenaRegistry, ServerArena, Upload

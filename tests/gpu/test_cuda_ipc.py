@@ -15,12 +15,12 @@ import grpc
 import pytest
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.client import KVTierClient
-from service.shm.cuda_ipc import copy_out, device_uuid, normalize_uuid, share
-from tiering.codec import checksum
-from tiering.keys import Namespace
-from tiering.layout import BlockLayout
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client import KVTierClient
+from kvtier.service.shm.cuda_ipc import copy_out, device_uuid, normalize_uuid, share
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import Namespace
+from kvtier.tiering.layout import BlockLayout
 
 from tests.service.conftest import KVTierProcess
 

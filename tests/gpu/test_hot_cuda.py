@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

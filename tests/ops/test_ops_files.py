@@ -87,8 +87,8 @@ def test_grafana_provisioning_points_at_the_services(compose):
 
 def test_dashboard_queries_use_exported_metrics(data_dir):
     """Every metric a panel queries is one the server exports (checked against a live registry)."""
-    from service.metrics import KVTierMetrics
-    from tiering import StoreConfig, TieredStore
+    from kvtier.service.metrics import KVTierMetrics
+    from kvtier.tiering import StoreConfig, TieredStore
 
     dash = json.loads((OPS / "grafana/dashboards/kvtier.json").read_text())
     uids = {d["uid"] for d in load_yaml("grafana/provisioning/datasources/datasources.yml")["datasources"]}

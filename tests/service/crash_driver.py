@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from tests.service.wire import collect_get
-from tiering.codec import checksum
-from tiering.keys import BlockKey, Namespace, chain_keys
-from tiering.layout import BlockLayout
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
+from kvtier.tiering.layout import BlockLayout
 
 T = 10
 LAYOUT = BlockLayout("float16", 4, 2, 64, 16)  # 16 KiB blocks

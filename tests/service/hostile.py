@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 from tests.service.wire import collect_get, namespace, put_stream, random_blocks, tokens
-from tiering.codec import checksum
+from kvtier.tiering.codec import checksum
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -49,7 +49,7 @@ class Case:
 
 
 def _kv(channel):
-    from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+    from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
     return pb_grpc.KVCacheStub(channel)
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from service.bench import lmcache_driver as driver
-from service.bench import lmcache_peer as peer
-from service.bench.context import BenchContext
-from service.bench.runner import parse_peers
-from service.cli import app
+from kvtier.service.bench import lmcache_driver as driver
+from kvtier.service.bench import lmcache_peer as peer
+from kvtier.service.bench.context import BenchContext
+from kvtier.service.bench.runner import parse_peers
+from kvtier.service.cli import app
 
 WL = {w.name: w for w in peer.WORKLOADS}
 

@@ -12,9 +12,9 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from service.bench import SCENARIOS
-from service.bench.runner import TINY_ENV
-from service.cli import app
+from kvtier.service.bench import SCENARIOS
+from kvtier.service.bench.runner import TINY_ENV
+from kvtier.service.cli import app
 
 pytestmark = pytest.mark.timeout(300)
 

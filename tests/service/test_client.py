@@ -12,14 +12,14 @@ import grpc
 import pytest
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.blockwire import CHUNK_BYTES, GetAssembler, decode_block
-from service.client import AsyncKVTierClient, KVTierClient
-from service.client_types import TORCH_DTYPES, KVTierClientError
-from service.local_client import LocalKVTierClient
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.blockwire import CHUNK_BYTES, GetAssembler, decode_block
+from kvtier.service.client import AsyncKVTierClient, KVTierClient
+from kvtier.service.client_types import TORCH_DTYPES, KVTierClientError
+from kvtier.service.local_client import LocalKVTierClient
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 from tests.service.conftest import KVTierProcess
-from tiering.codec import checksum
+from kvtier.tiering.codec import checksum
 
 FLOAT_DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"]
 

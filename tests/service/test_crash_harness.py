@@ -19,10 +19,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 from tests.service.crash_driver import NS_PB, Driver, Ledger, check_get, payload_for, verify_after_restart, _blocks
 from tests.service.conftest import KVTierProcess
-from tiering.codec import checksum
+from kvtier.tiering.codec import checksum
 
 log = logging.getLogger(__name__)
 SEED = 20260127
@@ -96,13 +96,13 @@ def test_durable_put_after_non_durable_prefix_survives_sigkill_in_write_back(kvt
         return messages()
 
     with grpc.insecure_channel(proc.target) as channel:
-        from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+        from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
         kv = pb_grpc.KVCacheStub(channel)
         kv.Put(put(0, 2, durable=False), timeout=30)
         kv.Put(put(2, 2, durable=True), timeout=30)
     proc.stop(signal.SIGKILL)
     proc.start()
     with grpc.insecure_channel(proc.target) as channel:
-        from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+        from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
         got, end, _ = check_get(pb_grpc.KVCacheStub(channel).Get(pb.GetRequest(session_id="wb"), timeout=30))
     assert end.complete and len(got) == 4, f"durable session lost its prefix: {end}"

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 from tests.service.conftest import ROOT, SMALL_STORE_ENV
 from tests.service.wire import collect_get, details, namespace, put_stream, random_blocks, stub, tokens
 

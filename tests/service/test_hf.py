@@ -1,4 +1,4 @@
-"""service.hf without a model: DynamicCache ↔ blocks, and save/restore over an in-process store.
+"""kvtier.service.hf without a model: DynamicCache ↔ blocks, and save/restore over an in-process store.
 
 Caches are random tensors of SmolLM2's geometry; the end-to-end model test is
 ``tests/test_resume_smollm2.py``.
@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from service import hf
-from service.local_client import LocalKVTierClient
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.service import hf
+from kvtier.service.local_client import LocalKVTierClient
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 
 LAYOUT = BlockLayout("float32", 30, 3, 64, 16)
 NS = Namespace("default", "test/hf", "r1", LAYOUT)

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from tests.service import hostile
 from tests.service.conftest import KVTierProcess
 from tests.service.wire import collect_get, put_stream

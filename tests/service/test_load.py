@@ -20,11 +20,11 @@ import time
 import grpc
 import pytest
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from tests.service.crash_driver import LAYOUT, NS_PB, _blocks, payload_for
-from tiering.codec import checksum
-from tiering.keys import BlockKey
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import BlockKey
 
 log = logging.getLogger(__name__)
 CLIENTS = 32

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.telemetry import setup_telemetry
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.service.telemetry import setup_telemetry
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 
 LAYOUT = BlockLayout("float16", layers=2, kv_heads=2, head_dim=64, block_tokens=4)
 BLOCK = LAYOUT.block_bytes()
@@ -94,7 +94,7 @@ def test_per_tier_series_move_with_puts_hits_misses_evictions(scraped):
 
 def _absent_key(store):
     """A key of a never-stored sequence (derived, not stored)."""
-    from tiering.keys import chain_keys
+    from kvtier.tiering.keys import chain_keys
 
     return chain_keys(NS, tokens(9, 1))[0]
 

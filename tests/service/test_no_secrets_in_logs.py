@@ -19,7 +19,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 from tests.service import wire
 
 TOKEN = "tok-SECRET-5b7e9d21c4"

@@ -16,10 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.auth import Authenticator, Principal, Unauthenticated, load_tokens_file
-from service.client import AsyncKVTierClient, KVTierClient
-from service.client_types import KVTierClientError
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.auth import Authenticator, Principal, Unauthenticated, load_tokens_file
+from kvtier.service.client import AsyncKVTierClient, KVTierClient
+from kvtier.service.client_types import KVTierClientError
 from tests.service import wire
 from tests.service.conftest import ROOT, SMALL_STORE_ENV, KVTierProcess
 

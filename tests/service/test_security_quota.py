@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.quota import Limits, QuotaExceeded
-from service.errors import status_for
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.quota import Limits, QuotaExceeded
+from kvtier.service.errors import status_for
 from tests.service import wire
 from tests.service.conftest import KVTierProcess
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 
 Q1, Q2 = "tok-q1-aa01", "tok-q2-bb02"
 

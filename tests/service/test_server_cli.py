@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 from tests.service.conftest import ROOT
 from tests.service.wire import namespace, put_stream, random_blocks, stub, tokens
 

@@ -7,8 +7,8 @@ import dataclasses
 import pydantic
 import pytest
 
-from service.config import Settings, StoreSettings
-from tiering.config import StoreConfig
+from kvtier.service.config import Settings, StoreSettings
+from kvtier.tiering.config import StoreConfig
 
 TOML = """
 log_level = "DEBUG"

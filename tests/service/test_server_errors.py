@@ -14,11 +14,11 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.errors import status_for
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.errors import status_for
 from tests.service.wire import collect_get, details, namespace, put_stream, random_blocks, stub, tokens
-from tiering.codec import checksum
-from tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, LayoutMismatch, SessionNotFound,
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, LayoutMismatch, SessionNotFound,
                             TierUnavailable)
 
 T = 30

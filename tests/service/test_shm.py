@@ -23,14 +23,14 @@ import grpc
 import pytest
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.client import KVTierClient
-from service import client_proto as cp
-from service.client_types import KVTierClientError
-from service.shm.client import ShmLink, is_local_target
-from tiering.codec import checksum
-from tiering.keys import Namespace
-from tiering.layout import BlockLayout
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client import KVTierClient
+from kvtier.service import client_proto as cp
+from kvtier.service.client_types import KVTierClientError
+from kvtier.service.shm.client import ShmLink, is_local_target
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import Namespace
+from kvtier.tiering.layout import BlockLayout
 
 from tests.service.conftest import ROOT, KVTierProcess
 
@@ -132,13 +132,13 @@ def test_remote_target_never_tries_shm(target):
 # -- a client that dies ----------------------------------------------------------------------------
 _STALL = r"""
 import sys, threading, torch
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.client import KVTierClient
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service import client_proto as cp
-from tiering.codec import checksum
-from tiering.keys import Namespace
-from tiering.layout import BlockLayout
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client import KVTierClient
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service import client_proto as cp
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import Namespace
+from kvtier.tiering.layout import BlockLayout
 mode, target = sys.argv[1], sys.argv[2]
 kv = KVTierClient(target, data_path="shm")
 link = kv._link(10)
@@ -206,7 +206,7 @@ def test_client_sigkilled_mid_call_loses_its_arena_and_uploads(small_arena, mode
 _INTRUDER = r"""
 import json, os, socket, sys
 import grpc
-from service._gen.kvtier.v1 import kvtier_pb2 as pb, kvtier_pb2_grpc as pb_grpc
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb, kvtier_pb2_grpc as pb_grpc
 target, socket_path, arena_id, ticket = sys.argv[1], sys.argv[2], sys.argv[3], bytes.fromhex(sys.argv[4])
 out = {}
 # replay the victim's (already redeemed) ticket, then a guessed one: no fd either way

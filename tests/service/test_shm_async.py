@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 
-from service.client import AsyncKVTierClient
-from service.client_types import KVTierClientError
-from tiering.keys import Namespace
-from tiering.layout import BlockLayout
+from kvtier.service.client import AsyncKVTierClient
+from kvtier.service.client_types import KVTierClientError
+from kvtier.tiering.keys import Namespace
+from kvtier.tiering.layout import BlockLayout
 
 from tests.service.conftest import KVTierProcess
 from tests.service.test_shm import SMALL_ARENA, blocks_for, same_bytes, shm_counters

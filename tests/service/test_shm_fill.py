@@ -1,4 +1,4 @@
-"""service.shm.rpc._fill in-process: the server answers only blocks whose bytes in the arena match their
+"""kvtier.service.shm.rpc._fill in-process: the server answers only blocks whose bytes in the arena match their
 checksum, on a real store and a real memfd arena (no gRPC: the corruption is planted in the warm tier,
 which no client can reach)."""
 
@@ -9,13 +9,13 @@ import os
 import numpy as np
 import torch
 
-from service.shm.arena import Arena, create_memfd
-from service.shm.broker import ServerArena
-from service.shm.rpc import _fill
-from tiering.config import StoreConfig
-from tiering.keys import Namespace
-from tiering.layout import BlockLayout
-from tiering.store import TieredStore
+from kvtier.service.shm.arena import Arena, create_memfd
+from kvtier.service.shm.broker import ServerArena
+from kvtier.service.shm.rpc import _fill
+from kvtier.tiering.config import StoreConfig
+from kvtier.tiering.keys import Namespace
+from kvtier.tiering.layout import BlockLayout
+from kvtier.tiering.store import TieredStore
 
 LAYOUT = BlockLayout("float32", 2, 2, 64, 16)  # 32 KiB blocks
 

@@ -23,16 +23,16 @@ import grpc
 import pytest
 import torch
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service.auth import Principal
-from service.client import KVTierClient
-from service.client_types import GetResult, KVTierClientError
-from service.servicer import KVCacheServicer
-from service.shm import cuda_ipc, ipc, ipc_client
-from service.shm.arena import ShmUnavailable
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
-from tiering.errors import InvalidBlock
-from tiering.keys import BlockKey, chain_keys
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.auth import Principal
+from kvtier.service.client import KVTierClient
+from kvtier.service.client_types import GetResult, KVTierClientError
+from kvtier.service.servicer import KVCacheServicer
+from kvtier.service.shm import cuda_ipc, ipc, ipc_client
+from kvtier.service.shm.arena import ShmUnavailable
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.tiering.errors import InvalidBlock
+from kvtier.tiering.keys import BlockKey, chain_keys
 
 from tests.service import wire
 from tests.service.conftest import KVTierProcess

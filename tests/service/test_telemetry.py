@@ -15,10 +15,10 @@ from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service.telemetry import LOG_FORMAT, TraceContextFilter, client_interceptors, inject, setup_telemetry
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
-from tiering.sessions import session_id_key
-from tiering.spans import session_hash
+from kvtier.service.telemetry import LOG_FORMAT, TraceContextFilter, client_interceptors, inject, setup_telemetry
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.tiering.sessions import session_id_key
+from kvtier.tiering.spans import session_hash
 
 LAYOUT = BlockLayout("float16", layers=2, kv_heads=2, head_dim=64, block_tokens=4)  # 4 KiB blocks
 BLOCK = LAYOUT.block_bytes()
@@ -335,7 +335,7 @@ def test_server_process_exports_a_resume_trace(otlp_receiver, kvtier_process, tr
     import wire
     from prometheus_client.parser import text_string_to_metric_families
 
-    from service._gen.kvtier.v1 import kvtier_pb2 as pb
+    from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 
     receiver, endpoint = otlp_receiver
     tel, _ = traced  # the client's own tracer
@@ -378,8 +378,8 @@ def test_server_process_exports_a_resume_trace(otlp_receiver, kvtier_process, tr
 def test_settings_select_http_exporter_and_service_name():
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    from service.config import Settings
-    from service.telemetry import _make_exporter, tracing_requested
+    from kvtier.service.config import Settings
+    from kvtier.service.telemetry import _make_exporter, tracing_requested
 
     settings = Settings(telemetry={"traces": True, "otlp_endpoint": "http://127.0.0.1:4318",
                                    "otlp_protocol": "http", "service_name": "kvtier-test"})

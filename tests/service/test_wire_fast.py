@@ -8,8 +8,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import wire_fast as wf
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service import wire_fast as wf
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
 
 U32 = st.integers(0, 2**32 - 1)
 U64 = st.integers(0, 2**64 - 1)

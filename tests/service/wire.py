@@ -13,9 +13,9 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service._gen.kvtier.v1 import kvtier_pb2 as pb
-from service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
-from tiering.codec import checksum
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.tiering.codec import checksum
 
 CHUNK = 1 << 20
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int8": np.int8,

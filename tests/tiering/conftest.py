@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from tiering_helpers import config
 
-from tiering import TieredStore
+from kvtier.tiering import TieredStore
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tiering.bytecopy import PARALLEL_MIN_BYTES, copy_checksum, copy_many
+from kvtier.tiering.bytecopy import PARALLEL_MIN_BYTES, copy_checksum, copy_many
 
 CHUNK = 256 << 10
-from tiering.codec import checksum
+from kvtier.tiering.codec import checksum
 
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tiering.codec import HEADER, Codec, CodecId, checksum, shuffle, unshuffle
-from tiering.errors import ChecksumError, InvalidBlock
+from kvtier.tiering.codec import HEADER, Codec, CodecId, checksum, shuffle, unshuffle
+from kvtier.tiering.errors import ChecksumError, InvalidBlock
 
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
          "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,

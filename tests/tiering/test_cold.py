@@ -10,12 +10,12 @@ import lmdb
 import pytest
 import torch
 
-from tiering.codec import Codec, checksum
-from tiering.cold import ColdTier, ColdWrite
-from tiering.errors import CapacityExceeded, TierUnavailable
-from tiering.keys import BlockKey
-from tiering.tier import Block
-from tiering.writer import ColdWriter, WriteJob
+from kvtier.tiering.codec import Codec, checksum
+from kvtier.tiering.cold import ColdTier, ColdWrite
+from kvtier.tiering.errors import CapacityExceeded, TierUnavailable
+from kvtier.tiering.keys import BlockKey
+from kvtier.tiering.tier import Block
+from kvtier.tiering.writer import ColdWriter, WriteJob
 
 NS_A, NS_B = b"a" * 16, b"b" * 16
 

@@ -20,8 +20,8 @@ import logging
 import pytest
 import torch
 
-from tiering import BlockLayout, Namespace, TieredStore
-from tiering.codec import Codec, CodecId
+from kvtier.tiering import BlockLayout, Namespace, TieredStore
+from kvtier.tiering.codec import Codec, CodecId
 from tiering_helpers import config
 
 pytestmark = pytest.mark.model

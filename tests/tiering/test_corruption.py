@@ -8,7 +8,7 @@ import lmdb
 import pytest
 from tiering_helpers import NS, payload, tokens_for
 
-from tiering.codec import HEADER
+from kvtier.tiering.codec import HEADER
 
 
 def _flip(data_dir: str, key, at) -> None:

@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from tiering import BlockLayout, Namespace, StoreConfig, TieredStore
-from tiering.cold import ColdTier
-from tiering.codec import HEADER, Codec
-from tiering.crypto import FLAG_SEALED, FLAGS_OFFSET, RecordSealer, load_key, parse_key
-from tiering.errors import TierUnavailable
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.tiering.cold import ColdTier
+from kvtier.tiering.codec import HEADER, Codec
+from kvtier.tiering.crypto import FLAG_SEALED, FLAGS_OFFSET, RecordSealer, load_key, parse_key
+from kvtier.tiering.errors import TierUnavailable
 
 KEY = bytes(range(32))
 NS = Namespace("t", "enc/model", "r1", BlockLayout("float16", 2, 2, 32, 16))

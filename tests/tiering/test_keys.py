@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from tiering import BlockKey, BlockLayout, InvalidBlock, Namespace, chain_keys
-from tiering.keys import iter_keys
+from kvtier.tiering import BlockKey, BlockLayout, InvalidBlock, Namespace, chain_keys
+from kvtier.tiering.keys import iter_keys
 
 LAYOUT = BlockLayout("float16", layers=30, kv_heads=3, head_dim=64, block_tokens=16)
 NS = Namespace("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", LAYOUT)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tiering import BlockLayout, InvalidBlock
-from tiering.layout import DTYPE_BY_CODE, DTYPES, MAX_BLOCK_BYTES, itemsize
+from kvtier.tiering import BlockLayout, InvalidBlock
+from kvtier.tiering.layout import DTYPE_BY_CODE, DTYPES, MAX_BLOCK_BYTES, itemsize
 
 
 def test_sizes_and_shape():

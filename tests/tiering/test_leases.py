@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from tiering.leases import LeaseTable
+from kvtier.tiering.leases import LeaseTable
 
 
 class Clock:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiering.errors import CapacityExceeded
-from tiering.hot import make_hot_tier, resolve_device
-from tiering.keys import BlockKey
-from tiering.memory import MemoryTier
-from tiering.policies import LRUPolicy
-from tiering.tier import Block
-from tiering.warm import make_warm_tier
+from kvtier.tiering.errors import CapacityExceeded
+from kvtier.tiering.hot import make_hot_tier, resolve_device
+from kvtier.tiering.keys import BlockKey
+from kvtier.tiering.memory import MemoryTier
+from kvtier.tiering.policies import LRUPolicy
+from kvtier.tiering.tier import Block
+from kvtier.tiering.warm import make_warm_tier
 
 
 def K(i: int) -> BlockKey:

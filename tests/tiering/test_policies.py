@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tiering.policies import LRUPolicy, S3FIFOPolicy, make_policy
+from kvtier.tiering.policies import LRUPolicy, S3FIFOPolicy, make_policy
 
 ONE = lambda k: 1  # noqa: E731 - every key weighs one unit
 NONE = lambda k: False  # noqa: E731 - nothing pinned

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from tiering_helpers import BLOCK, NS, config, payload, tokens_for
 
-from tiering import TieredStore, chain_keys
+from kvtier.tiering import TieredStore, chain_keys
 
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -20,7 +20,7 @@ ROOT = HERE.parent.parent
 WRITER = textwrap.dedent("""
     import sys
     from tiering_helpers import NS, config, payload, tokens_for
-    from tiering import TieredStore
+    from kvtier.tiering import TieredStore
 
     data_dir, write_policy, sync = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     store = TieredStore(config(data_dir, write_policy=write_policy, durable_sync=sync, writer_batch=4))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tiering import (CapacityExceeded, InvalidBlock, LayoutMismatch, Namespace, SessionNotFound, TierUnavailable,
+from kvtier.tiering import (CapacityExceeded, InvalidBlock, LayoutMismatch, Namespace, SessionNotFound, TierUnavailable,
                      TieredStore, chain_keys)
-from tiering.codec import Codec
+from kvtier.tiering.codec import Codec
 
 from tiering_helpers import BLOCK, LAYOUT, NS, config, payload, tokens_for
 
@@ -393,8 +393,8 @@ def test_resume_refreshes_and_prefetches(make_store):
 def test_pending_session_records_hide_disk_until_all_committed(make_store):
     """delete, put, delete of one session queued; the writer commits them one at a time. Until the
     last is on disk the session must read as deleted, never as the record queued in between."""
-    from tiering.sessions import Session, session_id_key
-    from tiering.writer import WriteJob
+    from kvtier.tiering.sessions import Session, session_id_key
+    from kvtier.tiering.writer import WriteJob
 
     s = make_store()
     sid = session_id_key("t", "x")
@@ -427,7 +427,7 @@ def test_unusable_data_dir(tmp_dir):
 
 
 def test_failed_open_releases_the_dir_lock(data_dir):
-    with mock.patch("tiering.store.ColdTier", side_effect=TierUnavailable("boom")):
+    with mock.patch("kvtier.tiering.store.ColdTier", side_effect=TierUnavailable("boom")):
         with pytest.raises(TierUnavailable):
             TieredStore(config(data_dir))
     TieredStore(config(data_dir)).close()  # the lock of the failed open is gone

@@ -11,9 +11,9 @@ import pytest
 from test_corruption import _flip
 from tiering_helpers import LAYOUT, NS, config, payload, tokens_for
 
-from tiering import TieredStore
-from tiering.crypto import RecordSealer
-from tiering.keys import chain_keys
+from kvtier.tiering import TieredStore
+from kvtier.tiering.crypto import RecordSealer
+from kvtier.tiering.keys import chain_keys
 
 BLOCK = LAYOUT.block_bytes()
 ALIGN = 4096

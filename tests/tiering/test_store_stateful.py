@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from tiering_helpers import BLOCK, LAYOUT, NS, config, payload, tokens_for
 
-from tiering import SessionNotFound, TieredStore, chain_keys
+from kvtier.tiering import SessionNotFound, TieredStore, chain_keys
 
 LEASE_S = 0.05
 

@@ -8,7 +8,7 @@ from unittest import mock
 
 from tiering_helpers import NS, payload, tokens_for
 
-from tiering.tombstones import Tombstones
+from kvtier.tiering.tombstones import Tombstones
 
 
 def test_marks_refuse_older_reads_only_and_go_when_no_older_read_is_left():

@@ -6,7 +6,7 @@ capacities read as "room for N blocks" and scenarios can be narrated block by bl
 
 from __future__ import annotations
 
-from tiering import BlockLayout, Namespace, StoreConfig
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig
 
 LAYOUT = BlockLayout("float16", layers=1, kv_heads=1, head_dim=4, block_tokens=4)
 BLOCK = LAYOUT.block_bytes()  # 64 bytes
