@@ -1,10 +1,10 @@
-"""Regenerate the gRPC stubs in service/_gen from proto/ (the only way they are made).
+"""Regenerate the gRPC stubs in service/wire/_gen from proto/ (the only way they are made).
 
     python scripts/gen_protos.py          # write the stubs
     python scripts/gen_protos.py --check  # exit 1 if the checked-in stubs are stale
 
 The generated modules import each other as ``kvtier.v1``; the import lines are rewritten to the
-package path ``kvtier.service._gen.kvtier.v1`` so the stubs live inside the ``service`` package.
+package path ``kvtier.service.wire._gen.kvtier.v1`` so the stubs live inside the ``service`` package.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-OUT_DIR = ROOT / "service" / "_gen"
+OUT_DIR = ROOT / "service" / "wire" / "_gen"
 
 
 def generate(out: pathlib.Path) -> list[pathlib.Path]:
@@ -34,7 +34,7 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
     files = []
     for path in sorted(out.rglob("*.py*")):
         text = path.read_text()
-        text = re.sub(r"^from kvtier\.v1 import", "from kvtier.service._gen.kvtier.v1 import", text, flags=re.M)
+        text = re.sub(r"^from kvtier\.v1 import", "from kvtier.service.wire._gen.kvtier.v1 import", text, flags=re.M)
         path.write_text(text)
         files.append(path)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
@@ -44,7 +44,7 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the stubs in service/_gen are stale")
+    parser.add_argument("--check", action="store_true", help="fail if the stubs in service/wire/_gen are stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         fresh = pathlib.Path(tmp) / "_gen"

@@ -73,8 +73,8 @@ def store_paths() -> dict:
 
 
 def _ipc_child(handles, results) -> None:
-    from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
-    from kvtier.service.shm.cuda_ipc import copy_out
+    from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+    from kvtier.service.wire.cuda_ipc import copy_out
 
     def copy(raw: bytes) -> None:
         buf = pb.CudaIpcBuffer.FromString(raw)
@@ -95,7 +95,7 @@ def cuda_ipc() -> dict:
     (device→host→device, what the shared-memory arena costs a CUDA client)."""
     import multiprocessing as mp
 
-    from kvtier.service.shm.cuda_ipc import share
+    from kvtier.service.wire.cuda_ipc import share
     ctx = mp.get_context("spawn")
     handles, results = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_ipc_child, args=(handles, results))
@@ -134,8 +134,8 @@ def rpc_get(reps: int = 10) -> dict:
     """A Get of hot blocks (2 MiB each) to a CUDA client on the server's GPU, through the RPCs:
     ``get(keys, device="cuda:0")`` (GetIpc: one device-to-device copy on each side) vs ``get(keys)``
     through the shared-memory arena then ``.to("cuda")`` (device→host in the server, host→device here)."""
-    from kvtier.service.bench.procs import kvtier_server
-    from kvtier.service.client import KVTierClient
+    from kvtier.service.apps.bench.procs import kvtier_server
+    from kvtier.service.client.client import KVTierClient
 
     layout = BlockLayout("float16", 32, 8, 128, 16)
     ns = Namespace("default", "gpu-check", "ipc", layout)

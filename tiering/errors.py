@@ -1,6 +1,6 @@
 """Domain errors of the tiered block store.
 
-Raised inside ``tiering/`` and mapped to gRPC status codes exactly once, in ``service/errors.py``:
+Raised inside ``tiering/`` and mapped to gRPC status codes exactly once, in ``service/server/errors.py``:
 
 =====================  ======================
 error                  gRPC status

@@ -1,4 +1,4 @@
-"""CUDA IPC on a real GPU (service/shm/cuda_ipc.py, ipc.py, ipc_client.py); skipped without CUDA.
+"""CUDA IPC on a real GPU (service/wire/cuda_ipc.py, ipc.py, ipc_client.py); skipped without CUDA.
 
 A buffer crosses processes byte-exact as the plain fields of a ``CudaIpcBuffer``. A server whose hot
 tier is on cuda:0 hands its hot blocks to ``KVTierClient.get(device="cuda:0")`` by CUDA IPC
@@ -15,14 +15,14 @@ import grpc
 import pytest
 import torch
 
-from kvtier.service._gen.kvtier.v1 import kvtier_pb2 as pb
-from kvtier.service.client import KVTierClient
-from kvtier.service.shm.cuda_ipc import copy_out, device_uuid, normalize_uuid, share
+from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client.client import KVTierClient
+from kvtier.service.wire.cuda_ipc import copy_out, device_uuid, normalize_uuid, share
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.keys import Namespace
 from kvtier.tiering.layout import BlockLayout
 
-from tests.service.conftest import KVTierProcess
+from tests.fixtures.server import KVTierProcess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -87,7 +87,7 @@ def test_grafana_provisioning_points_at_the_services(compose):
 
 def test_dashboard_queries_use_exported_metrics(data_dir):
     """Every metric a panel queries is one the server exports (checked against a live registry)."""
-    from kvtier.service.metrics import KVTierMetrics
+    from kvtier.service.server.metrics import KVTierMetrics
     from kvtier.tiering import StoreConfig, TieredStore
 
     dash = json.loads((OPS / "grafana/dashboards/kvtier.json").read_text())

@@ -1,0 +1,149 @@
+"""The bench's targets: each one a ratio or a bound computed from this run's rows, met or missed.
+
+A target whose inputs were not measured (a skipped scenario, telemetry not available) is reported with
+``met = None`` and a note saying why, never as met. Where quick mode measures a smaller case than the
+target names (512 tokens instead of 2048, 10^4 blocks instead of 10^6), ``measured_at`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvtier.service.apps.bench.context import ratio
+
+
+def _rows(results: dict, scenario: str) -> list[dict]:
+    return results.get("scenarios", {}).get(scenario, {}).get("rows", []) or []
+
+
+def _pick(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _transport_ratio(results: dict, path: str, tier: str, ref: str, op: str) -> tuple[float | None, str]:
+    rows = _rows(results, "transport")
+    worst, where = None, ""
+    for r in rows:
+        if r["path"] != path or r["tier"] != tier or r["op"] != op:
+            continue
+        peer = _pick(rows, path=ref, op=op, block_bytes=r["block_bytes"])
+        v = ratio(r.get("gbps"), peer.get("gbps") if peer else None)
+        if v is not None and (worst is None or v < worst):
+            worst, where = v, f"worst of block sizes, at {r['block_bytes'] // 1024} KiB"
+    return worst, where
+
+
+def _shm_batch(results: dict, op: str, refs: tuple[str, ...]) -> tuple[float | None, str]:
+    """shm_batch GB/s over the best of ``refs`` (same block size; a batched ref with the same blocks per
+    call), at the largest batch measured."""
+    rows = _rows(results, "transport")
+    mine = [r for r in rows if r["path"] == "shm_batch" and r["op"] == op]
+    if not mine:
+        return None, ""
+    r = max(mine, key=lambda r: r["blocks_per_call"])
+    peers = [p for p in rows if p["path"] in refs and p["op"] == op and p["block_bytes"] == r["block_bytes"]
+             and p.get("blocks_per_call") in (None, r["blocks_per_call"])]
+    best = max(peers, key=lambda p: p["gbps"], default=None)
+    if best is None:
+        return None, ""
+    return ratio(r["gbps"], best["gbps"]), (f"{r['blocks_per_call']} x {r['block_bytes'] >> 10} KiB per call, "
+                                           f"vs {best['path']}")
+
+
+def _resume_paths(results: dict) -> tuple[float | None, str]:
+    rows = {r["path"]: r for r in _rows(results, "transport") if r["path"].startswith("resume_")}
+    shm, grpc = rows.get("resume_shm"), rows.get("resume_grpc")
+    if not shm or not grpc:
+        return None, ""
+    return ratio(grpc["p50_ms"], shm["p50_ms"]), f"{shm.get('tokens')} tokens"
+
+
+def _resume(results: dict, source: str) -> tuple[float | None, str]:
+    rows = [r for r in _rows(results, "resume") if r.get("source") == source]
+    if not rows:
+        return None, ""
+    r = max(rows, key=lambda r: r["tokens"])
+    return r.get("speedup"), f"{r['tokens']} tokens"
+
+
+def _codec(results: dict) -> tuple[float | None, str]:
+    sc = results.get("scenarios", {}).get("codec", {})
+    r = _pick(_rows(results, "codec"), dtype="bfloat16", codec=sc.get("default_codec"), level=sc.get("default_level"))
+    return (r["disk_fraction"], f"{sc.get('default_codec')} level {sc.get('default_level')}") if r else (None, "")
+
+
+def _scale(results: dict, field: str) -> tuple[float | None, str]:
+    rows = _rows(results, "scale")
+    if not rows:
+        return None, ""
+    r = max(rows, key=lambda r: r["blocks"])
+    return r.get(field), f"{r['blocks']:,} blocks"
+
+
+def _concurrency(results: dict) -> tuple[float | None, str]:
+    """p99 at the most clients, over the shared-memory path (a same-host caller's default) when measured."""
+    rows = _rows(results, "concurrency")
+    if not rows:
+        return None, ""
+    shm = [r for r in rows if r.get("path") == "shm"]
+    r = max(shm or rows, key=lambda r: r["clients"])
+    return r.get("p99_ms"), f"{r['clients']} clients" + (f", {r['path']}" if r.get("path") else "")
+
+
+def _tracing(results: dict) -> tuple[float | None, str]:
+    sc = results.get("scenarios", {}).get("tracing", {})
+    return sc.get("on_over_off"), sc.get("measured_at", "")
+
+
+def _lmcache(results: dict, field: str) -> tuple[float | None, str]:
+    """Worst ratio over the ``--peers lmcache`` rows (``service/apps/bench/lmcache_peer.py`` computes it)."""
+    sc = results.get("scenarios", {}).get("lmcache", {})
+    return sc.get(field), sc.get(f"{field}_at", "")
+
+
+#: (id, description, getter, comparison, threshold, the case the target names)
+TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, float, str]] = [
+    ("grpc_get_vs_echo", "kvtier gRPC Get (warm) / bare gRPC stream",
+     lambda r: _transport_ratio(r, "grpc", "warm", "grpc_echo", "get"), ">=", 0.8, ""),
+    ("grpc_put_vs_echo", "kvtier gRPC Put (warm) / bare gRPC stream",
+     lambda r: _transport_ratio(r, "grpc", "warm", "grpc_echo", "put"), ">=", 0.8, ""),
+    ("resume_warm_speedup", "resume from warm: recompute TTFT / restore TTFT",
+     lambda r: _resume(r, "warm"), ">=", 20.0, "2048 tokens"),
+    ("resume_cold_speedup", "resume from cold: recompute TTFT / restore TTFT",
+     lambda r: _resume(r, "cold"), ">=", 10.0, "2048 tokens"),
+    ("shm_get_vs_memcpy", "shared-memory Get of warm blocks / memcpy of the same bytes",
+     lambda r: _shm_batch(r, "get", ("memcpy_batch",)), ">=", 0.5, "2 MiB blocks"),
+    ("shm_get_vs_redis", "shared-memory Get of warm blocks / Redis GET (its faster of GET and MGET)",
+     lambda r: _shm_batch(r, "get", ("redis", "redis_batch")), ">=", 5.0, "2 MiB blocks"),
+    ("shm_put_vs_memcpy", "shared-memory Put / memcpy of the same bytes",
+     lambda r: _shm_batch(r, "put", ("memcpy_batch",)), ">=", 0.4, "2 MiB blocks"),
+    ("resume_shm_vs_grpc", "resume of a SmolLM2 session: gRPC streams p50 / shared memory p50",
+     _resume_paths, ">=", 1.0, "2048 tokens"),
+    ("cold_read_vs_zstd", "engine cold Get / zstd decompress alone",
+     lambda r: _transport_ratio(r, "engine", "cold", "zstd", "get"), ">=", 0.8, ""),
+    ("bf16_disk_fraction", "bf16 bytes on disk / raw (lossless)", _codec, "<=", 0.70, ""),
+    ("index_ram_per_block", "index RAM per block (RSS delta / blocks), bytes",
+     lambda r: _scale(r, "index_bytes_per_block"), "<=", 200.0, "1,000,000 blocks"),
+    ("reopen_seconds", "store reopen time, seconds", lambda r: _scale(r, "reopen_s"), "<=", 10.0, "1,000,000 blocks"),
+    ("concurrency_p99_ms", "p99 Get of 360 KiB, ms", _concurrency, "<=", 25.0, "32 clients"),
+    ("tracing_overhead", "Get throughput with tracing on / off", _tracing, ">=", 0.95, ""),
+    ("lmcache_same_host", "kvtier shm p50 retrieve / LMCache server's (faster transport), worst workload",
+     lambda r: _lmcache(r, "same_host_ratio"), "<=", 0.5, "every workload (--peers lmcache)"),
+    ("lmcache_grpc", "LMCache server over gRPC p50 / kvtier gRPC p50, worst workload and op",
+     lambda r: _lmcache(r, "grpc_speedup"), ">=", 1.0, "every workload (--peers lmcache)"),
+]
+
+
+def evaluate(results: dict) -> list[dict]:
+    """One dict per target: ``id``, ``description``, ``value``, ``op``, ``threshold``, ``met`` (bool or
+    ``None`` when not measured), ``measured_at``, ``target_at``."""
+    out = []
+    for tid, desc, getter, op, threshold, target_at in TARGETS:
+        try:
+            value, where = getter(results)
+        except (KeyError, TypeError, ValueError):
+            value, where = None, ""
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        out.append({"id": tid, "description": desc, "value": value, "op": op, "threshold": threshold, "met": met,
+                    "measured_at": where, "target_at": target_at})
+    return out

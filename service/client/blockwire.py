@@ -1,0 +1,179 @@
+"""Client side of the block wire format: chunking payloads for Put, reassembling and verifying Get.
+
+Both gRPC clients (sync and asyncio) use these, so the byte handling exists once. A Put stream is a
+``PutHeader`` then, per block, chunks of at most :data:`CHUNK_BYTES` with the block's XXH3-64 on its
+last chunk. A Get stream is, per block, a ``BlockHeader`` then ``data`` messages until ``size`` bytes,
+then a ``GetEnd``. :class:`GetAssembler` turns it into tensors and never hands out a block whose
+bytes do not match the header's checksum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client.types import DTYPE_NAMES, TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.service.wire.convert import TIER_FROM_PROTO
+from kvtier.service.wire.fast import encode_put_chunk
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import BlockKey
+
+#: Largest ``BlockChunk.data`` the contract allows (1 MiB).
+CHUNK_BYTES = 1 << 20
+
+Payload = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
+
+
+def _invalid(details: str) -> KVTierClientError:
+    return KVTierClientError(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def payload_view(data: Payload, dtype: str | None = None, index: int = 0) -> memoryview:
+    """The raw bytes of one block payload as a flat byte memoryview (no copy for CPU-contiguous data).
+
+    :param data: a tensor or ndarray (any device/contiguity; copied to contiguous CPU when needed)
+        or raw bytes.
+    :param dtype: the namespace's layout dtype; a tensor or array of another dtype is refused.
+    :param index: block index, for the error message.
+    :raises KVTierClientError: ``INVALID_ARGUMENT`` when the element type does not match ``dtype``.
+    """
+    if isinstance(data, np.ndarray):
+        if data.dtype == np.uint8 and data.ndim == 1:
+            return memoryview(np.ascontiguousarray(data)).cast("B")
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if isinstance(data, torch.Tensor):
+        name = DTYPE_NAMES.get(data.dtype)
+        if dtype is not None and name != dtype:
+            raise _invalid(f"block {index} is {data.dtype} but the namespace's layout is {dtype}")
+        flat = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        return memoryview(flat.numpy()).cast("B")
+    return memoryview(data).cast("B")
+
+
+def put_requests(header: pb.PutHeader, payloads: Iterable[memoryview], *, with_checksums: bool = True,
+                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.PutRequest | bytes]:
+    """The messages of one Put stream: the header, then each payload's chunks in order.
+
+    The chunks come already encoded (``bytes``, :func:`service.wire_fast.encode_put_chunk`, one copy
+    of the payload): send the stream with :class:`service.wire_fast.FastKVCacheStub`'s ``Put``.
+
+    :param header: the ``PutHeader`` (``first_block`` and ``block_count`` already set).
+    :param payloads: byte views of blocks ``first_block``, ``first_block + 1``…
+    :param with_checksums: send each block's XXH3-64 on its last chunk (the server verifies it).
+    """
+    yield pb.PutRequest(header=header)
+    for i, view in enumerate(payloads):
+        index = header.first_block + i
+        csum = checksum(view) if with_checksums else 0
+        size = len(view)
+        offset = 0
+        while True:
+            end = min(offset + chunk_bytes, size)
+            last = end == size
+            yield encode_put_chunk(index, offset, view[offset:end], csum if last else 0)
+            offset = end
+            if last:
+                break
+
+
+def decode_block(header: pb.BlockHeader, payload: bytearray | bytes) -> torch.Tensor:
+    """The block announced by ``header`` as a tensor of its dtype and shape, after verifying it.
+
+    :param header: the block's ``BlockHeader``.
+    :param payload: its bytes; the tensor shares this buffer (no copy) when it is a ``bytearray``.
+    :returns: a C-contiguous CPU tensor of shape ``header.shape`` and dtype ``header.dtype``.
+    :raises KVTierClientError: ``DATA_LOSS`` when the size or the checksum does not match the header,
+        ``INTERNAL`` for an unknown dtype or a shape that does not fit the size.
+    """
+    if len(payload) != header.size:
+        raise KVTierClientError(grpc.StatusCode.DATA_LOSS,
+                                f"block {header.index}: got {len(payload)} bytes, header announced {header.size}")
+    got = checksum(payload)
+    if got != header.checksum:
+        raise KVTierClientError(grpc.StatusCode.DATA_LOSS,
+                                f"block {header.index} (key {header.key.hex()}) failed its checksum: "
+                                f"{got:016x} != {header.checksum:016x}; the bytes were not used")
+    dtype = TORCH_DTYPES.get(header.dtype)
+    shape = tuple(header.shape)
+    if dtype is None or len(shape) != 5 or int(np.prod(shape)) * dtype.itemsize != len(payload):
+        raise KVTierClientError(grpc.StatusCode.INTERNAL,
+                                f"block {header.index}: {len(payload)} bytes do not hold {header.dtype} {shape}")
+    if not payload:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(payload if isinstance(payload, bytearray) else bytearray(payload), dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+class GetAssembler:
+    """Feeds on ``GetResponse`` messages in stream order; :meth:`result` gives the verified blocks.
+
+    Not thread-safe (one per stream). Each block is verified as soon as its last byte arrives.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: list[torch.Tensor] = []
+        self._keys: list[BlockKey] = []
+        self._tiers: list[str] = []
+        self._header: pb.BlockHeader | None = None
+        self._buf = bytearray()
+        self._filled = 0
+        self._end: pb.GetEnd | None = None
+
+    def feed(self, msg: pb.GetResponse) -> None:
+        """Consume one message.
+
+        :raises KVTierClientError: ``DATA_LOSS`` on a checksum mismatch, ``INTERNAL`` on messages
+            out of order (data without a header, more bytes than announced, a header mid-block).
+        """
+        kind = msg.WhichOneof("msg")
+        if kind == "header":
+            if self._header is not None:
+                raise KVTierClientError(grpc.StatusCode.INTERNAL, "a block header arrived before the previous "
+                                        "block's data was complete")
+            self._header = msg.header
+            self._buf = bytearray(msg.header.size)
+            self._filled = 0
+            if not msg.header.size:
+                self._finish()
+        elif kind == "data":
+            if self._header is None or self._filled + len(msg.data) > len(self._buf):
+                raise KVTierClientError(grpc.StatusCode.INTERNAL, "block data arrived without a header or past "
+                                        "the announced size")
+            self._buf[self._filled:self._filled + len(msg.data)] = msg.data
+            self._filled += len(msg.data)
+            if self._filled == len(self._buf):
+                self._finish()
+        elif kind == "end":
+            self._end = msg.end
+
+    def _finish(self) -> None:
+        header = self._header
+        self._blocks.append(decode_block(header, self._buf))
+        self._keys.append(BlockKey(bytes(header.key)))
+        self._tiers.append(TIER_FROM_PROTO.get(header.tier))
+        self._header = None
+        self._buf = bytearray()
+
+    def result(self) -> GetResult:
+        """The blocks received.
+
+        :raises KVTierClientError: ``INTERNAL`` if the stream ended inside a block or without a GetEnd.
+        """
+        if self._header is not None or self._end is None:
+            raise KVTierClientError(grpc.StatusCode.INTERNAL, "the Get stream ended early (inside a block or "
+                                    "without its GetEnd)")
+        end = self._end
+        tokens = sum(int(b.shape[3]) for b in self._blocks)
+        return GetResult(self._blocks, self._keys, self._tiers, end.complete,
+                         None if end.complete else end.stopped_at, end.reason, tokens)
+
+
+def check_payload_count(payloads: Sequence, n_keys: int, first_block: int) -> None:
+    """Refuse locally a put whose blocks cannot fit the token ids (the server would too)."""
+    if first_block < 0 or first_block + len(payloads) > n_keys:
+        raise _invalid(f"{len(payloads)} blocks from index {first_block} do not fit the {n_keys} blocks of the "
+                       "token ids")

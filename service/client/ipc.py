@@ -1,0 +1,177 @@
+"""The client's end of CUDA IPC gets: hot blocks copied device to device from the server's GPU.
+
+:func:`get_on_device` serves ``KVTierClient.get(..., device=...)``. When ``device`` is a CUDA device of
+this process and the client holds a shared-memory link (the server is on this host), it runs
+``GetIpc`` for the hot prefix of the chain, copies each block out of the shared buffer onto ``device``
+(:func:`service.shm.cuda_ipc.copy_out` waits for the copies and unmaps the buffer before returning)
+and calls ``ReleaseIpc`` in a ``finally``; while the server stops for its budget (``"ipc_budget"``)
+after some blocks, it asks again for the rest. Whatever remains of the chain (from the first block
+that is not hot) is fetched through the client's usual path and moved onto ``device``, as is
+everything when CUDA IPC cannot serve: no CUDA in this process, no link, or the server answers
+FAILED_PRECONDITION (no CUDA hot tier, another GPU, another user, shared memory off) or UNIMPLEMENTED
+(an older server). Nothing of that is remembered: every call asks again, one unary call.
+
+Checksums. Blocks that come by CUDA IPC are not verified here: a device tensor's XXH3 needs a copy to
+the host, the very trip CUDA IPC saves. Their checksum was taken as they entered the server (and
+checked, when the writer sent one; blocks read back from disk are checked on their way up), and they
+move only from GPU memory to GPU memory. Blocks fetched for the rest of the chain are checked as
+that path checks them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.tiering.keys import BlockKey
+
+from kvtier.service.wire import cuda_ipc
+log = logging.getLogger(__name__)
+
+#: Codes with which a server says "not by CUDA IPC" (the usual path serves instead).
+FALLBACK_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED)
+#: Stop reasons after which the chain goes on past the blocks sent.
+_RESUMABLE = ("not_hot", "ipc_budget")
+
+
+def cuda_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` with its index when it names a CUDA device this process can use, else ``None``."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+@dataclass
+class _Hot:
+    """What the ``GetIpc`` calls of one get brought: blocks on the device, and where the chain goes on.
+
+    :ivar rest: the request for the rest of the chain (by keys), or ``None`` when the answer is final.
+    :ivar base: index (in the caller's chain) of the first block ``rest`` names.
+    """
+
+    blocks: list[torch.Tensor] = field(default_factory=list)
+    keys: list[BlockKey] = field(default_factory=list)
+    end: pb.GetEnd | None = None
+    base: int = 0
+    rest: pb.GetRequest | None = None
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
+def _release(stub, metadata, deadline: float | None, lease_id: str) -> None:
+    """``ReleaseIpc``, best effort: an unreleased lease ends on its own after the server's lease time."""
+    try:
+        stub.ReleaseIpc(pb.ReleaseIpcRequest(lease_id=lease_id), metadata=metadata,
+                        timeout=5.0 if deadline is None else max(deadline - time.monotonic(), 0.5))
+    except grpc.RpcError as exc:
+        log.debug("ReleaseIpc failed (%s); the server ends the lease by itself", exc.code())
+
+
+def _copy_blocks(resp: pb.GetIpcResponse, device: torch.device, base: int) -> list[torch.Tensor]:
+    """The blocks of one ``GetIpc`` answer as tensors on ``device``.
+
+    :raises KVTierClientError: ``INTERNAL`` for an answer whose buffer or headers do not hold up.
+    :raises RuntimeError: from CUDA, when the buffer cannot be mapped on ``device``.
+    """
+    try:
+        raw = cuda_ipc.copy_out(resp.buffer, device, [(item.offset, item.header.size) for item in resp.blocks])
+    except ValueError as exc:
+        raise KVTierClientError(grpc.StatusCode.INTERNAL, f"unusable CUDA IPC answer: {exc}") from None
+    out = []
+    for item, data in zip(resp.blocks, raw):
+        head = item.header
+        dtype, shape = TORCH_DTYPES.get(head.dtype), tuple(head.shape)
+        if (dtype is None or len(shape) != 5 or data.numel() != head.size
+                or head.size != dtype.itemsize * torch.Size(shape).numel()):
+            raise KVTierClientError(grpc.StatusCode.INTERNAL,
+                                    f"block {base + head.index}: {head.size} bytes do not hold {head.dtype} {shape}")
+        out.append(data.view(dtype).reshape(shape))
+    return out
+
+
+def _get_hot(stub, metadata, deadline: float | None, arena_id: str, request: pb.GetRequest,
+             device: torch.device) -> _Hot | None:
+    """The hot prefix of ``request``'s chain by CUDA IPC. ``None``: the server does not serve this
+    caller so (use the usual path for all of it).
+
+    :raises KVTierClientError: as the server answers (other than :data:`FALLBACK_CODES`).
+    """
+    uuid = cuda_ipc.device_uuid(device)
+    got = _Hot()
+    while True:
+        try:
+            resp = stub.GetIpc(pb.GetIpcRequest(arena_id=arena_id, request=request, device_uuid=uuid),
+                               timeout=_left(deadline), metadata=metadata)
+        except grpc.RpcError as exc:
+            if exc.code() not in FALLBACK_CODES:
+                from kvtier.service.client.requests import client_error
+                raise client_error(exc) from None
+            log.debug("no CUDA IPC from the server (%s: %s)", exc.code().name, exc.details())
+            if not got.blocks:
+                return None
+            got.rest = request  # a later piece was refused: the rest comes the usual way
+            return got
+        try:
+            blocks = _copy_blocks(resp, device, got.base) if resp.blocks else []
+        except RuntimeError as exc:  # CUDA cannot map it here (the buffer's reference went back already)
+            log.debug("CUDA IPC buffer not mappable on %s (%s); using the usual path", device, exc)
+            blocks = None
+        finally:
+            if resp.lease_id:
+                _release(stub, metadata, deadline, resp.lease_id)
+        if blocks is None:
+            got.rest = request
+            return got if got.blocks else None
+        got.blocks += blocks
+        got.keys += [BlockKey(bytes(item.header.key)) for item in resp.blocks]
+        end = got.end = resp.end
+        if end.reason not in _RESUMABLE:
+            return got
+        # the rest of the same chain, by its keys (a session might change between two calls)
+        left = request.max_blocks - (end.stopped_at - request.start_block) if request.max_blocks else 0
+        request = pb.GetRequest(tenant=request.tenant, max_blocks=left)
+        request.keys.keys.extend(resp.rest_keys)
+        got.base += end.stopped_at
+        got.rest = request
+        if end.reason == "not_hot" or not resp.blocks:
+            return got
+
+
+def get_on_device(stub, metadata, timeout: float | None, link, request: pb.GetRequest, device: torch.device,
+                  fetch: Callable[[pb.GetRequest, float | None], GetResult]) -> GetResult:
+    """A get whose blocks end up on ``device`` (module docstring).
+
+    :param link: the client's shared-memory link (``None``: no CUDA IPC).
+    :param fetch: the client's usual get of a request, with a timeout in seconds.
+    :raises KVTierClientError: as the calls fail (``DATA_LOSS`` for a block of the usual path that fails
+        its checksum).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    hot = None
+    if link is not None and cuda_device(device) is not None:
+        hot = _get_hot(stub, metadata, deadline, link.arena_id, request, cuda_device(device))
+    if hot is None:
+        got = fetch(request, timeout)
+        return GetResult([b.to(device) for b in got.blocks], got.keys, got.tiers, got.complete, got.stopped_at,
+                         got.reason, got.tokens)
+    tokens = sum(int(b.shape[3]) for b in hot.blocks)
+    if hot.rest is None:
+        end = hot.end
+        return GetResult(hot.blocks, hot.keys, ["hot"] * len(hot.blocks), end.complete,
+                         None if end.complete else hot.base + end.stopped_at, end.reason, tokens)
+    rest = fetch(hot.rest, _left(deadline))
+    return GetResult(hot.blocks + [b.to(device) for b in rest.blocks], hot.keys + rest.keys,
+                     ["hot"] * len(hot.blocks) + rest.tiers, rest.complete,
+                     None if rest.complete else hot.base + rest.stopped_at, rest.reason, tokens + rest.tokens)

@@ -1,0 +1,389 @@
+"""The client's end of the shared-memory data path: :class:`ShmLink` and :func:`is_local_target`.
+
+A link is opened once per client (lazily, on its first put or get): ``OpenArena`` over the client's
+gRPC channel, then the ticket over the server's Unix socket, which answers with the arena's fd. The
+client maps it, closes the fd at once (the mapping is all it needs; an fd would only be one more way
+in for a child process) and keeps the socket open: closing it, or the process dying, is what tells
+the server to drop the arena.
+
+The client owns the arena's space: :class:`ShmLink` leases a range per call from its allocator,
+names it in the call and frees it when the call returns (or fails), so the server holds no range
+between calls and a dead client leaves nothing but its arena (reclaimed with the socket).
+
+``put`` writes the blocks into a range and runs one unary ``PutShm`` (one per piece when they
+exceed half the arena). ``get`` runs one unary ``GetShm`` into a range (more when it fills up);
+each block (verified by the server on the arena's bytes) is handed out as a view of the arena whose range stays
+leased until the tensor is garbage (no copy, and the arena's pages are already mapped, whereas fresh
+memory costs a page fault per 4 KiB), up to an alias budget past which blocks are copied out.
+Thread-safe: concurrent calls lease disjoint ranges, and wait for one when the arena is full.
+
+Each put and get is written once, as *steps* (a generator yielding the unary calls to make and the
+waits for a free range), and run by a blocking driver (:meth:`ShmLink.put`, :meth:`ShmLink.get`, for
+:class:`service.client.KVTierClient`) or an asyncio one (:meth:`ShmLink.put_async`,
+:meth:`ShmLink.get_async`, for :class:`service.client.AsyncKVTierClient`), which never blocks the
+event loop while waiting for a range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client.blockwire import decode_block
+from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.service.wire.convert import TIER_FROM_PROTO
+from kvtier.tiering.bytecopy import copy_many
+from kvtier.tiering.codec import checksum
+from kvtier.tiering.keys import BlockKey
+
+from kvtier.service.wire.arena import ALIGNMENT, Arena, Slot, SlotAllocator
+
+log = logging.getLogger(__name__)
+
+#: Hosts whose servers share this machine (a ``unix:`` target always does).
+#: Seconds between looks for block tensors that died while a call waits for arena space.
+RECLAIM_POLL_S = 0.02
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A step of a put or get: run this unary RPC of the stub and send its response back."""
+
+    method: str
+    request: object
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    """A step of a put or get: no arena range is free; look again after at most ``seconds``."""
+
+    seconds: float
+
+
+#: A put's or get's steps: yields calls and waits, gets responses (or None), returns the result.
+Steps = Generator["_Call | _Wait", object, object]
+
+
+def is_local_target(target: str) -> bool:
+    """Whether a gRPC ``target`` names a server on this host (loopback address or ``unix:`` socket)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for prefix in ("dns:///", "ipv4:", "ipv6:"):
+        if target.startswith(prefix):
+            target = target[len(prefix):]
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    return host.strip("[]") in {h.strip("[]") for h in LOCAL_HOSTS}
+
+
+class ShmLink:
+    """A mapped arena and the socket that keeps it alive. Create with :meth:`open`; :meth:`close` it.
+
+    :ivar arena_id: the server's handle of the arena (a secret: only this client knows it).
+    """
+
+    def __init__(self, arena_id: str, arena: Arena, sock: socket.socket) -> None:
+        self.arena_id = arena_id
+        self.arena = arena
+        self._sock = sock
+        self.slots = SlotAllocator(arena.size)
+        self._freed = threading.Condition()
+        #: Most bytes of the arena that block tensors handed out may view at once (the rest is copied).
+        self.alias_budget = arena.size // 2
+        self._aliased = 0
+        self._finalizers: dict[int, weakref.finalize] = {}
+        self._dead: collections.deque[Slot] = collections.deque()
+        #: Check every block's checksum here too. The server already checked it on the arena's bytes
+        #: after writing them (the range is this call's alone from then on), so this only catches the
+        #: caller's own stray writes into its arena, at ~0.1 ms per 2 MiB.
+        self.verify = False
+
+    @classmethod
+    def open(cls, stub, metadata, timeout: float | None, size: int = 0) -> "ShmLink":
+        """Lease an arena from the server behind ``stub`` (a blocking stub).
+
+        :raises KVTierClientError: the code the server answered (``FAILED_PRECONDITION``: shared
+            memory is off; ``UNIMPLEMENTED``: an older server).
+        :raises OSError: if the socket cannot be reached or hands no fd (another host, another uid).
+        """
+        try:
+            resp = stub.OpenArena(pb.OpenArenaRequest(size_bytes=size), timeout=timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            from kvtier.service.client.requests import client_error
+            raise client_error(exc) from None
+        return cls._connect(resp, timeout)
+
+    @classmethod
+    async def open_async(cls, stub, metadata, timeout: float | None, size: int = 0) -> "ShmLink":
+        """:meth:`open` with a ``grpc.aio`` stub (the socket exchange runs on a worker thread)."""
+        try:
+            resp = await stub.OpenArena(pb.OpenArenaRequest(size_bytes=size), timeout=timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            from kvtier.service.client.requests import client_error
+            raise client_error(exc) from None
+        return await asyncio.to_thread(cls._connect, resp, timeout)
+
+    @classmethod
+    def _connect(cls, resp: pb.OpenArenaResponse, timeout: float | None) -> "ShmLink":
+        """Hand the ticket over the arena socket and map the fd it answers with."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec, as every Python fd
+        try:
+            sock.settimeout(timeout if timeout is not None else 10.0)
+            sock.connect(resp.socket_path)
+            sock.sendall(resp.ticket)
+            _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+            if not fds:
+                raise OSError("the arena socket closed without handing an fd (ticket refused)")
+            try:
+                os.set_inheritable(fds[0], False)
+                arena = Arena(fds[0], resp.size_bytes)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        log.debug("shared-memory arena of %d MiB mapped from %s", resp.size_bytes >> 20, resp.socket_path)
+        return cls(resp.arena_id, arena, sock)
+
+    def _lease(self, need: int, want: int, deadline: float | None) -> Steps:
+        """Steps giving a range of ``need`` to ``want`` bytes, waiting (until ``deadline``) for other
+        calls to free one.
+
+        :raises KVTierClientError: ``INVALID_ARGUMENT`` if ``need`` exceeds the arena;
+            ``DEADLINE_EXCEEDED`` if none frees up in time.
+        """
+        if not self.slots.fits_ever(need):
+            raise KVTierClientError(grpc.StatusCode.INVALID_ARGUMENT, f"a block of {need} bytes does not fit the "
+                                    f"{self.arena.size}-byte shared-memory arena; use data_path='grpc'")
+        while True:
+            self._reclaim()
+            with self._freed:
+                if (slot := self.slots.alloc_upto(need, want)) is not None:
+                    return slot
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise KVTierClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            f"no {need}-byte range of the shared-memory arena freed up in time")
+            # woken by a call freeing its range; ranges of dead tensors are polled for
+            yield _Wait(RECLAIM_POLL_S if left is None else min(left, RECLAIM_POLL_S))
+
+    def _free(self, slot: Slot) -> None:
+        self.slots.free(slot)
+        with self._freed:
+            self._freed.notify_all()
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+    def put(self, stub, metadata, timeout: float | None, header: pb.PutHeader,
+            views: Sequence[memoryview]) -> pb.PutResponse:
+        """Write the blocks into a leased range and run ``PutShm`` (one call per piece of at most half
+        the arena; the server stores nothing before the last). ``stub`` is a blocking stub.
+
+        :raises grpc.RpcError: as the call fails (the caller maps it).
+        :raises KVTierClientError: ``INVALID_ARGUMENT`` for a block larger than the arena.
+        """
+        return self._drive(self._put_steps(header, views, timeout), stub, metadata)
+
+    async def put_async(self, stub, metadata, timeout: float | None, header: pb.PutHeader,
+                        views: Sequence[memoryview]) -> pb.PutResponse:
+        """:meth:`put` with a ``grpc.aio`` stub."""
+        return await self._drive_async(self._put_steps(header, views, timeout), stub, metadata)
+
+    def _put_steps(self, header: pb.PutHeader, views: Sequence[memoryview], timeout: float | None) -> Steps:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sizes = [-(-max(len(v), 1) // ALIGNMENT) * ALIGNMENT for v in views]
+        budget = self.arena.size // 2
+        upload_id, i = "", 0
+        while True:
+            j, total = i, 0
+            while j < len(views) and (j == i or total + sizes[j] <= budget):
+                total += sizes[j]
+                j += 1
+            slot = (yield from self._lease(total, total, deadline)) if total else None
+            try:
+                req = pb.PutShmRequest(arena_id=self.arena_id, upload_id=upload_id, more=j < len(views))
+                if not upload_id:
+                    req.header.CopyFrom(header)
+                pos = slot.offset if slot is not None else 0
+                pairs = []
+                for k in range(i, j):
+                    n = len(views[k])
+                    pairs.append((self.arena.array[pos:pos + n], views[k]))
+                    req.slots.add(offset=pos, length=n)
+                    pos += sizes[k]
+                # copied and checksummed in one pass, on the copy threads: the checksum is of the arena's bytes
+                req.checksums.extend(copy_many(pairs))
+                resp = yield _Call("PutShm", req, self._left(deadline))
+            finally:
+                if slot is not None:
+                    self._free(slot)
+            if j >= len(views):
+                return resp.done
+            upload_id, i = resp.upload_id, j
+
+    def get(self, stub, metadata, timeout: float | None, request: pb.GetRequest) -> GetResult:
+        """Run ``GetShm`` into a leased range (again for the rest when it fills up; the server verified
+        each block on the arena's bytes). ``stub`` is a blocking stub.
+
+        A block's tensor is a view of the arena while the blocks handed out that way hold at most
+        :attr:`alias_budget` bytes: its range stays leased until the tensor (and every view of it) is
+        garbage, so no call ever writes there meanwhile. Past that budget blocks are copied out and
+        their range freed at once, so a caller holding many results never starves later calls.
+
+        :raises grpc.RpcError: as the call fails. :raises KVTierClientError: ``DATA_LOSS`` when a
+            block fails its checksum (nothing is returned); ``INVALID_ARGUMENT`` for a block larger
+            than the arena.
+        """
+        return self._drive(self._get_steps(request, timeout), stub, metadata)
+
+    async def get_async(self, stub, metadata, timeout: float | None, request: pb.GetRequest) -> GetResult:
+        """:meth:`get` with a ``grpc.aio`` stub."""
+        return await self._drive_async(self._get_steps(request, timeout), stub, metadata)
+
+    def _get_steps(self, request: pb.GetRequest, timeout: float | None) -> Steps:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        blocks, keys, tiers = [], [], []
+        base, need, want = 0, ALIGNMENT, self.arena.size // 2
+        while True:
+            region = yield from self._lease(need, want, deadline)
+            kept: list[Slot] = []
+            try:
+                resp = yield _Call("GetShm", pb.GetShmRequest(
+                    arena_id=self.arena_id, request=request,
+                    region=pb.ShmSlot(offset=region.offset, length=region.length)), self._left(deadline))
+                for item in resp.blocks:
+                    blocks.append(self._block(item, region, base, kept))
+                    keys.append(BlockKey(bytes(item.header.key)))
+                    tiers.append(TIER_FROM_PROTO.get(item.header.tier))
+            except BaseException:
+                with self._freed:  # none of these tensors reaches the caller: the region goes back whole
+                    for slot in kept:
+                        self._finalizers.pop(slot.offset).detach()
+                        self._aliased -= slot.capacity
+                self._free(region)
+                raise
+            self.slots.carve(region, kept)
+            with self._freed:
+                self._freed.notify_all()
+            end = resp.end
+            if end.reason != "region":
+                break
+            # the rest of the same chain, by its keys (a session might change between two calls)
+            left = request.max_blocks - (end.stopped_at - request.start_block) if request.max_blocks else 0
+            base += end.stopped_at
+            request = pb.GetRequest(tenant=request.tenant, max_blocks=left)
+            request.keys.keys.extend(resp.rest_keys)
+            need = max(resp.next_block_bytes, ALIGNMENT)
+        stopped = base + end.stopped_at
+        return GetResult(blocks, keys, tiers, end.complete, None if end.complete else stopped, end.reason,
+                         sum(int(b.shape[3]) for b in blocks))
+
+    def _drive(self, steps: Steps, stub, metadata):
+        """Run ``steps`` with a blocking stub: calls made in place, waits on the freed-range condition."""
+        send = None
+        while True:
+            try:
+                step = steps.send(send)
+            except StopIteration as done:
+                return done.value
+            if isinstance(step, _Wait):
+                with self._freed:
+                    self._freed.wait(step.seconds)
+                send = None
+                continue
+            try:
+                send = getattr(stub, step.method)(step.request, timeout=step.timeout, metadata=metadata)
+            except BaseException as exc:  # into the steps, so they give their ranges back
+                return self._throw(steps, exc)
+
+    async def _drive_async(self, steps: Steps, stub, metadata):
+        """Run ``steps`` with a ``grpc.aio`` stub: the event loop never blocks on a range (it polls)."""
+        send = None
+        while True:
+            try:
+                step = steps.send(send)
+            except StopIteration as done:
+                return done.value
+            if isinstance(step, _Wait):
+                await asyncio.sleep(step.seconds)
+                send = None
+                continue
+            try:
+                send = await getattr(stub, step.method)(step.request, timeout=step.timeout, metadata=metadata)
+            except BaseException as exc:
+                return self._throw(steps, exc)
+
+    @staticmethod
+    def _throw(steps: Steps, exc: BaseException):
+        """Raise ``exc`` inside ``steps`` (their cleanup runs); they re-raise it (or another error)."""
+        try:
+            steps.throw(exc)
+        except StopIteration as done:  # pragma: no cover - the steps never swallow a failed call
+            return done.value
+        raise RuntimeError("shared-memory steps went on after a failed call")  # pragma: no cover
+
+    def _block(self, item: pb.ShmBlock, region: Slot, base: int, kept: list[Slot]) -> torch.Tensor:
+        """The verified tensor of one ``ShmBlock`` in ``region``: a view of the arena (its range added to
+        ``kept``) within the alias budget, else a copy."""
+        head = item.header
+        if not region.offset <= item.offset <= region.offset + region.length - head.size or item.offset % ALIGNMENT:
+            raise KVTierClientError(grpc.StatusCode.INTERNAL, f"block {base + head.index}: [{item.offset}, "
+                                    f"+{head.size}) is not an aligned range of the one leased")
+        view = self.arena.array[item.offset:item.offset + head.size]
+        cap = -(-max(head.size, 1) // ALIGNMENT) * ALIGNMENT
+        with self._freed:
+            alias = head.size > 0 and self._aliased + cap <= self.alias_budget
+            if alias:
+                self._aliased += cap
+        if not alias:
+            return decode_block(head, bytearray(view))
+        slot = Slot(item.offset, head.size, cap)
+        kept.append(slot)
+        self._finalizers[slot.offset] = weakref.finalize(view, self._unalias, slot)
+        # the range is ours alone until `view` dies: verifying it here is verifying what the caller gets
+        if self.verify and checksum(view) != head.checksum:
+            raise KVTierClientError(grpc.StatusCode.DATA_LOSS, f"block {base + head.index} (key {head.key.hex()}) "
+                                    f"failed its checksum; the bytes were not used")
+        dtype, shape = TORCH_DTYPES.get(head.dtype), tuple(head.shape)
+        if dtype is None or len(shape) != 5 or int(np.prod(shape)) * dtype.itemsize != head.size:
+            raise KVTierClientError(grpc.StatusCode.INTERNAL,
+                                    f"block {base + head.index}: {head.size} bytes do not hold {head.dtype} {shape}")
+        # torch.from_numpy keeps `view` alive for as long as the tensor's storage lives
+        return torch.from_numpy(view).view(dtype).reshape(shape)
+
+    def _unalias(self, slot: Slot) -> None:
+        # A finalizer may run inside any allocation (cyclic GC), even one under the allocator's lock:
+        # only queue the range here (deque.append is atomic); _reclaim frees it outside every lock.
+        self._dead.append(slot)
+
+    def _reclaim(self) -> None:
+        """Free the ranges of block tensors that became garbage."""
+        while self._dead:
+            slot = self._dead.popleft()
+            with self._freed:
+                self._finalizers.pop(slot.offset, None)
+                self._aliased -= slot.capacity
+            self._free(slot)
+
+    def close(self) -> None:
+        """Close the socket (the server drops the arena); the mapping goes with the last reference."""
+        self._sock.close()
+

@@ -1,0 +1,216 @@
+"""Settings of the kvtier server: one pydantic-settings object, four sections.
+
+Every value comes from, highest precedence first:
+
+1. command-line flags (``kvtier serve --warm-capacity 4GiB``), passed to :meth:`Settings.load`;
+2. environment variables ``KVTIER_<SECTION>__<FIELD>`` (``KVTIER_STORE__WARM_CAPACITY=4GiB``,
+   ``KVTIER_SERVER__PORT=6000``, ``KVTIER_LOG_LEVEL=DEBUG``);
+3. a TOML file named by ``--config FILE`` or ``KVTIER_CONFIG`` (sections ``[server]``, ``[store]``,
+   ``[telemetry]``, ``[security]``, and ``log_level`` at the top);
+4. the defaults below.
+
+Byte sizes accept integers or human strings: ``"2GiB"``, ``"512MiB"``, ``"1.5 GB"`` (pydantic
+``ByteSize``: ``KiB/MiB/GiB`` are powers of 1024, ``KB/MB/GB`` powers of 1000).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from kvtier.tiering.config import StoreConfig
+
+#: Env var naming the TOML file when ``--config`` is not given.
+CONFIG_ENV = "KVTIER_CONFIG"
+
+# The TOML file of the Settings being built; a context variable so concurrent loads do not mix.
+_toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kvtier_toml_file", default=None)
+
+
+class ServerSettings(BaseModel):
+    """Where and how the gRPC server listens.
+
+    :ivar host: address to bind (``0.0.0.0`` or ``::`` for every interface).
+    :ivar port: TCP port; 0 picks a free one (see ``port_file``).
+    :ivar max_message_bytes: largest gRPC message accepted or sent; bigger ones fail with
+        RESOURCE_EXHAUSTED. Block chunks are at most 1 MiB, so a few MiB is plenty.
+    :ivar max_concurrent_rpcs: RPCs served at once; more are refused with RESOURCE_EXHAUSTED.
+    :ivar max_put_bytes: payload bytes one Put stream may declare (its blocks' sizes from the header's
+        layout, first_block and block_count). A Put is buffered whole before it is stored, so this
+        bounds the memory one stream can take; a larger one is refused with RESOURCE_EXHAUSTED before
+        any chunk is read. At least 1 GiB, the largest block a layout allows.
+    :ivar grace_s: on SIGTERM/SIGINT, seconds in-flight RPCs get to finish before they are cancelled.
+    :ivar port_file: if set, the bound port is written there (as text) once the server listens.
+    :ivar shm_enabled: offer same-host callers the shared-memory data path (``OpenArena``,
+        ``PutShm``, ``GetShm``; ``service/shm``). Off: those RPCs answer FAILED_PRECONDITION and
+        clients use the gRPC streams.
+    :ivar shm_socket: Unix socket that hands arena fds to callers; unset: a fresh private (0700)
+        directory under the temp dir, reachable by this uid only. Name a path to serve other uids.
+    :ivar shm_arena_bytes: size of each caller's arena (memory is committed only as it is used).
+        Blocks larger than an arena travel over gRPC; sessions larger than it move in pieces.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    max_message_bytes: ByteSize = Field(ByteSize(8 << 20), ge=2 << 20)
+    max_concurrent_rpcs: int = Field(64, ge=1)
+    max_put_bytes: ByteSize = Field(ByteSize(1 << 30), ge=1 << 30)
+    grace_s: float = Field(10.0, ge=0)
+    port_file: Path | None = None
+    shm_enabled: bool = True
+    shm_socket: Path | None = None
+    shm_arena_bytes: ByteSize = Field(ByteSize(256 << 20), ge=1 << 20)
+
+
+class StoreSettings(BaseModel):
+    """The engine's knobs: one field per field of :class:`tiering.config.StoreConfig` (see there)."""
+
+    data_dir: Path = Path("./kvtier-data")
+    hot_device: str = "auto"
+    hot_capacity: ByteSize = ByteSize(4 << 30)
+    warm_capacity: ByteSize = ByteSize(2 << 30)
+    warm_pin: Literal["auto", "on", "off"] = "auto"
+    cold_enabled: bool = True
+    cold_capacity: ByteSize = ByteSize(16 << 30)
+    policy: Literal["lru", "s3fifo"] = "lru"
+    write_policy: Literal["write_through", "write_back"] = "write_through"
+    zstd_level: int = Field(3, ge=-7, le=22)
+    codec: Literal["shuffle_zstd", "zstd", "raw"] = "shuffle_zstd"
+    min_tokens: int = Field(0, ge=0)
+    lease_s: float = Field(30.0, gt=0)
+    writer_batch: int = Field(64, ge=1)
+    compress_threads: int = Field(2, ge=1)
+    prefetch_threads: int = Field(2, ge=1)
+    durable_sync: bool = True
+    session_ttl_s: float | None = Field(None, gt=0)
+    maintenance_s: float = Field(1.0, gt=0)
+
+    def to_store_config(self) -> StoreConfig:
+        """The validated :class:`StoreConfig` these settings describe.
+
+        :raises ValueError: if the engine rejects a value.
+        """
+        values = {f.name: getattr(self, f.name) for f in fields(StoreConfig)}
+        values["data_dir"] = str(self.data_dir)
+        for name in ("hot_capacity", "warm_capacity", "cold_capacity"):
+            values[name] = int(values[name])
+        return StoreConfig(**values).validate()
+
+
+class TelemetrySettings(BaseModel):
+    """Traces and metrics (``service/server/telemetry.py``).
+
+    :ivar traces: export OpenTelemetry spans (needs ``otlp_endpoint``).
+    :ivar otlp_endpoint: OTLP collector, e.g. ``http://127.0.0.1:4317``.
+    :ivar otlp_protocol: ``grpc`` (port 4317) or ``http`` (port 4318).
+    :ivar metrics_port: Prometheus ``/metrics`` port; 0 switches the exporter off.
+    :ivar metrics_host: address the metrics endpoint binds.
+    :ivar service_name: ``service.name`` resource attribute.
+    """
+
+    traces: bool = False
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http"] = "grpc"
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    service_name: str = "kvtier"
+
+
+class SecuritySettings(BaseModel):
+    """Authentication, transport security, limits and encryption at rest (``service/server/auth.py``,
+    ``service/server/tls.py``, ``service/server/quota.py``, ``tiering/crypto.py``).
+
+    :ivar tokens: bearer token → tenant (env: ``KVTIER_SECURITY__TOKENS='{"tok": "acme"}'``). Prefer
+        ``tokens_file`` so secrets stay out of the environment.
+    :ivar tokens_file: JSON (``*.json``) or TOML file ``{"tokens": {...}, "admin_tokens": [...]}``,
+        merged with ``tokens``/``admin_tokens``.
+    :ivar admin_tokens: tokens allowed to call admin RPCs (Stats) and to act for any tenant.
+    :ivar allow_insecure_remote: without tokens, listen on a non-loopback address anyway.
+    :ivar tls_cert: PEM server certificate (chain); with ``tls_key`` the listener speaks TLS only.
+    :ivar tls_key: PEM private key of ``tls_cert``.
+    :ivar tls_client_ca: PEM CA bundle; set: mutual TLS, clients must present a certificate it signed.
+    :ivar cold_key_file: file with the 32-byte AES-256-GCM key (hex or base64) encrypting the cold
+        tier; else ``$KVTIER_COLD_KEY``; neither: no encryption.
+    :ivar max_blocks_per_request: blocks one Put/Lookup/Get/Prefetch may name (0 = no limit).
+    :ivar tenant_memory_bytes: bytes one tenant may hold in hot + warm (0 = no limit).
+    :ivar tenant_cold_bytes: bytes one tenant may hold in the cold tier (0 = no limit).
+    :ivar max_sessions_per_tenant: sessions one tenant may have (0 = no limit).
+    """
+
+    tokens: dict[str, str] = Field(default_factory=dict, repr=False)
+    tokens_file: Path | None = None
+    admin_tokens: list[str] = Field(default_factory=list, repr=False)
+    allow_insecure_remote: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    cold_key_file: Path | None = None
+    max_blocks_per_request: int = Field(0, ge=0)
+    tenant_memory_bytes: ByteSize = Field(ByteSize(0), ge=0)
+    tenant_cold_bytes: ByteSize = Field(ByteSize(0), ge=0)
+    max_sessions_per_tenant: int = Field(0, ge=0)
+
+
+class Settings(BaseSettings):
+    """Everything the server needs. Build it with :meth:`load` (which applies the precedence)."""
+
+    model_config = SettingsConfigDict(env_prefix="KVTIER_", env_nested_delimiter="__", extra="ignore",
+                                      nested_model_default_partial_update=True)
+
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    security: SecuritySettings = SecuritySettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init kwargs) > env > TOML > defaults; no .env files or secret dirs: one way in per layer.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _toml_file.get()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: str | os.PathLike | None = None, **overrides: Any) -> "Settings":
+        """Settings from flags, env, TOML file and defaults, in that order of precedence.
+
+        :param config_file: TOML file; defaults to ``$KVTIER_CONFIG`` when unset.
+        :param overrides: the flags given, as nested dicts (``store={"warm_capacity": "4GiB"}``) or a
+            top-level ``log_level``; ``None`` values are ignored (flag not given).
+        :raises FileNotFoundError: if the named TOML file does not exist.
+        :raises pydantic.ValidationError: on any invalid value, naming the field.
+        """
+        path = config_file or os.environ.get(CONFIG_ENV) or None
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        token = _toml_file.set(Path(path) if path is not None else None)
+        try:
+            return cls(**_drop_none(overrides))
+        finally:
+            _toml_file.reset(token)
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        elif value is None:
+            continue
+        out[key] = value
+    return out

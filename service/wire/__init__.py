@@ -1,0 +1,2 @@
+"""What both ends of the wire share: generated stubs (_gen), proto ↔ tiering values, fast chunk codecs, the
+shared-memory arena layout and CUDA IPC buffer fields. Imports tiering's vocabulary only."""

@@ -1,0 +1,130 @@
+"""Limits answer RESOURCE_EXHAUSTED with a QuotaFailure naming the limit: blocks per request, per-tenant
+cold bytes and sessions over the wire (real server on 127.0.0.1); per-tenant memory bytes and the
+accounting behind both byte quotas on an in-process store."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+
+from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.server.quota import Limits, QuotaExceeded
+from kvtier.service.server.errors import status_for
+from tests.fixtures import wire
+from tests.fixtures.server import KVTierProcess
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+
+Q1, Q2 = "tok-q1-aa01", "tok-q2-bb02"
+
+
+def md(token):
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    proc = KVTierProcess(tmp_path_factory.mktemp("quota-srv"), extra_env={
+        "KVTIER_SECURITY__TOKENS": f'{{"{Q1}": "q1", "{Q2}": "q2"}}',
+        "KVTIER_SECURITY__MAX_BLOCKS_PER_REQUEST": "4",
+        "KVTIER_SECURITY__TENANT_COLD_BYTES": "200KiB",
+        "KVTIER_SECURITY__MAX_SESSIONS_PER_TENANT": "2"}).start()
+    channel, stub = wire.stub(proc.target)
+    yield stub
+    channel.close()
+    proc.kill()
+
+
+def put(stub, token, n_blocks, *, seed, session=""):
+    ns = wire.namespace(model=f"quota/{seed}")  # 32 KiB blocks
+    payloads = wire.random_blocks(ns, 16 * n_blocks, seed=seed)
+    header = pb.PutHeader(namespace=ns, token_ids=wire.tokens(16 * n_blocks, seed=seed), block_count=n_blocks,
+                          session_id=session, durable=True)
+    return stub.Put(wire.put_stream(header, payloads), metadata=md(token), timeout=30)
+
+
+def exhausted(call) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    (failure,) = [d for d in wire.details(err.value) if isinstance(d, error_details_pb2.QuotaFailure)]
+    return failure.violations[0].subject
+
+
+def test_blocks_per_request(limited):
+    stub = limited
+    assert exhausted(lambda: put(stub, Q1, 5, seed=1)) == "request:blocks"
+    keys = pb.KeyList(keys=[bytes([i]) * 16 for i in range(5)])
+    assert exhausted(lambda: list(stub.Get(pb.GetRequest(keys=keys), metadata=md(Q1), timeout=10))) == "request:blocks"
+    assert exhausted(lambda: stub.Prefetch(pb.PrefetchRequest(keys=keys), metadata=md(Q1), timeout=10)) \
+        == "request:blocks"
+    assert exhausted(lambda: stub.Lookup(pb.LookupRequest(namespace=wire.namespace(), token_ids=list(range(65))),
+                                         metadata=md(Q1), timeout=10)) == "request:blocks"
+    assert stub.Lookup(pb.LookupRequest(namespace=wire.namespace(), token_ids=list(range(64))),
+                       metadata=md(Q1), timeout=10).cached_blocks == 0
+
+
+def test_sessions_per_tenant(limited):
+    stub = limited
+    put(stub, Q1, 1, seed=10, session="a")
+    put(stub, Q1, 1, seed=10, session="b")
+    assert exhausted(lambda: put(stub, Q1, 1, seed=10, session="c")) == "tenant:q1:sessions"
+    put(stub, Q1, 1, seed=11, session="a")  # replacing an existing session is not a new one
+    put(stub, Q2, 1, seed=10, session="c")  # another tenant has its own count
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id="b", erase_blocks=True), metadata=md(Q1), timeout=10)
+    put(stub, Q1, 1, seed=12, session="c")
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id="a", erase_blocks=True), metadata=md(Q1), timeout=10)
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id="c", erase_blocks=True), metadata=md(Q1), timeout=10)
+
+
+def test_cold_bytes_per_tenant(limited):
+    stub = limited
+    put(stub, Q1, 4, seed=20, session="big")  # ~150 KiB of records
+    assert exhausted(lambda: put(stub, Q1, 2, seed=21)) == "tenant:q1:cold_bytes"
+    put(stub, Q2, 4, seed=21)  # q2's bytes are its own
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id="big", erase_blocks=True), metadata=md(Q1), timeout=10)
+    assert len(put(stub, Q1, 2, seed=21).stored) == 2
+
+
+# -- accounting and the memory quota, in process ----------------------------------------------------
+NS_A = Namespace("a", "m", "r", BlockLayout("float16", 2, 2, 32, 16))
+NS_B = Namespace("b", "m", "r", BlockLayout("float16", 2, 2, 32, 16))
+BLOCK = NS_A.layout.block_bytes(16)  # 8 KiB
+
+
+def blocks(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, BLOCK, dtype=np.uint8).tobytes() for _ in range(n)]
+
+
+def test_tenant_usage_follows_puts_evictions_and_deletes(tmp_path):
+    config = StoreConfig(data_dir=str(tmp_path), hot_device="cpu", hot_capacity=4 * BLOCK, warm_capacity=4 * BLOCK,
+                         durable_sync=False)
+    with TieredStore(config) as store:
+        store.put(NS_A, list(range(96)), blocks(6), session_id="s", durable=True)
+        store.put(NS_B, list(range(48)), blocks(3, 1), durable=True)
+        a, b = store.tenant_usage("a"), store.tenant_usage("b")
+        # 9 blocks in 8 blocks of memory: one of them was evicted to disk only
+        assert a["memory"] + b["memory"] == 8 * BLOCK and b["cold"] > 3 * BLOCK and a["cold"] > 6 * BLOCK
+        assert store.tenant_usage("nobody") == {"memory": 0, "cold": 0}
+        assert store.session_count("a") == 1 and store.session_count("b") == 0
+        store.delete_session("a", "s", erase_blocks=True)
+        assert store.tenant_usage("a") == {"memory": 0, "cold": 0} and store.session_count("a") == 0
+        assert store.check() == []
+    with TieredStore(config) as store:  # cold counters survive a restart
+        assert store.tenant_usage("b")["cold"] == b["cold"]
+
+
+def test_memory_quota_refuses_a_put_that_would_exceed_it(tmp_path):
+    config = StoreConfig(data_dir=str(tmp_path), hot_device="off", warm_capacity=64 * BLOCK, cold_enabled=False)
+    limits = Limits(tenant_memory_bytes=4 * BLOCK)
+    with TieredStore(config) as store:
+        limits.check_put(store, "a", 3 * BLOCK, False)
+        store.put(NS_A, list(range(48)), blocks(3))
+        with pytest.raises(QuotaExceeded) as err:
+            limits.check_put(store, "a", 2 * BLOCK, False)
+        assert err.value.subject == "tenant:a:memory_bytes"
+        limits.check_put(store, "b", 4 * BLOCK, False)
+        status = status_for(err.value)
+        assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,0 +1,395 @@
+"""Traces of service.telemetry and the store's tier spans: tree shape, attributes, links, propagation,
+and a real OTLP/gRPC receiver. Spans go to an in-memory exporter unless the test is about export."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from kvtier.service.server.telemetry import LOG_FORMAT, TraceContextFilter, client_interceptors, inject, setup_telemetry
+from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.tiering.sessions import session_id_key
+from kvtier.tiering.spans import session_hash
+
+LAYOUT = BlockLayout("float16", layers=2, kv_heads=2, head_dim=64, block_tokens=4)  # 4 KiB blocks
+BLOCK = LAYOUT.block_bytes()
+NS = Namespace("tenant-a", "m", "r", LAYOUT)
+TOKENS = list(range(3 * LAYOUT.block_tokens))  # three full blocks
+ALLOWED_ATTRS = {"kvtier.tier", "kvtier.blocks", "kvtier.bytes", "kvtier.hit", "kvtier.misses",
+                 "kvtier.compression_ratio", "kvtier.to_tier", "kvtier.session", "kvtier.sessions",
+                 "kvtier.evictions", "kvtier.blocks_requested", "kvtier.deadline_hit", "rpc.system",
+                 "rpc.service", "rpc.method", "rpc.grpc.status_code"}
+OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
+             "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SERVICE_NAME")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for v in OTEL_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+
+
+@pytest.fixture
+def traced():
+    exporter = InMemorySpanExporter()
+    tel = setup_telemetry(None, span_exporter=exporter)
+    yield tel, exporter
+    tel.shutdown()
+
+
+def cfg(data_dir: str, **kw) -> StoreConfig:
+    base = dict(data_dir=data_dir, hot_device="cpu", hot_capacity=8 * BLOCK, warm_capacity=8 * BLOCK,
+                warm_pin="off", cold_capacity=4 << 20, durable_sync=False, maintenance_s=0.05,
+                compress_threads=1, prefetch_threads=2)
+    base.update(kw)
+    return StoreConfig(**base)
+
+
+def payload(i: int) -> bytes:
+    return bytes((i * 7 + j) % 5 for j in range(BLOCK))  # compressible, distinct per block
+
+
+def cold_only_store(data_dir: str, tracer) -> TieredStore:
+    """A store whose three blocks (and session "s1") live only in the cold tier (written, restarted)."""
+    with TieredStore(cfg(data_dir)) as first:
+        first.put(NS, TOKENS, [payload(i) for i in range(3)], session_id="s1", durable=True)
+    return TieredStore(cfg(data_dir), tracer=tracer)
+
+
+def by_name(spans, name):
+    return [s for s in spans if s.name == name]
+
+
+def one(spans, name):
+    found = by_name(spans, name)
+    assert len(found) == 1, f"{name}: {[s.name for s in spans]}"
+    return found[0]
+
+
+def wait_for(pred, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+# ----------------------------------------------------------------------------------------------------
+def test_off_by_default_is_noop():
+    tel = setup_telemetry(None)
+    assert not tel.tracing and isinstance(tel.tracer, trace.NoOpTracer)
+    with tel.tracer.start_as_current_span("x") as span:
+        assert not span.is_recording()
+    tel.shutdown()
+
+
+def test_endpoint_env_turns_tracing_on(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    tel = setup_telemetry(None)
+    try:
+        assert tel.tracing
+        res = tel.tracer_provider.resource.attributes
+        assert res["service.name"] == "kvtier" and res["service.version"] and res["host.name"]
+    finally:
+        tel.tracer_provider.force_flush = lambda *a: True  # nothing listens on :9; do not wait for it
+        tel.shutdown(timeout_s=0.1)
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not setup_telemetry(None).tracing
+
+
+def test_cold_read_tree_is_aggregated_per_tier(traced, data_dir):
+    tel, exporter = traced
+    with cold_only_store(data_dir, tel.tracer) as store:
+        keys = store.lookup(NS, TOKENS).keys
+        exporter.clear()
+        with tel.tracer.start_as_current_span("request") as req:
+            got = list(store.iter_blocks(keys))
+        assert [t for _, _, t in got] == ["cold"] * 3
+    spans = exporter.get_finished_spans()
+    root = one(spans, "request")
+    cold = one(spans, "kvtier.cold.read")  # one span for three blocks
+    decode = one(spans, "kvtier.codec.decode")
+    promote = one(spans, "kvtier.promote")
+    assert cold.parent.span_id == root.context.span_id
+    assert decode.parent.span_id == cold.context.span_id and promote.parent.span_id == cold.context.span_id
+    assert cold.context.trace_id == req.get_span_context().trace_id
+    assert cold.attributes["kvtier.tier"] == "cold" and cold.attributes["kvtier.hit"] is True
+    assert cold.attributes["kvtier.blocks"] == 3 and cold.attributes["kvtier.bytes"] > 0
+    assert decode.attributes["kvtier.compression_ratio"] > 1.0
+    assert promote.attributes["kvtier.to_tier"] == "hot" and promote.attributes["kvtier.bytes"] == 3 * BLOCK
+    for tier in ("hot", "warm"):  # the misses above the cold tier, one span each
+        miss = one(spans, f"kvtier.{tier}.read")
+        assert miss.attributes["kvtier.hit"] is False and miss.attributes["kvtier.misses"] == 3
+    assert cold.start_time <= decode.start_time and decode.end_time <= cold.end_time
+    for s in spans:
+        assert set(s.attributes) <= ALLOWED_ATTRS, s.name
+
+
+def test_hot_hit_after_promotion(traced, data_dir):
+    tel, exporter = traced
+    with cold_only_store(data_dir, tel.tracer) as store:
+        keys = store.lookup(NS, TOKENS).keys
+        list(store.iter_blocks(keys))
+        exporter.clear()
+        with tel.tracer.start_as_current_span("request"):
+            assert store.get(keys[0])[1] == "hot"
+    spans = exporter.get_finished_spans()
+    hot = one(spans, "kvtier.hot.read")
+    assert hot.attributes["kvtier.hit"] is True and hot.attributes["kvtier.bytes"] == BLOCK
+    assert not by_name(spans, "kvtier.cold.read")
+
+
+def test_no_request_span_means_no_tier_spans(traced, data_dir):
+    tel, exporter = traced
+    with cold_only_store(data_dir, tel.tracer) as store:
+        exporter.clear()
+        list(store.iter_blocks(store.lookup(NS, TOKENS).keys))
+    assert not [s for s in exporter.get_finished_spans() if s.name.endswith(".read")]
+
+
+def test_lmdb_commit_is_linked_to_the_put(traced, data_dir):
+    tel, exporter = traced
+    with TieredStore(cfg(data_dir), tracer=tel.tracer) as store:
+        with tel.tracer.start_as_current_span("put-request") as req:
+            store.put(NS, TOKENS, [payload(i) for i in range(3)], session_id="s1")
+        store.flush(5)
+    commits = by_name(exporter.get_finished_spans(), "kvtier.lmdb.commit")
+    linked = [c for c in commits if any(link.context.span_id == req.get_span_context().span_id for link in c.links)]
+    assert linked, "no commit linked to the put"
+    c = linked[0]
+    assert c.parent is None  # its own trace: the put returned long before
+    assert c.attributes["kvtier.tier"] == "cold" and c.attributes["kvtier.blocks"] == 3
+    assert c.attributes["kvtier.compression_ratio"] > 1.0
+
+
+def test_resume_prefetch_is_linked_and_carries_tier_spans(traced, data_dir):
+    tel, exporter = traced
+    with cold_only_store(data_dir, tel.tracer) as store:
+        exporter.clear()
+        timings = []
+        store.on_timing = lambda what, s: timings.append(what)
+        with tel.tracer.start_as_current_span("resume-request") as req:
+            _, tiers, handle = store.resume("tenant-a", "s1")
+        assert tiers == ["cold"] * 3 and handle.future.result(5) == 3
+        assert wait_for(lambda: {"prefetch", "resume"} <= set(timings))
+    spans = exporter.get_finished_spans()
+    pre = one(spans, "kvtier.prefetch")
+    assert pre.parent is None
+    assert [link.context.span_id for link in pre.links] == [req.get_span_context().span_id]
+    cold = one(spans, "kvtier.cold.read")
+    assert cold.parent.span_id == pre.context.span_id and cold.attributes["kvtier.blocks"] == 3
+    root = one(spans, "resume-request")
+    assert root.attributes["kvtier.session"] == session_hash(session_id_key("tenant-a", "s1"))
+    assert "s1" not in root.attributes["kvtier.session"]
+
+
+def test_log_records_carry_trace_ids(traced):
+    tel, _ = traced
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    handler = Keep()
+    handler.addFilter(TraceContextFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("kvtier.test.telemetry")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with tel.tracer.start_as_current_span("x") as span:
+            logger.warning("inside")
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+    ctx = span.get_span_context()
+    assert f"trace_id={ctx.trace_id:032x} span_id={ctx.span_id:016x}" in records[0]
+    assert "trace_id=" + "0" * 32 in records[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the RPC span through a real grpc.aio server (generic handlers: the interceptor, not the servicer)
+def _serve_and_call(tel, store, keys):
+    async def get_blocks(request: bytes, context):
+        parts = await asyncio.to_thread(lambda: list(store.iter_blocks(keys)))
+        for _, block, tier in parts:
+            yield tier.encode()
+
+    async def fail(request: bytes, context):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such session")
+
+    async def main():
+        server = grpc.aio.server(interceptors=tel.server_interceptors())
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("kvtier.v1.KVCache", {
+            "Get": grpc.unary_stream_rpc_method_handler(get_blocks),
+            "Resume": grpc.unary_unary_rpc_method_handler(fail)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors()) as ch:
+                with tel.tracer.start_as_current_span("client-call") as client:
+                    got = [r async for r in ch.unary_stream("/kvtier.v1.KVCache/Get")(b"")]
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await ch.unary_unary("/kvtier.v1.KVCache/Resume")(b"", metadata=inject())
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            return client, got
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_rpc_span_continues_the_callers_trace(traced, data_dir):
+    tel, exporter = traced
+    with cold_only_store(data_dir, tel.tracer) as store:
+        keys = store.lookup(NS, TOKENS).keys
+        exporter.clear()
+        client, got = _serve_and_call(tel, store, keys)
+    assert got == [b"cold"] * 3
+    spans = exporter.get_finished_spans()
+    rpc = one(spans, "/kvtier.v1.KVCache/Get")
+    assert rpc.kind == trace.SpanKind.SERVER
+    assert rpc.context.trace_id == client.get_span_context().trace_id
+    assert rpc.parent.span_id == client.get_span_context().span_id and rpc.parent.is_remote
+    assert rpc.attributes["rpc.method"] == "Get" and rpc.attributes["rpc.grpc.status_code"] == 0
+    assert one(spans, "kvtier.cold.read").parent.span_id == rpc.context.span_id
+    failed = one(spans, "/kvtier.v1.KVCache/Resume")
+    assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert failed.status.status_code == trace.StatusCode.ERROR and not failed.events  # no AbortError noise
+    samples = {(s.labels["method"], s.labels["code"]) for m in tel.registry.collect()
+               if m.name == "kvtier_rpc_duration_seconds" for s in m.samples if s.name.endswith("_count")}
+    assert {("Get", "OK"), ("Resume", "NOT_FOUND")} <= samples
+
+
+# ----------------------------------------------------------------------------------------------------
+# a real OTLP/gRPC receiver, configured only through OTEL_EXPORTER_OTLP_ENDPOINT
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self):
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self):
+        with self.lock:
+            return [(rs.resource, s) for r in self.requests for rs in r.resource_spans
+                    for ss in rs.scope_spans for s in ss.spans]
+
+
+@pytest.fixture
+def otlp_receiver():
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver, f"http://127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_otlp_grpc_export_reaches_a_receiver(otlp_receiver, data_dir, monkeypatch):
+    receiver, endpoint = otlp_receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    tel = setup_telemetry(None)
+    try:
+        with cold_only_store(data_dir, tel.tracer) as store:
+            with tel.tracer.start_as_current_span("request"):
+                list(store.iter_blocks(store.lookup(NS, TOKENS).keys))
+        assert wait_for(lambda: any(s.name == "kvtier.cold.read" for _, s in receiver.spans()))
+    finally:
+        tel.shutdown()
+    resource, cold = next((r, s) for r, s in receiver.spans() if s.name == "kvtier.cold.read")
+    attrs = {a.key: a.value for a in resource.attributes}
+    assert attrs["service.name"].string_value == "kvtier"
+    assert {a.key for a in cold.attributes} >= {"kvtier.tier", "kvtier.bytes", "kvtier.hit"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# a real kvtier server PROCESS, traced through nothing but OTEL_EXPORTER_OTLP_ENDPOINT
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_process_exports_a_resume_trace(otlp_receiver, kvtier_process, traced):
+    import urllib.request
+
+    from tests.fixtures import wire
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+
+    receiver, endpoint = otlp_receiver
+    tel, _ = traced  # the client's own tracer
+    metrics_port = _free_port()
+    proc = kvtier_process(extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50",
+                                     "KVTIER_TELEMETRY__METRICS_PORT": str(metrics_port)}).start()
+    ns = wire.namespace()
+    toks = wire.tokens(3 * ns.layout.block_tokens)
+    header = pb.PutHeader(namespace=ns, session_id="chat-42", token_ids=toks, durable=True, block_count=3)
+    channel, stub = wire.stub(proc.target)
+    with channel, tel.tracer.start_as_current_span("client-put") as put_span:
+        stub.Put(wire.put_stream(header, wire.random_blocks(ns, len(toks))), metadata=inject(), timeout=30)
+    proc.restart()  # blocks now only on disk
+    channel, stub = wire.stub(proc.target)
+    with channel, tel.tracer.start_as_current_span("client-resume") as resume_span:
+        stub.Resume(pb.ResumeRequest(session_id="chat-42"), metadata=inject(), timeout=30)
+        got = wire.collect_get(stub.Get(pb.GetRequest(session_id="chat-42"), metadata=inject(), timeout=30))
+    assert len(got.blocks) == 3
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        fams = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    assert any(s.labels.get("method") == "Resume" for s in fams["kvtier_rpc_duration_seconds"].samples)
+    assert proc.stop() == 0  # SIGTERM: the server flushes its spans on the way out
+
+    spans = [s for _, s in receiver.spans()]
+    names = {s.name for s in spans}
+    tid = resume_span.get_span_context().trace_id.to_bytes(16, "big")
+    resume = next(s for s in spans if s.name == "/kvtier.v1.KVCache/Resume")
+    assert resume.trace_id == tid
+    assert resume.parent_span_id == resume_span.get_span_context().span_id.to_bytes(8, "big")
+    assert any(a.key == "kvtier.session" for a in resume.attributes)
+    prefetch = [s for s in spans if s.name == "kvtier.prefetch" and any(l.span_id == resume.span_id for l in s.links)]
+    assert prefetch, f"no prefetch linked to Resume; spans: {sorted(names)}"
+    commits = [s for s in spans if s.name == "kvtier.lmdb.commit"
+               and any(l.trace_id == put_span.get_span_context().trace_id.to_bytes(16, "big") for l in s.links)]
+    assert commits, "no lmdb commit linked to the Put's trace"
+    resource = next(r for r, s in receiver.spans() if s.name == "/kvtier.v1.KVCache/Resume")
+    assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == "kvtier"
+
+
+def test_settings_select_http_exporter_and_service_name():
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    from kvtier.service.server.config import Settings
+    from kvtier.service.server.telemetry import _make_exporter, tracing_requested
+
+    settings = Settings(telemetry={"traces": True, "otlp_endpoint": "http://127.0.0.1:4318",
+                                   "otlp_protocol": "http", "service_name": "kvtier-test"})
+    assert tracing_requested(settings) and not tracing_requested(Settings())
+    exporter = _make_exporter("http://127.0.0.1:4318", "http")
+    assert isinstance(exporter, HttpExporter) and exporter._endpoint == "http://127.0.0.1:4318/v1/traces"
+    exporter.shutdown()
+    tel = setup_telemetry(settings)
+    try:
+        assert tel.tracer_provider.resource.attributes["service.name"] == "kvtier-test"
+    finally:
+        tel.tracer_provider.force_flush = lambda *a: True
+        tel.shutdown(timeout_s=0.1)
