@@ -90,6 +90,10 @@ class ClusterLink:
         """
         return self._client().get_node_from_key(name)
 
+    def node_at(self, host: str, port: int) -> ClusterNode:
+        """The node at ``host:port`` (one an ``ASK`` reply named), known to the topology or not."""
+        return self._client().get_node(host=host, port=port) or ClusterNode(host, port)
+
     def refresh(self, min_interval_s: float = 0.2) -> None:
         """Reload the topology (at most once per ``min_interval_s``); failures are left to the next call."""
         with self._lock:

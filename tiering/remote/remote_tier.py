@@ -85,21 +85,32 @@ class RemoteTier:
     # ---- running units on their nodes --------------------------------------------------------------
     def _run(self, units: list[Unit], op: str, *, wait_replicas: int = 0) -> None:
         """Send every unit's commands, one pipeline per node (+ ``WAIT`` when ``wait_replicas``); fill
-        each unit's ``replies``/``kind``/``replicas``. Never raises."""
+        each unit's ``replies``/``kind``/``replicas``. A unit answered ``ASK`` (its slot is migrating) is
+        sent once more to the importing node, each command preceded by ``ASKING``. Never raises."""
+        for u in units:
+            u.kind, u.replies, u.replicas, u.redirect = None, None, None, None
+        self._run_once(units, op, wait_replicas, asking=False)
+        asked = [u for u in units if u.kind == "ask" and u.redirect is not None]
+        if asked:
+            self._run_once(asked, op, wait_replicas, asking=True)
+        for kind in (u.kind for u in units if u.kind):
+            self._error(kind)
+
+    def _run_once(self, units: list[Unit], op: str, wait_replicas: int, *, asking: bool) -> None:
         groups: dict[str, tuple[ClusterNode, list[Unit]]] = {}
         for u in units:
             try:
-                node = self._link.route(u.name)
+                node = self._link.node_at(*u.redirect) if asking else self._link.route(u.name)
             except Exception as exc:  # cluster unreachable, slot uncovered: this unit fails
                 u.kind = error_kind(exc)
                 continue
             groups.setdefault(node.name, (node, []))[1].append(u)
+        step = 2 if asking else 1
         batches: dict[str, tuple[ClusterNode, list[tuple]]] = {}
         timeout = 0.0
         for name, (node, group) in groups.items():
-            cmds = [c for u in group for c in u.commands]
-            nbytes = sum(u.nbytes for u in group)
-            t = self.config.timeout(nbytes)
+            cmds = [c for u in group for cmd in u.commands for c in ((("ASKING",), cmd) if asking else (cmd,))]
+            t = self.config.timeout(sum(u.nbytes for u in group))
             if wait_replicas:
                 cmds.append(("WAIT", wait_replicas, max(1, int(t * 1000))))
                 t *= 2
@@ -113,19 +124,18 @@ class RemoteTier:
                 for u in group:
                     u.kind = error_kind(ans.error)
                 continue
-            replies = ans.replies
             i = 0
             for u in group:
-                u.replies = replies[i:i + len(u.commands)]
-                i += len(u.commands)
+                n = len(u.commands) * step
+                u.replies = ans.replies[i + step - 1:i + n:step]
+                i += n
                 bad = next((r for r in u.replies if isinstance(r, Exception)), None)
                 u.kind = None if bad is None else error_kind(bad)
+                u.redirect = getattr(bad, "node_addr", None) if u.kind == "ask" else None
             if wait_replicas:
-                acked = replies[-1]
+                acked = ans.replies[-1]
                 for u in group:
                     u.replicas = acked if isinstance(acked, int) else 0
-        for kind in (u.kind for u in units if u.kind):
-            self._error(kind)
 
     def _span(self, op: str, ans: NodeExchange, group: list[Unit]) -> None:
         if self._tracer is None:

@@ -24,6 +24,7 @@ class Unit:
     kind: str | None = None  # error kind, None when every reply was fine
     replies: list | None = None
     replicas: int | None = None
+    redirect: tuple[str, int] | None = None  # the importing node named by an ASK reply
 
 
 def block_write(config: RemoteConfig, key: BlockKey, record: bytes) -> Unit:
