@@ -74,7 +74,7 @@ class RemoteTier:
         with self._lock:
             out = {k: self._counts.get(k, 0) for k in (
                 "hits", "misses", "corrupt", "short_circuited", "bytes_in", "bytes_out", "writes_durable",
-                "writes_not_durable", "writes_async", "dropped", "stale_sessions", "deletes")}
+                "writes_not_durable", "writes_async", "dropped", "stale_sessions", "deletes", "redirects")}
             out["errors"] = dict(self._errors)
             out["last_error"] = self._last_error
         out["state"] = self._breaker.state
@@ -85,31 +85,36 @@ class RemoteTier:
     # ---- running units on their nodes --------------------------------------------------------------
     def _run(self, units: list[Unit], op: str, *, wait_replicas: int = 0) -> None:
         """Send every unit's commands, one pipeline per node (+ ``WAIT`` when ``wait_replicas``); fill
-        each unit's ``replies``/``kind``/``replicas``. A unit answered ``ASK`` (its slot is migrating) is
-        sent once more to the importing node, each command preceded by ``ASKING``. Never raises."""
+        each unit's ``replies``/``kind``/``replicas``. A unit answered ``MOVED`` (its slot has moved; the
+        topology refresh is asked for) or ``ASK`` (its slot is migrating) is sent once more, at once, to
+        the node the answer names (after ``ASKING`` for each command on an ``ASK``). Never raises."""
         for u in units:
-            u.kind, u.replies, u.replicas, u.redirect = None, None, None, None
-        self._run_once(units, op, wait_replicas, asking=False)
-        asked = [u for u in units if u.kind == "ask" and u.redirect is not None]
-        if asked:
-            self._run_once(asked, op, wait_replicas, asking=True)
+            u.kind, u.replies, u.replicas, u.redirect, u.asking = None, None, None, None, False
+        self._run_once(units, op, wait_replicas, redirected=False)
+        moved = [u for u in units if u.kind in ("ask", "moved") and u.redirect is not None]
+        if moved:
+            self._count(redirects=len(moved))
+            if any(u.kind == "moved" for u in moved):
+                self._link.request_refresh()
+            for u in moved:
+                u.asking = u.kind == "ask"
+            self._run_once(moved, op, wait_replicas, redirected=True)
         for kind in (u.kind for u in units if u.kind):
             self._error(kind)
 
-    def _run_once(self, units: list[Unit], op: str, wait_replicas: int, *, asking: bool) -> None:
+    def _run_once(self, units: list[Unit], op: str, wait_replicas: int, *, redirected: bool) -> None:
         groups: dict[str, tuple[ClusterNode, list[Unit]]] = {}
         for u in units:
             try:
-                node = self._link.node_at(*u.redirect) if asking else self._link.route(u.name)
+                node = self._link.node_at(*u.redirect) if redirected else self._link.route(u.name)
             except Exception as exc:  # cluster unreachable, slot uncovered: this unit fails
                 u.kind = error_kind(exc)
                 continue
             groups.setdefault(node.name, (node, []))[1].append(u)
-        step = 2 if asking else 1
         batches: dict[str, tuple[ClusterNode, list[tuple]]] = {}
         timeout = 0.0
         for name, (node, group) in groups.items():
-            cmds = [c for u in group for cmd in u.commands for c in ((("ASKING",), cmd) if asking else (cmd,))]
+            cmds = [c for u in group for cmd in u.commands for c in ((("ASKING",), cmd) if u.asking else (cmd,))]
             t = self.config.timeout(sum(u.nbytes for u in group))
             if wait_replicas:
                 cmds.append(("WAIT", wait_replicas, max(1, int(t * 1000))))
@@ -126,12 +131,13 @@ class RemoteTier:
                 continue
             i = 0
             for u in group:
+                step = 2 if u.asking else 1  # the ASKING replies are skipped
                 n = len(u.commands) * step
                 u.replies = ans.replies[i + step - 1:i + n:step]
                 i += n
                 bad = next((r for r in u.replies if isinstance(r, Exception)), None)
                 u.kind = None if bad is None else error_kind(bad)
-                u.redirect = getattr(bad, "node_addr", None) if u.kind == "ask" else None
+                u.redirect = getattr(bad, "node_addr", None) if u.kind in ("ask", "moved") else None
             if wait_replicas:
                 acked = ans.replies[-1]
                 for u in group:

@@ -24,7 +24,8 @@ class Unit:
     kind: str | None = None  # error kind, None when every reply was fine
     replies: list | None = None
     replicas: int | None = None
-    redirect: tuple[str, int] | None = None  # the importing node named by an ASK reply
+    redirect: tuple[str, int] | None = None  # the node a MOVED or ASK reply named
+    asking: bool = False  # sent to an importing node: each command preceded by ASKING
 
 
 def block_write(config: RemoteConfig, key: BlockKey, record: bytes) -> Unit:
