@@ -162,6 +162,21 @@ def test_wait_is_honest_when_the_replica_is_paused(make_tier, redis_cluster):
     assert tier.stats()["writes_not_durable"] >= 1
 
 
+def test_a_paused_master_makes_a_miss_not_a_hang(make_tier, redis_cluster):
+    tier = make_tier(base_timeout_s=0.3)
+    record = record_of(PART + 500)
+    tier.put_many([(key(1), record)], durable=True)
+    master = node_of(redis_cluster, key(1))
+    redis_cluster.pause(master)
+    try:
+        assert tier.get_many([key(1)]) == {}  # bounded by the read's deadline (pytest-timeout guards a hang)
+        assert tier.contains_many([key(1)]) == [False]
+    finally:
+        redis_cluster.resume(master)
+    assert tier.stats()["errors"].get("timeout", 0) >= 1
+    assert tier.get_many([key(1)]) == {key(1): record}
+
+
 def test_failover_loses_no_acknowledged_record(make_tier, redis_cluster):
     tier = make_tier()
     items = [(key(i), record_of(PART + 2 * i, seed=i)) for i in range(1, 25)]

@@ -189,14 +189,15 @@ class RemoteTier:
             units += batch
             todo = {}
             for u in batch:
-                if u.kind is not None:
-                    continue
+                if u.replies is None or not isinstance(u.replies[0], list):
+                    continue  # the node or its MGET failed (a failed TTL refresh alone does not matter)
                 values = u.replies[0]
                 joined = records.join(u.ident, values)
                 self._count(bytes_in=sum(len(v) for v in values if v is not None))
                 if joined.status == "more":
                     todo[u.ident] = joined.parts
-                    self._parts_guess = max(self._parts_guess, joined.parts)
+                    with self._lock:
+                        self._parts_guess = max(self._parts_guess, joined.parts)
                 elif joined.status == "ok" and self._verified(u.ident, joined.record):
                     found[u.ident] = joined.record
                 elif joined.status != "missing":
@@ -235,6 +236,8 @@ class RemoteTier:
     def _write_units(self, units: list[Unit], *, durable: bool, attempts: int) -> None:
         """Write units (retrying availability failures after a topology refresh and a backoff) and count."""
         wait = self.config.min_replicas if durable else 0
+        with self._lock:  # a block unit has one SET per part: later reads fetch that many parts at once
+            self._parts_guess = max([self._parts_guess, *(len(u.commands) for u in units)])
         pending = units
         for attempt in range(attempts):
             if attempt:
@@ -273,7 +276,8 @@ class RemoteTier:
 
         :returns: the outcome per key (``SKIPPED`` when the write mode says not to write).
         :raises RemoteWriteFailed: (a ``TierUnavailable``) when a durable write did not reach its replicas
-            within ``config.timeout`` (its ``result`` says which keys did).
+            (its ``result`` says which keys did). Time bound: two attempts (the second only after an
+            availability error and a topology refresh), each ``2 × config.timeout(bytes per node)``.
         """
         mode = self.config.write
         if mode == "off" or (mode == "durable" and not durable):
