@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
 import pytest
+from fixtures.redis_cluster import free_port_pair
 from remote_helpers import PART, key, node_of, part_names, raw_client, record_of, tier_config
 
 from kvtier.tiering.crypto import RecordSealer
 from kvtier.tiering.errors import TierUnavailable
-from kvtier.tiering.remote import RemoteTier, RemoteWriteFailed, WriteOutcome
+from kvtier.tiering.remote import RemoteConfig, RemoteTier, RemoteWriteFailed, WriteOutcome
 from kvtier.tiering.remote import records
 
 # around one part (64 KiB, 44 of them the manifest's): full part 0, one byte over, two and three parts
@@ -343,3 +345,20 @@ def test_spans_name_node_and_slot_never_keys(redis_cluster):
     for s in spans:
         assert s.attributes["server.address"] == "127.0.0.1" and "kvtier.remote.slot" in s.attributes
         assert not any(key(1).hex() in str(v) or key(2).hex() in str(v) for v in s.attributes.values())
+
+
+def test_a_tier_started_while_the_cluster_is_unreachable_serves_misses_and_refuses_durable_writes():
+    port = free_port_pair(random.Random())
+    tier = RemoteTier(RemoteConfig(seeds=(f"127.0.0.1:{port}",), base_timeout_s=0.2, breaker_failures=2,
+                                   write="all"))
+    try:
+        assert tier.get_many([key(1)]) == {} and tier.contains_many([key(1)]) == [False]
+        assert tier.get_session(b"t\0x") is None
+        with pytest.raises(TierUnavailable):
+            tier.put_many([(key(1), record_of(1000))], durable=True)
+        assert tier.put_many([(key(2), record_of(1000))], durable=False).outcomes[key(2)] is WriteOutcome.QUEUED
+        assert tier.flush(10)
+        s = tier.stats()
+        assert s["errors"] and s["dropped"] >= 1
+    finally:
+        tier.close()

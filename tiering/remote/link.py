@@ -34,6 +34,8 @@ def error_kind(exc: BaseException) -> str:
     return "client"
 
 
+#: seconds between two attempts to connect to a cluster that was unreachable
+CONNECT_RETRY_S = 1.0
 #: failures that a topology refresh may cure (the slot moved, a master died or was demoted)
 REFRESH_KINDS = frozenset({"moved", "ask", "readonly", "clusterdown", "connection", "timeout", "topology"})
 #: failures worth a retry after a backoff (an asynchronous write, a durable write within its deadline)
@@ -63,6 +65,7 @@ class ClusterLink:
         self._lock = threading.Lock()
         self._cluster: RedisCluster | None = None
         self._last_refresh = 0.0
+        self._connect_failed = -1e18
         self._refresh_wanted = threading.Event()
         self._closed = False
         self._refresher: threading.Thread | None = None
@@ -75,8 +78,15 @@ class ClusterLink:
             if self._closed:
                 raise rex.ConnectionError("the remote tier is closed")
             if self._cluster is None:
+                # one thread a second pays the connect timeouts of an unreachable cluster; the rest fail fast
+                if time.monotonic() - self._connect_failed < CONNECT_RETRY_S:
+                    raise rex.ConnectionError("remote cluster unreachable (connecting again shortly)")
                 nodes = [ClusterNode(*parse_address(s)) for s in self._config.seeds]
-                self._cluster = RedisCluster(startup_nodes=nodes, **self._config.cluster_kwargs())
+                try:
+                    self._cluster = RedisCluster(startup_nodes=nodes, **self._config.cluster_kwargs())
+                except (rex.RedisError, rex.RedisClusterException, OSError):
+                    self._connect_failed = time.monotonic()
+                    raise
             return self._cluster
 
     @staticmethod
