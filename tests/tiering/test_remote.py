@@ -100,7 +100,10 @@ def test_a_torn_write_is_a_miss(make_tier, raw):
     name = part_names(key(2), 3)[1]
     raw.set(name, raw.get(name)[:100])
     assert tier.get_many([key(2)]) == {}
-    assert tier.stats()["corrupt"] == 2
+    # garbage where the manifest should be
+    raw.set(part_names(key(2), 1)[0], b"garbage")
+    assert tier.get_many([key(2)]) == {}
+    assert tier.stats()["corrupt"] == 3
 
 
 def test_a_record_under_another_key_is_never_served(make_tier, raw):
@@ -135,6 +138,24 @@ def test_async_writes_arrive_and_are_counted(make_tier):
     assert tier.flush(20)
     assert tier.get_many([k for k, _ in items]) == dict(items)
     assert tier.stats()["writes_async"] == len(items)
+
+
+def test_async_writes_are_retried_through_a_short_outage(make_tier, redis_cluster):
+    tier = make_tier(breaker_failures=20, base_timeout_s=0.3, write_retries=6)
+    items = [(key(i), record_of(PART + 2 * i, seed=i)) for i in range(1, 4)]
+    master = node_of(redis_cluster, items[0][0])
+    mine = [(k, r) for k, r in items if node_of(redis_cluster, k) == master] or items[:1]
+    redis_cluster.pause(master)
+    timer = threading.Timer(0.5, redis_cluster.resume, args=(master,))
+    timer.start()
+    try:
+        tier.put_many(mine, durable=False)
+        assert tier.flush(20)
+    finally:
+        timer.join()
+    s = tier.stats()
+    assert s["errors"] and s["dropped"] == 0, s  # it failed, then was retried until it landed
+    assert tier.get_many([k for k, _ in mine]) == dict(mine), tier.stats()
 
 
 def test_write_modes(make_tier):
