@@ -383,3 +383,27 @@ def test_a_tier_started_while_the_cluster_is_unreachable_serves_misses_and_refus
         assert s["errors"] and s["dropped"] >= 1
     finally:
         tier.close()
+
+
+def test_threads_share_one_tier(make_tier):
+    tier = make_tier()
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(10):
+                k, rec = key(1000 * t + i), record_of(PART + 2 * i + 2 * t, seed=t * 100 + i)
+                assert tier.put_many([(k, rec)], durable=True).all_durable
+                assert tier.get_many([k]) == {k: rec}
+                tier.put_many([(key(5000 + 1000 * t + i), rec)], durable=False)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert tier.flush(20)
+    assert len(tier.get_many([key(5000 + 1000 * t + i) for t in range(4) for i in range(10)])) == 40

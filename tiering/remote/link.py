@@ -140,7 +140,8 @@ class ClusterLink:
             self.refresh()
             time.sleep(0.2)  # at most a few reloads a second, however many readers fail
 
-    def exchange(self, batches: dict[str, tuple[ClusterNode, list[tuple]]], timeout_s: float) -> dict[str, NodeExchange]:
+    def exchange(self, batches: dict[str, tuple[ClusterNode, list[tuple]]],
+                 timeout_s: float) -> dict[str, NodeExchange]:
         """Run one pipeline per node: send to every node, then read every reply, within ``timeout_s``.
 
         :param batches: node name → (node, commands); each command is a tuple of arguments.
