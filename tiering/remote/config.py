@@ -39,8 +39,9 @@ class RemoteConfig:
     :ivar max_inflight_bytes: bytes of queued asynchronous writes plus running durable writes.
     :ivar write: one of :data:`WRITE_MODES`.
     :ivar min_replicas: replicas that must acknowledge (``WAIT``) a durable write; 0 skips ``WAIT``.
-    :ivar breaker_failures: consecutive failed (or slower than ``slow_budget_s``) operations that open
-        the circuit breaker; ``breaker_cooldown_s`` later one probe is let through (half-open).
+    :ivar breaker_failures: consecutive failed or slow operations (taking longer than ``slow_budget_s +
+        bytes / min_throughput_bps``) that open the circuit breaker; ``breaker_cooldown_s`` later one
+        probe is let through (half-open).
     :ivar write_retries: attempts after the first for an asynchronous write; writes of at least
         ``large_write_bytes`` get one retry at most.
     :ivar max_connections: connections per cluster node.

@@ -158,7 +158,8 @@ class RemoteTier:
     def _settle(self, units: Sequence[Unit], started: float) -> None:
         """Tell the breaker how an operation went: failed if any unit hit an availability error or it was slow."""
         failed = next((u.kind for u in units if u.kind in RETRY_KINDS), None)
-        slow = time.monotonic() - started > self.config.slow_budget_s
+        budget = self.config.slow_budget_s + sum(u.nbytes for u in units) / self.config.min_throughput_bps
+        slow = time.monotonic() - started > budget
         self._breaker.record(failed is None and not slow, failed or ("slow" if slow else ""))
 
     # ---- reads -------------------------------------------------------------------------------------
