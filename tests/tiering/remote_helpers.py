@@ -1,10 +1,13 @@
-"""Helpers of the remote-tier tests: cold records of exact sizes, tiers on the test cluster, raw access."""
+"""Helpers of the remote-tier tests: cold records of exact sizes, tiers on the test cluster, raw access.
+
+``make_tier`` and ``raw`` are fixtures: a test module imports them to use them.
+"""
 
 from __future__ import annotations
 
 import os
 
-import redis
+import pytest
 from redis.cluster import ClusterNode, RedisCluster
 
 from kvtier.tiering.codec import HEADER, Codec, CodecId
@@ -49,4 +52,26 @@ def node_of(cluster, k: BlockKey, prefix: str = "t:") -> int:
     return cluster.master_of_key(records.block_base(prefix, k))
 
 
-__all__ = ["PART", "RemoteTier", "key", "node_of", "part_names", "raw_client", "record_of", "redis", "tier_config"]
+@pytest.fixture
+def make_tier(redis_cluster):
+    made: list[RemoteTier] = []
+
+    def make(**kw) -> RemoteTier:
+        sealer = kw.pop("sealer", None)
+        tier = RemoteTier(tier_config(redis_cluster, **kw), sealer=sealer)
+        made.append(tier)
+        return tier
+
+    yield make
+    for t in made:
+        t.close()
+
+
+@pytest.fixture
+def raw(redis_cluster):
+    client = raw_client(redis_cluster)
+    yield client
+    client.close()
+
+
+__all__ = ["PART", "key", "make_tier", "node_of", "part_names", "raw", "raw_client", "record_of", "tier_config"]
