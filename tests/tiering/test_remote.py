@@ -146,6 +146,12 @@ def test_sessions_last_writer_wins_from_two_clients(make_tier):
     assert b.get_session(sid)[1] == top
     assert b.get_session(b"tenant\0other") is None
     assert a.delete_session(sid) and a.get_session(sid) is None
+    # queued (not durable): written by the writer thread after the blocks queued before it
+    queued_sid = b"tenant\0conv-2"
+    a.put_many([(key(1), record_of(1000))], durable=False)
+    assert a.put_session(queued_sid, b"{}", 10) is WriteOutcome.QUEUED
+    assert a.flush(10)
+    assert b.get_session(queued_sid) == (b"{}", 10) and b.get_many([key(1)])
 
 
 def test_delete_reaches_the_cluster(make_tier, raw):
