@@ -346,9 +346,10 @@ class RemoteTier:
         unit = Unit(("session", sid), name, [("GET", name), ("PEXPIRE", name, self.config.ttl_ms)], 0)
         self._run([unit], "read")
         self._settle([unit], started)
-        if unit.kind is not None or unit.replies[0] is None:
+        value = unit.replies[0] if unit.replies else None
+        if not isinstance(value, bytes):  # absent, or the GET failed (a failed TTL refresh alone does not matter)
             return None
-        got = sessions.unpack(sid, unit.replies[0])
+        got = sessions.unpack(sid, value)
         if got is None:
             self._count(corrupt=1)
         return got
@@ -369,8 +370,9 @@ class RemoteTier:
 
     # ---- deletes and lifecycle ---------------------------------------------------------------------
     def delete_many(self, keys: Sequence[BlockKey]) -> int:
-        """Delete every part of each block; queued writes of these keys are discarded and a write in
-        progress finishes first, so nothing this tier wrote before the call survives it.
+        """Delete every part of each block. Queued asynchronous writes of these keys are discarded and a
+        batch being written finishes first, so none of them lands after the delete (a durable put
+        running at the same time in another thread is the caller's to order).
 
         :returns: blocks that existed. :raises TierUnavailable: if some node could not be reached.
         """
