@@ -33,3 +33,7 @@ def smollm2():
 @pytest.fixture
 def data_dir(tmp_path: pathlib.Path) -> str:
     return str(tmp_path / "kvtier-data")
+
+
+# A real local Redis Cluster for any test folder (`redis_cluster`, `redis_cluster_factory`).
+from fixtures.redis_cluster import _shared_redis_cluster, redis_cluster, redis_cluster_factory  # noqa: E402,F401
