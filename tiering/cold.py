@@ -44,6 +44,7 @@ from .codec import Codec, RecordHeader
 from .crypto import RecordSealer, is_sealed
 from .errors import CapacityExceeded, ChecksumError, TierUnavailable
 from .keys import BlockKey
+from .layout import blocks_for
 from .tier import Block, Tier
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class ColdTier(Tier):
         leaf pages that are about half full; every block also has three index entries."""
         if record_len + KEY_OVERHEAD <= self._page // 2:
             return 2 * (record_len + KEY_OVERHEAD) + INDEX_OVERHEAD
-        return -(-(record_len + 16) // self._page) * self._page + INDEX_OVERHEAD
+        return blocks_for(record_len + 16, self._page) * self._page + INDEX_OVERHEAD
 
     def _evict_oldest(self, nbytes: int, protected: Callable[[BlockKey], bool], keep: set[BlockKey]) -> list[BlockKey]:
         """Delete the oldest unprotected blocks worth ``nbytes`` in a committed transaction of their own."""

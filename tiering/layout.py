@@ -29,6 +29,12 @@ MAX_DIM = 1 << 16
 MAX_BLOCK_BYTES = 1 << 30
 
 
+def blocks_for(tokens: int, block_tokens: int) -> int:
+    """How many blocks of ``block_tokens`` cover ``tokens`` (the last one may be partial): a ceiling
+    division, also used for bytes over pages or alignment units."""
+    return -(-tokens // block_tokens)
+
+
 def itemsize(dtype: str) -> int:
     """Bytes per element of ``dtype``.
 

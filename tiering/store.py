@@ -44,6 +44,7 @@ from .codec import Codec, CodecId, checksum
 from .cold import ColdTier
 from .config import StoreConfig
 from .crypto import RecordSealer
+from .dtypes import torch_dtype
 from .errors import InvalidBlock, LayoutMismatch, TierUnavailable
 from .hot import make_hot_tier
 from .keys import BlockKey, Namespace, chain_keys
@@ -64,9 +65,6 @@ from .store_sessions import SessionsMixin
 log = logging.getLogger(__name__)
 
 _CODECS = {"shuffle_zstd": CodecId.SHUFFLE_ZSTD, "zstd": CodecId.ZSTD, "raw": CodecId.RAW}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
-                 "uint8": torch.uint8, "int8": torch.int8}
 
 #: ``Payload`` is what callers may hand to :meth:`TieredStore.put`: a tensor or array whose dtype and
 #: shape match the layout, or raw bytes of the right length.
@@ -229,7 +227,7 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
             else:
                 data = torch.from_numpy(np.ascontiguousarray(data))
         if isinstance(data, torch.Tensor):
-            if data.dtype != _TORCH_DTYPES[lay.dtype]:
+            if data.dtype != torch_dtype(lay.dtype):
                 raise LayoutMismatch(f"block {index} is {data.dtype} but the namespace's layout is {lay.dtype}")
             if tuple(data.shape) != shape:
                 raise LayoutMismatch(f"block {index} has shape {tuple(data.shape)}; the layout "

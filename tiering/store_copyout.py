@@ -30,6 +30,7 @@ from opentelemetry import trace
 
 from .bytecopy import copy_many, spread
 from .keys import BlockKey
+from .layout import blocks_for
 from .spans import TierOps, now_ns
 from .tier import Block
 
@@ -128,7 +129,7 @@ class CopyOutMixin:
                 break
             p.offset = pos
             plan.append(p)
-            pos += -(-max(p.nbytes, 1) // align) * align
+            pos += blocks_for(max(p.nbytes, 1), align) * align
         return plan, result
 
     def _locate(self, key: BlockKey, ops: TierOps | None) -> _Planned | None:
