@@ -564,28 +564,15 @@ class TieredStore(ReadsMixin, SessionsMixin, CopyOutMixin):
     def _load_cold(self, key: BlockKey, promote: bool, ops: TierOps | None = None,
                    since: int | None = None) -> Block | None:
         cold = self.cold
-        t0 = now_ns() if ops is not None else 0
-        record = cold.get_record(key)
-        if record is None:
-            if ops is not None:
-                ops.record("cold.read", t0, now_ns(), hit=False)
-            with self._lock:
-                self.stats.tier("cold").misses += 1
-            return None
-        t1 = now_ns() if ops is not None else 0
         before = cold.checksum_failures
-        block = cold.decode(key, record)
-        if ops is not None:
-            t2 = now_ns()
-            ops.record("cold.read", t0, t2, nbytes=len(record), hit=block is not None)
-            ops.record("codec.decode", t1, t2, nbytes=len(record), raw_bytes=block.nbytes if block else 0,
-                       hit=block is not None)
+        got = cold.read(key, ops)
         with self._lock:
-            if block is None:
-                self.stats.tier("cold").checksum_failures += cold.checksum_failures - before
+            self.stats.tier("cold").checksum_failures += cold.checksum_failures - before
+            if got is None:
                 self.stats.tier("cold").misses += 1
                 return None
             self.stats.tier("cold").hits += 1
+        block = got[0]
         if promote and self.memory:
             block = self._promote(key, block, "cold", ops, since)
         return block

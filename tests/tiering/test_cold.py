@@ -1,4 +1,4 @@
-"""tiering/cold.py: LMDB records, oldest-first eviction, pins, indexes; tiering/writer.py: batching."""
+"""tiering/cold/: LMDB records, oldest-first eviction, pins, indexes; tiering/writer.py: batching."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def block(i: int, n: int = 4096, ns: bytes = NS_A) -> Block:
 
 
 def write(cold: ColdTier, i: int, n: int = 4096, ns: bytes = NS_A, **kw) -> list[BlockKey]:
+    """Write block ``i`` as the writer does: making room by the cold policy (no pins unless ``protected``)."""
+    kw.setdefault("protected", lambda k: False)
     b = block(i, n, ns)
     return cold.write_batch([ColdWrite(K(i), cold.codec.encode(b.data.numpy(), b.dtype, b.shape), ns)], **kw)
 
@@ -121,7 +123,7 @@ def test_namespace_index_and_sessions(cold):
     assert cold.session_get(b"t\0s") == b"{}" and cold.session_items() == [(b"t\0s", b"{}")]
     cold.write_batch([], sessions={b"t\0s": None})
     assert cold.session_get(b"t\0s") is None
-    assert cold.delete_many(cold.keys_of_namespace(NS_B)) == 2
+    assert len(cold.delete_many(cold.keys_of_namespace(NS_B))) == 2
     assert list(cold.keys()) == [K(1)] and cold.ns_of(K(1)) == NS_A
     audit(cold)
 

@@ -9,7 +9,7 @@ so a failed eviction leaves everything as it was.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 
 class EvictionPolicy(ABC):
@@ -47,14 +47,21 @@ class EvictionPolicy(ABC):
         :returns: the victims, least valuable first; ``[]`` when ``need <= 0``; ``None`` when the
             unprotected keys cannot free enough (nothing changes in that case).
         """
-        if need <= 0:
-            return []
-        chosen, freed = [], 0
-        for key in self.iter_order():
-            if protected(key):
-                continue
-            chosen.append(key)
-            freed += size_of(key)
-            if freed >= need:
-                return chosen
-        return None
+        return pick(self.iter_order(), need, size_of, protected)
+
+
+def pick(order: Iterable[Hashable], need: int, size_of: Callable[[Hashable], int],
+         protected: Callable[[Hashable], bool]) -> list[Hashable] | None:
+    """The first unprotected keys of ``order`` whose sizes add up to at least ``need`` bytes: the one
+    victim walk every policy shares. ``[]`` when ``need <= 0``; ``None`` when they cannot free enough."""
+    if need <= 0:
+        return []
+    chosen, freed = [], 0
+    for key in order:
+        if protected(key):
+            continue
+        chosen.append(key)
+        freed += size_of(key)
+        if freed >= need:
+            return chosen
+    return None
