@@ -39,8 +39,9 @@ class MemoryTier(Tier):
         self._ns_used: dict[bytes, int] = {}  # bytes per namespace (ns_id): per-tenant quotas
 
     # -- copies (no lock needed: they touch no shared state) ---------------------------------------
-    def stage(self, block: Block) -> Block:
-        """A copy of ``block`` whose bytes live on this tier's device (1 copy; async for pinned→CUDA).
+    def stage(self, block: Block, *, copy: bool = True) -> Block:
+        """``block`` with its bytes on this tier's device: 1 copy (async for pinned→CUDA); without
+        ``copy``, none when they are there already (and need no pinning).
 
         The returned block is private to the caller until :meth:`put` publishes it.
         """
@@ -49,6 +50,8 @@ class MemoryTier(Tier):
             dst = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
             dst.copy_(src)
         elif src.device == self.device:
+            if not copy:
+                return block
             dst = src.clone()
         else:
             non_blocking = self.device.type == "cuda" and src.device.type == "cpu" and src.is_pinned()

@@ -50,6 +50,17 @@ class StoreStats:
             t = self.tiers[name] = TierStats()
         return t
 
+    def count_commit(self, tier: str, jobs, evicted: list, error: BaseException | None) -> None:
+        """Count one commit of the durable ``tier``: bytes written (raw and encoded), a failed write,
+        the blocks it evicted to make room."""
+        if error is None:
+            for job in jobs:
+                self.cold_raw_bytes_written += sum(b.nbytes for _, b in job.blocks)
+                self.cold_record_bytes_written += job.record_bytes
+        else:
+            self.write_errors += 1
+        self.tier(tier).evictions += len(evicted)
+
     def snapshot(self) -> dict:
         d = asdict(self)
         d["bytes_moved"] = dict(self.bytes_moved)

@@ -102,6 +102,11 @@ class Tier(ABC):
     def get(self, key: BlockKey) -> Block | None:
         """The block, or ``None`` on a miss. Counts as an access for the eviction policy."""
 
+    def peek(self, key: BlockKey) -> Block | None:
+        """:meth:`get` without the access (no recency update). The default is :meth:`get`, right for a
+        tier whose policy keeps no recency (the cold tier's is write order)."""
+        return self.get(key)
+
     @abstractmethod
     def ns_of(self, key: BlockKey) -> bytes | None:
         """The namespace id of ``key``'s block, ``None`` if absent (a peek)."""
@@ -147,9 +152,11 @@ class Tier(ABC):
             caller asks :meth:`victims`, then :meth:`evict`).
         """
 
-    def stage(self, block: Block) -> Block:
+    def stage(self, block: Block, *, copy: bool = True) -> Block:
         """A copy of ``block`` this tier may keep (e.g. its bytes on the tier's device), made before the
-        caller takes its lock; private to the caller until :meth:`put`. The default keeps ``block``."""
+        caller takes its lock; private to the caller until :meth:`put`. Without ``copy`` the caller hands
+        the bytes over: ``block`` itself is kept when its bytes are where the tier keeps them. The
+        default keeps ``block``."""
         return block
 
     @abstractmethod
