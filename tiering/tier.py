@@ -170,9 +170,10 @@ class Tier(ABC):
     # -- eviction: transactional, driven by the tier's policy ---------------------------------------------
     @abstractmethod
     def victims(self, nbytes: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey] | None:
-        """Keys whose eviction lets ``nbytes`` more bytes fit, least valuable first (the tier's policy
-        orders them); ``[]`` if they fit already; ``None`` if the unprotected keys cannot free enough.
-        Mutates nothing."""
+        """Keys whose eviction lets a block of ``nbytes`` raw bytes fit (a tier that charges a block
+        more than its raw bytes, e.g. a disk tier's page footprint, counts that), least valuable first
+        (the tier's policy orders them); ``[]`` if it fits already; ``None`` if the unprotected keys
+        cannot free enough. Mutates nothing."""
 
     @abstractmethod
     def evict(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block | None]]:

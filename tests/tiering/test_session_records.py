@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import os
 
-import pytest
 from tiering_helpers import NS
 
-from kvtier.tiering.codec import Codec
-from kvtier.tiering.cold import ColdTier
 from kvtier.tiering.session_records import SessionRecords
 from kvtier.tiering.sessions import Session, session_id_key
-from kvtier.tiering.writebehind import WriteBehindTier
 from kvtier.tiering.writer import WriteJob
-
-
-@pytest.fixture
-def durable(tmp_dir):
-    cold = ColdTier(os.path.join(tmp_dir, "cold"), 1 << 20, Codec(), durable_sync=False)
-    wb = WriteBehindTier(cold, batch=4, threads=1, protected=lambda k: False)
-    yield wb
-    wb.close()
 
 
 def test_pending_session_records_hide_disk_until_all_committed(durable):

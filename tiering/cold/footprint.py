@@ -21,6 +21,9 @@ RESERVED_BYTES = 128 << 10
 KEY_OVERHEAD = 32
 #: Bytes of a block's ``meta``, ``order`` and ``ns_keys`` entries, B-tree slack included (measured).
 INDEX_OVERHEAD = 256
+#: Bytes a record may exceed its raw block by, at worst (incompressible bytes): header, zstd frame,
+#: AES-GCM nonce and tag.
+RECORD_SLACK = 128
 
 
 def footprint(record_len: int, page: int) -> int:
@@ -31,6 +34,11 @@ def footprint(record_len: int, page: int) -> int:
     if record_len + KEY_OVERHEAD <= page // 2:
         return 2 * (record_len + KEY_OVERHEAD) + INDEX_OVERHEAD
     return blocks_for(record_len + 16, page) * page + INDEX_OVERHEAD
+
+
+def worst_footprint(raw_bytes: int, page: int) -> int:
+    """The footprint a block of ``raw_bytes`` raw bytes may be charged at most (it did not compress)."""
+    return footprint(raw_bytes + RECORD_SLACK, page)
 
 
 def record_capacity(map_size: int) -> int:

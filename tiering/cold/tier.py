@@ -347,8 +347,10 @@ class ColdTier(Tier):
 
     # -- eviction (Tier contract) -----------------------------------------------------------------------
     def victims(self, nbytes: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey] | None:
+        """Oldest-written victims that make room for a block of ``nbytes`` raw bytes, charged its worst
+        footprint (:func:`~tiering.cold.footprint.worst_footprint`: it may not compress)."""
         with self.env.begin() as txn:
-            need = read_u64(txn, USED, self.db["info"]) + nbytes - self.capacity_bytes
+            need = read_u64(txn, USED, self.db["info"]) + fp.worst_footprint(nbytes, self._page) - self.capacity_bytes
             return self._pick(txn, need, protected)
 
     def evict(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block | None]]:
