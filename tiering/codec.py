@@ -1,4 +1,5 @@
 """Record codec of the cold tier: header, byte-shuffle, zstd, checksum.
+Imports numpy, zstandard, ``checksum``, ``errors``, ``layout`` only.
 
 A record is ``header ‖ payload``. The header (little-endian, :data:`HEADER` layout) holds:
 

@@ -1,4 +1,5 @@
 """BlockLayout: the dtype and shape of one KV block, and the byte sizes that follow from them.
+Imports ``errors`` only.
 
 A block holds K and V of ``block_tokens`` consecutive tokens for every layer of one model, as one
 contiguous tensor of shape ``[2, layers, kv_heads, tokens, head_dim]`` in the model's dtype. The last

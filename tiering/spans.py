@@ -1,4 +1,5 @@
 """TierOps: one span per tier operation per request, however many blocks the request touches.
+Imports opentelemetry only.
 
 A read of 500 blocks must not make 1,500 spans. The store records each block's tier work here
 (``record("cold.read", t0, t1, nbytes=...)``, thread-safe, from any fetch thread) and :meth:`finish`

@@ -1,4 +1,5 @@
 """Counters the store keeps: per tier, between tiers, and for the store as a whole.
+Imports the standard library only.
 
 Plain integers bumped under the store's lock; :meth:`StoreStats.snapshot` copies them for readers
 (the Stats RPC, the metrics exporter), so readers never block the data path for long.

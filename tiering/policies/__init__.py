@@ -1,5 +1,5 @@
-"""Eviction policies, one per file. :func:`make_policy` builds a memory tier's by name; the cold tier
-uses :class:`OldestWrittenPolicy`."""
+"""Eviction policies, one per file: :func:`make_policy` builds a memory tier's by name; the cold tier's
+is :class:`OldestWrittenPolicy`. Imports the policy modules only."""
 
 from __future__ import annotations
 

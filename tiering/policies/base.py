@@ -1,4 +1,5 @@
 """EvictionPolicy: orders the keys of one tier and proposes victims; it owns no bytes.
+Imports the standard library only.
 
 The tier calls :meth:`insert`, :meth:`touch` and :meth:`remove` as blocks come, are read and go, and
 asks :meth:`victims` for candidates when it needs room. ``victims`` never mutates the policy: the
