@@ -19,7 +19,8 @@ class TierStats:
     this tier. A get served by warm is a miss in hot and a hit in warm; one served by cold is a miss
     in every memory tier and a hit in cold. So ``hot.hits / (hot.hits + hot.misses)`` is the hot hit
     rate, and the share of gets served by a tier is its ``hits`` over all gets. A block served from
-    the write queue (demoted, not yet on disk) is a miss of every memory tier and no tier's hit.
+    the write queue (not yet on disk) is a miss of every memory tier; it is the durable tier's hit
+    only when the queue is reported under that tier's name (no warm tier), else no tier's hit.
     """
 
     hits: int = 0
