@@ -274,7 +274,7 @@ class TieredStore:
         ns_ids = self.namespaces.ids(tenant)
         out = {"memory": 0, "cold": 0}
         for t, n in self.tiers.each(self._lock, lambda t: t.ns_used_bytes(ns_ids)):
-            out[t.usage_group] = out.get(t.usage_group, 0) + n
+            out[t.usage_group] = out.get(t.usage_group, 0) + (n or 0)
         return out
 
     # -- sessions ---------------------------------------------------------------------------------------------
@@ -381,7 +381,8 @@ class TieredStore:
     def usage(self) -> dict[str, dict[str, int]]:
         """Per tier: blocks, used bytes, capacity bytes."""
         return {t.name: u for t, u in self.tiers.each(self._lock, lambda t: {
-            "blocks": t.block_count(), "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes})}
+            "blocks": t.block_count(), "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes})
+            if u is not None}  # a tier below that is unavailable is left out
 
     def snapshot(self) -> dict:
         """Counters, usage, pins and queue depths in one dict (for the Stats RPC and metrics)."""
@@ -402,4 +403,5 @@ class TieredStore:
     def check(self) -> list[str]:
         """Verify internal invariants (accounting matches contents, used <= capacity, for every tier
         the cold one included: O(blocks)); returns problems found, [] if none."""
-        return [p for _t, found in self.tiers.each(self._lock, lambda t: t.check()) for p in found]
+        return [p for t, found in self.tiers.each(self._lock, lambda t: t.check())
+                for p in (found if found is not None else [f"{t.name}: unavailable"])]

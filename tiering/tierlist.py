@@ -15,7 +15,11 @@ The list has three parts, and a tier's part is its role (the store never asks wh
              are never written by puts or demotions; a read that misses every tier above consults them
              in order (outside the lock, one load per key at a time) and promotes what it finds into
              the caches; erase and invalidate delete from them too. A failing one raises
-             :class:`~tiering.errors.TierUnavailable` and is then treated as a miss for that read.
+             :class:`~tiering.errors.TierUnavailable`: a read, lookup or copy-out treats that as a
+             miss, stats leave the tier out, but an erase or invalidation fails with it (after the
+             local tiers are erased: an erase that could not reach every tier must not look done).
+             Such a tier may fill itself from the durable tier's commits
+             (``tiers.durable.on_commit(listener)``, called on the writer thread) and write asynchronously.
 
 Adding a tier is one module (a :class:`~tiering.tier.Tier`; ``slow = True`` when its reads do I/O) plus
 one entry in :func:`build_tiers`, e.g. ``below=[t for t in (make_remote_tier(config),) if t]``. Every
@@ -102,11 +106,12 @@ class TierList:
             fill(tier)
         return out
 
-    def each(self, lock, fn: Callable[[Tier], T]) -> list[tuple[Tier, T]]:
-        """``(tier, fn(tier))`` for every tier: fast ones under ``lock``, slow ones outside it."""
+    def each(self, lock, fn: Callable[[Tier], T]) -> list[tuple[Tier, T | None]]:
+        """``(tier, fn(tier))`` for every tier: fast ones under ``lock``, slow ones outside it; ``None``
+        for a tier below the durable one that is unavailable (stats must not fail with it)."""
         with lock:
-            out = [(t, fn(t)) for t in self.fast]
-        return out + [(t, fn(t)) for t in self.slow]
+            out = [(t, self.guarded(t, lambda: fn(t), None)) for t in self.fast]
+        return out + [(t, self.guarded(t, lambda: fn(t), None)) for t in self.slow]
 
     def guarded(self, tier: Tier, call: Callable[[], T], miss: T) -> T:
         """``call()``, or ``miss`` when ``tier`` is below the durable one and raises

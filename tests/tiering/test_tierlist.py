@@ -47,6 +47,26 @@ class FlakyRemote(MemoryTier):
         self._up()
         return super().ns_of(key)
 
+    def delete(self, key: BlockKey) -> bool:
+        self._up()
+        return super().delete(key)
+
+    def keys(self):
+        self._up()
+        return super().keys()
+
+    def block_count(self) -> int:
+        self._up()
+        return super().block_count()
+
+    def ns_used_bytes(self, ns_ids) -> int:
+        self._up()
+        return super().ns_used_bytes(ns_ids)
+
+    def check(self) -> list[str]:
+        self._up()
+        return super().check()
+
 
 @pytest.fixture
 def remote():
@@ -108,6 +128,11 @@ def test_an_unavailable_tier_below_is_a_miss_not_an_error(store, remote):
     assert store.lookup(NS, tokens_for(4, 2)).blocks == 0 and store.owned(keys, NS.tenant) == [False, False]
     out = store.copy_out(keys, np.zeros(1 << 16, dtype=np.uint8))
     assert out.items == [] and out.stop == "miss"
+    snap = store.snapshot()  # stats leave the failing tier out instead of failing
+    assert "remote" not in snap["usage"] and store.tenant_usage(NS.tenant)["remote"] == 0
+    assert store.check() == ["remote: unavailable"]
+    with pytest.raises(TierUnavailable):  # an erase that cannot reach every tier must not look done
+        store.loader.erase(keys)
     remote.down = False
     assert store.get(keys[0])[1] == "remote"
 
