@@ -1,4 +1,5 @@
 """Copy block bytes and checksum the copy, spread over a small pool of copy threads.
+Imports numpy, xxhash only.
 
 A block that moves between owners (a caller's buffer into the store, the store into a shared-memory
 arena) is copied once and its XXH3-64 is taken on the *destination*: what it verifies is exactly what

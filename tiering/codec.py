@@ -1,4 +1,5 @@
 """Record codec of the cold tier: header, byte-shuffle, zstd, checksum.
+Imports numpy, zstandard, ``checksum``, ``errors``, ``layout`` only.
 
 A record is ``header ‖ payload``. The header (little-endian, :data:`HEADER` layout) holds:
 
@@ -35,9 +36,9 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 import zstandard
 
+from .checksum import checksum  # re-exported: callers import it from here as well
 from .errors import ChecksumError, InvalidBlock
 from .layout import DTYPE_BY_CODE, DTYPES, itemsize
 
@@ -53,10 +54,6 @@ class CodecId(enum.IntEnum):
     ZSTD = 1
     SHUFFLE_ZSTD = 2
 
-
-def checksum(data: bytes | bytearray | memoryview | np.ndarray) -> int:
-    """XXH3-64 of ``data``: the checksum kvtier stores and sends with every block."""
-    return xxhash.xxh3_64_intdigest(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
 
 
 def shuffle(raw: memoryview | bytes, item: int) -> bytes:

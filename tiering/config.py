@@ -1,4 +1,5 @@
-"""StoreConfig: every knob of the engine in one object (the service builds it from its settings)."""
+"""StoreConfig: every knob of the engine in one object (the service builds it from its settings).
+Imports the standard library only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Encryption at rest of cold records: AES-256-GCM of the payload, header and block key as AAD.
+Imports ``codec``, ``errors`` only (and `cryptography` once a key is used).
 
 A sealed record is ``header ‖ nonce(12) ‖ AES-GCM(payload) ‖ tag(16)``. The header
 (``tiering/codec.py``) stays readable, so ``kvtier inspect`` and the compression ratio still work,

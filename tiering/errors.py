@@ -1,4 +1,5 @@
 """Domain errors of the tiered block store.
+Imports the standard library only.
 
 Raised inside ``tiering/`` and mapped to gRPC status codes exactly once, in ``service/server/errors.py``:
 

@@ -1,4 +1,5 @@
 """The hot tier: KV blocks resident in GPU memory, ready for attention without a copy.
+Imports torch, ``memory``, ``policies`` only.
 
 ``device = "auto"`` picks ``cuda:0`` when torch sees a GPU and otherwise switches the tier off with
 one log line; ``"cpu"`` runs the same logic on host memory so tests exercise it on any machine.

@@ -1,4 +1,5 @@
 """Namespaces and block keys: the chained prefix hash that names every block.
+Imports numpy, ``errors``, ``layout`` only.
 
 The hash is part of kvtier's public contract (clients in any language compute keys themselves), so
 it is specified here exactly and pinned by test vectors in ``tests/tiering/test_keys.py`` and the README:

@@ -1,4 +1,5 @@
 """BlockLayout: the dtype and shape of one KV block, and the byte sizes that follow from them.
+Imports ``errors`` only.
 
 A block holds K and V of ``block_tokens`` consecutive tokens for every layer of one model, as one
 contiguous tensor of shape ``[2, layers, kv_heads, tokens, head_dim]`` in the model's dtype. The last
@@ -27,6 +28,12 @@ DTYPE_BY_CODE: dict[int, str] = {code: name for name, (_, code) in DTYPES.items(
 #: Upper bounds that keep a hostile layout from asking for absurd sizes.
 MAX_DIM = 1 << 16
 MAX_BLOCK_BYTES = 1 << 30
+
+
+def blocks_for(tokens: int, block_tokens: int) -> int:
+    """How many blocks of ``block_tokens`` cover ``tokens`` (the last one may be partial): a ceiling
+    division, also used for bytes over pages or alignment units."""
+    return -(-tokens // block_tokens)
 
 
 def itemsize(dtype: str) -> int:

@@ -1,4 +1,5 @@
 """Leases: pins that protect blocks from eviction and expire on their own.
+Imports the standard library only.
 
 Every reader and every prefetch pins the blocks it is about to use with a lease. A lease ends when it
 is released or when its time runs out, whichever comes first, so a crashed client or a forgotten

@@ -1,12 +1,12 @@
 """MemoryTier: blocks as torch tensors on one device (the hot and warm tiers are both this).
 
-Not thread-safe on its own: the :class:`~tiering.store.TieredStore` holds its lock around every call,
-and copies bytes onto the tier's device *before* taking that lock (see :meth:`stage`).
+Imports torch, ``tier``, ``policies`` and ``errors``. Not thread-safe on its own: the store holds its
+lock around every call, and copies bytes onto the tier's device *before* taking that lock (:meth:`stage`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -39,8 +39,9 @@ class MemoryTier(Tier):
         self._ns_used: dict[bytes, int] = {}  # bytes per namespace (ns_id): per-tenant quotas
 
     # -- copies (no lock needed: they touch no shared state) ---------------------------------------
-    def stage(self, block: Block) -> Block:
-        """A copy of ``block`` whose bytes live on this tier's device (1 copy; async for pinned→CUDA).
+    def stage(self, block: Block, *, copy: bool = True) -> Block:
+        """``block`` with its bytes on this tier's device: 1 copy (async for pinned→CUDA); without
+        ``copy``, none when they are there already (and need no pinning).
 
         The returned block is private to the caller until :meth:`put` publishes it.
         """
@@ -49,6 +50,8 @@ class MemoryTier(Tier):
             dst = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
             dst.copy_(src)
         elif src.device == self.device:
+            if not copy:
+                return block
             dst = src.clone()
         else:
             non_blocking = self.device.type == "cuda" and src.device.type == "cpu" and src.is_pinned()
@@ -60,6 +63,10 @@ class MemoryTier(Tier):
     # -- Tier ---------------------------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
         return key in self._blocks
+
+    def ns_of(self, key: BlockKey) -> bytes | None:
+        block = self._blocks.get(key)
+        return None if block is None else block.ns_id
 
     def peek(self, key: BlockKey) -> Block | None:
         """Like :meth:`get` but not an access (no recency change)."""
@@ -106,16 +113,41 @@ class MemoryTier(Tier):
         else:
             self._ns_used.pop(ns_id, None)
 
-    def ns_used_bytes(self, ns_ids) -> int:
+    def ns_used_bytes(self, ns_ids: Iterable[bytes]) -> int:
         """Bytes held for these namespaces (ids); counted with ``used_bytes``, under the caller's lock."""
         return sum(self._ns_used.get(i, 0) for i in ns_ids)
 
     def keys(self) -> Iterator[BlockKey]:
         return iter(list(self._blocks))
 
-    def victims(self, need: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey] | None:
-        """Keys to evict so that ``need`` more bytes fit; ``None`` if impossible. Mutates nothing."""
-        return self.policy.victims(need - self.free_bytes(), lambda k: self._blocks[k].nbytes, protected)
+    def victims(self, nbytes: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey] | None:
+        """Keys to evict so that ``nbytes`` more fit (the policy's order); ``None`` if impossible (also
+        for a block bigger than the whole tier). Mutates nothing."""
+        if nbytes > self._capacity:
+            return None
+        return self.policy.victims(nbytes - self.free_bytes(), lambda k: self._blocks[k].nbytes, protected)
+
+    def evict(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block | None]]:
+        return [(k, b) for k in keys if (b := self.pop(k, evicted=True)) is not None]
+
+    def check(self) -> list[str]:
+        problems = []
+        real = sum(b.nbytes for b in self._blocks.values())
+        if real != self._used:
+            problems.append(f"{self.name}: used_bytes {self._used} != sum of blocks {real}")
+        if self._used > self._capacity:
+            problems.append(f"{self.name}: over capacity")
+        if len(self.policy) != len(self._blocks):
+            problems.append(f"{self.name}: policy tracks {len(self.policy)} keys, tier holds {len(self._blocks)}")
+        per_ns: dict[bytes, int] = {}
+        for b in self._blocks.values():
+            per_ns[b.ns_id] = per_ns.get(b.ns_id, 0) + b.nbytes
+        if {i: n for i, n in self._ns_used.items() if n} != per_ns:
+            problems.append(f"{self.name}: per-namespace byte counts disagree with its blocks")
+        return problems
+
+    def block_count(self) -> int:
+        return len(self._blocks)
 
     def __len__(self) -> int:
         return len(self._blocks)

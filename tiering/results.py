@@ -1,4 +1,5 @@
-"""Values the store returns: what a put did, the cached prefix a lookup found, a running prefetch."""
+"""Values the store returns: what a put did, the cached prefix a lookup found, a running prefetch.
+Imports ``keys`` only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Sessions: a conversation's ordered chain of block keys, persisted beside the blocks.
+Imports ``errors``, ``keys``, ``layout`` only.
 
 A session is identified by (tenant, session id). Its record holds the namespace, the block keys in
 prefix order, the token count, created/last-used times, a priority and an optional TTL. Records are

@@ -1,4 +1,5 @@
 """TierOps: one span per tier operation per request, however many blocks the request touches.
+Imports opentelemetry only.
 
 A read of 500 blocks must not make 1,500 spans. The store records each block's tier work here
 (``record("cold.read", t0, t1, nbytes=...)``, thread-safe, from any fetch thread) and :meth:`finish`
@@ -46,6 +47,12 @@ class TierOps:
         self._lock = threading.Lock()
         self._done = False
 
+    @classmethod
+    def under_current_span(cls, tracer: trace.Tracer) -> "TierOps | None":
+        """Ops under the current span when it records, else ``None`` (tracing off: nothing is recorded)."""
+        parent = trace.get_current_span()
+        return cls(tracer, parent) if parent.is_recording() else None
+
     def record(self, op: str, start_ns: int, end_ns: int, *, blocks: int = 1, nbytes: int = 0,
                hit: bool = True, raw_bytes: int = 0, to_tier: str | None = None) -> None:
         """Add one block's ``op`` (``hot.read``, ``cold.read``, ``codec.decode``, ``promote``…).
@@ -82,7 +89,7 @@ class TierOps:
             parent = spans.get(_PARENT.get(op, ""))
             ctx = trace.set_span_in_context(parent) if parent is not None else self._ctx
             attrs = {"kvtier.blocks": a["blocks"], "kvtier.bytes": a["bytes"]}
-            tier = _TIER.get(op)
+            tier = _TIER.get(op) or (op[:-len(".read")] if op.endswith(".read") else None)
             if tier:
                 attrs["kvtier.tier"] = tier
             if op.endswith(".read"):

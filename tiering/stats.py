@@ -1,4 +1,5 @@
 """Counters the store keeps: per tier, between tiers, and for the store as a whole.
+Imports the standard library only.
 
 Plain integers bumped under the store's lock; :meth:`StoreStats.snapshot` copies them for readers
 (the Stats RPC, the metrics exporter), so readers never block the data path for long.
@@ -18,7 +19,8 @@ class TierStats:
     this tier. A get served by warm is a miss in hot and a hit in warm; one served by cold is a miss
     in every memory tier and a hit in cold. So ``hot.hits / (hot.hits + hot.misses)`` is the hot hit
     rate, and the share of gets served by a tier is its ``hits`` over all gets. A block served from
-    the write queue (demoted, not yet on disk) is a miss of every memory tier and no tier's hit.
+    the write queue (not yet on disk) is a miss of every memory tier; it is the durable tier's hit
+    only when the queue is reported under that tier's name (no warm tier), else no tier's hit.
     """
 
     hits: int = 0
@@ -49,6 +51,17 @@ class StoreStats:
         if t is None:
             t = self.tiers[name] = TierStats()
         return t
+
+    def count_commit(self, tier: str, jobs, evicted: list, error: BaseException | None) -> None:
+        """Count one commit of the durable ``tier``: bytes written (raw and encoded), a failed write,
+        the blocks it evicted to make room."""
+        if error is None:
+            for job in jobs:
+                self.cold_raw_bytes_written += sum(b.nbytes for _, b in job.blocks)
+                self.cold_record_bytes_written += job.record_bytes
+        else:
+            self.write_errors += 1
+        self.tier(tier).evictions += len(evicted)
 
     def snapshot(self) -> dict:
         d = asdict(self)

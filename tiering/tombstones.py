@@ -1,4 +1,5 @@
 """Tombstones: an erased block is never put back into memory by a read that began before the erase.
+Imports the standard library only.
 
 An erase (``delete_session(erase_blocks=True)``, ``invalidate``) deletes from the memory tiers under
 the store's lock, then from LMDB outside it. A read running meanwhile may already hold the block (found

@@ -1,4 +1,5 @@
 """The warm tier: KV blocks in host RAM, page-locked when CUDA is present.
+Imports torch, ``memory``, ``policies`` only.
 
 Pinned (page-locked) buffers let host→device copies run asynchronously at full PCIe/NVLink speed; on
 a machine without CUDA pinning is impossible and pointless, so plain pageable memory is used.

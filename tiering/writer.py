@@ -1,4 +1,5 @@
 """ColdWriter: the background thread that puts blocks and session records into the cold tier.
+Imports opentelemetry, ``cold``, ``errors``, ``keys``, ``tier`` only.
 
 Callers :meth:`submit` a :class:`WriteJob` and get a future; the writer drains the queue in batches,
 compresses the blocks on a small thread pool (zstd releases the GIL, so 2 cores really work in

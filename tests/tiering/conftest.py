@@ -10,6 +10,9 @@ import pytest
 from tiering_helpers import config
 
 from kvtier.tiering import TieredStore
+from kvtier.tiering.codec import Codec
+from kvtier.tiering.cold import ColdTier
+from kvtier.tiering.writebehind import WriteBehindTier
 
 
 @pytest.fixture
@@ -30,3 +33,19 @@ def make_store(data_dir: str) -> Iterator[Callable[..., TieredStore]]:
 @pytest.fixture
 def tmp_dir(tmp_path: pathlib.Path) -> str:
     return os.fspath(tmp_path)
+
+
+@pytest.fixture
+def cold(tmp_dir: str) -> Iterator[ColdTier]:
+    """A 1 MiB cold tier (no fsync) in ``tmp_dir``."""
+    c = ColdTier(os.path.join(tmp_dir, "cold"), 1 << 20, Codec(), durable_sync=False)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def durable(cold: ColdTier) -> Iterator[WriteBehindTier]:
+    """The write-behind tier over ``cold`` (nothing pinned); closing it closes ``cold``."""
+    wb = WriteBehindTier(cold, batch=4, threads=1, protected=lambda k: False)
+    yield wb
+    wb.close()

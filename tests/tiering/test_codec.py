@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from kvtier.tiering.codec import HEADER, Codec, CodecId, checksum, shuffle, unshuffle
+from kvtier.tiering.dtypes import TORCH_DTYPES as TORCH
 from kvtier.tiering.errors import ChecksumError, InvalidBlock
 
-TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-         "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
-         "uint8": torch.uint8, "int8": torch.int8}
 SHAPE = (2, 3, 2, 5, 8)
 
 

@@ -1,9 +1,8 @@
-"""tiering/cold.py: LMDB records, oldest-first eviction, pins, indexes; tiering/writer.py: batching."""
+"""tiering/cold/: LMDB records, oldest-first eviction (by the cold policy), pins, indexes."""
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future
 from unittest import mock
 
 import lmdb
@@ -15,7 +14,6 @@ from kvtier.tiering.cold import ColdTier, ColdWrite
 from kvtier.tiering.errors import CapacityExceeded, TierUnavailable
 from kvtier.tiering.keys import BlockKey
 from kvtier.tiering.tier import Block
-from kvtier.tiering.writer import ColdWriter, WriteJob
 
 NS_A, NS_B = b"a" * 16, b"b" * 16
 
@@ -30,6 +28,8 @@ def block(i: int, n: int = 4096, ns: bytes = NS_A) -> Block:
 
 
 def write(cold: ColdTier, i: int, n: int = 4096, ns: bytes = NS_A, **kw) -> list[BlockKey]:
+    """Write block ``i`` as the writer does: making room by the cold policy (no pins unless ``protected``)."""
+    kw.setdefault("protected", lambda k: False)
     b = block(i, n, ns)
     return cold.write_batch([ColdWrite(K(i), cold.codec.encode(b.data.numpy(), b.dtype, b.shape), ns)], **kw)
 
@@ -44,13 +44,6 @@ def audit(cold: ColdTier) -> None:
         ns = {bytes(v) for _, v in txn.cursor(db=cold.db["ns_keys"])}
     assert set(metas) == blocks == order == ns
     assert sum(int.from_bytes(m[-4:], "big") for m in metas.values()) == cold.used_bytes <= cold.capacity_bytes
-
-
-@pytest.fixture
-def cold(tmp_dir):
-    c = ColdTier(os.path.join(tmp_dir, "cold"), 1 << 20, Codec(), durable_sync=False)
-    yield c
-    c.close()
 
 
 def test_put_get_delete(cold):
@@ -121,7 +114,7 @@ def test_namespace_index_and_sessions(cold):
     assert cold.session_get(b"t\0s") == b"{}" and cold.session_items() == [(b"t\0s", b"{}")]
     cold.write_batch([], sessions={b"t\0s": None})
     assert cold.session_get(b"t\0s") is None
-    assert cold.delete_many(cold.keys_of_namespace(NS_B)) == 2
+    assert len(cold.delete_many(cold.keys_of_namespace(NS_B))) == 2
     assert list(cold.keys()) == [K(1)] and cold.ns_of(K(1)) == NS_A
     audit(cold)
 
@@ -140,31 +133,3 @@ def test_unusable_path_raises_tier_unavailable(tmp_dir):
     open(blocker, "w").close()
     with pytest.raises(TierUnavailable, match="cannot open the cold tier"):
         ColdTier(os.path.join(blocker, "cold"), 1 << 20, Codec())
-
-
-# -- writer -------------------------------------------------------------------------------------------
-def test_writer_commits_in_order_and_reports(cold):
-    commits = []
-    w = ColdWriter(cold, batch=4, threads=2, protected=lambda k: False,
-                   on_commit=lambda jobs, ev, err: commits.append((len(jobs), err)))
-    futs = [w.submit(WriteJob(blocks=[(K(i), block(i))])) for i in range(10)]
-    w.flush()
-    assert [f.result() for f in futs] == [1] * 10 and all(err is None for _, err in commits)
-    assert cold.block_count() == 10
-    w.close()
-    w.close()  # idempotent
-    with pytest.raises(TierUnavailable):
-        w.submit(WriteJob())
-
-
-def test_writer_survives_a_failing_commit(cold):
-    errors = []
-    w = ColdWriter(cold, batch=4, threads=1, protected=lambda k: False,
-                   on_commit=lambda jobs, ev, err: errors.append(err))
-    with mock.patch.object(cold, "write_batch", side_effect=OSError("disk on fire")):
-        fut: Future = w.submit(WriteJob(blocks=[(K(1), block(1))]))
-        with pytest.raises(TierUnavailable, match="disk on fire"):
-            fut.result(5)
-    assert w.submit(WriteJob(blocks=[(K(2), block(2))])).result(5) == 1  # the thread lives on
-    assert isinstance(errors[0], TierUnavailable) and errors[-1] is None
-    w.close()

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from tiering_helpers import cold_of
 
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 from kvtier.tiering.cold import ColdTier
@@ -41,7 +42,7 @@ def test_round_trip_and_payload_is_not_on_disk(tmp_path):
     with TieredStore(cfg(tmp_path), sealer=RecordSealer(KEY)) as store:
         keys, data = put(store)
         assert [bytes(store.get(k)[0].data.numpy()) for k in keys] == data
-        record = store.cold.get_record(keys[0])
+        record = cold_of(store).get_record(keys[0])
         assert record[FLAGS_OFFSET] & FLAG_SEALED and Codec.read_header(record).raw_length == len(data[0])
         assert store.check() == []
     with open(tmp_path / "cold" / "data.mdb", "rb") as fh:
@@ -59,7 +60,7 @@ def test_plain_store_keeps_payload_readable_on_disk(tmp_path):
 
 
 def _edit(store, key, fn):
-    cold = store.cold
+    cold = cold_of(store)
     with cold.env.begin(write=True, db=cold.db["blocks"]) as txn:
         txn.put(key.digest, fn(bytes(txn.get(key.digest))))
 
@@ -84,7 +85,7 @@ def test_tampered_record_is_a_miss_and_a_checksum_failure(tmp_path, where):
 def test_record_moved_to_another_key_fails(tmp_path):
     with TieredStore(cfg(tmp_path), sealer=RecordSealer(KEY)) as store:
         keys, data = put(store)
-        other = store.cold.get_record(keys[2])
+        other = cold_of(store).get_record(keys[2])
         _edit(store, keys[0], lambda _rec: other)  # a valid record, of another block
         assert store.get(keys[0]) is None
         assert bytes(store.get(keys[2])[0].data.numpy()) == data[2]

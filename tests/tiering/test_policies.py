@@ -170,3 +170,13 @@ def test_victims_walk_the_order_lazily(name):
     p.iter_order = counting
     assert p.victims(2, ONE, NONE) == first
     assert walked <= 50  # O(victims) here, not O(keys)
+
+
+def test_oldest_written_picks_in_write_order_skipping_pins():
+    from kvtier.tiering.policies import OldestWrittenPolicy
+
+    p = OldestWrittenPolicy()
+    order = [1, 2, 3, 4]
+    assert p.victims(0, order, ONE, NONE) == []
+    assert p.victims(2, order, ONE, lambda k: k == 1) == [2, 3]
+    assert p.victims(5, order, ONE, NONE) is None

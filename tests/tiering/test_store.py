@@ -17,7 +17,7 @@ from kvtier.tiering import (CapacityExceeded, InvalidBlock, LayoutMismatch, Name
                      TieredStore, chain_keys)
 from kvtier.tiering.codec import Codec
 
-from tiering_helpers import BLOCK, LAYOUT, NS, config, payload, tokens_for
+from tiering_helpers import BLOCK, LAYOUT, NS, cold_of, config, payload, tokens_for
 
 COMPOSITIONS = {
     "hot+warm+cold": {},
@@ -102,7 +102,7 @@ def test_contract_sessions(any_store):
     any_store.delete_session("t", "s1")
     with pytest.raises(SessionNotFound):
         any_store.get_session("t", "s1")
-    assert any_store.get(s.keys[0]) is not None or any_store.cold is None  # blocks stay (no erase)
+    assert any_store.get(s.keys[0]) is not None or cold_of(any_store) is None  # blocks stay (no erase)
 
 
 def test_contract_erase(any_store):
@@ -208,8 +208,8 @@ def test_write_back_evicted_pending_block_stays_readable(make_store):
     """A block on its way to disk (demoted in write_back, not yet committed) is still served."""
     s = make_store(hot_capacity=BLOCK, warm_capacity=BLOCK, write_policy="write_back")
     gate = threading.Event()
-    real = s.cold.write_batch
-    with mock.patch.object(s.cold, "write_batch", side_effect=lambda *a, **kw: (gate.wait(5), real(*a, **kw))[1]):
+    real = cold_of(s).write_batch
+    with mock.patch.object(cold_of(s), "write_batch", side_effect=lambda *a, **kw: (gate.wait(5), real(*a, **kw))[1]):
         keys = [put1(s, seq).keys[0] for seq in range(4)]
         assert s.where(keys[0]) == "warm"  # pending
         assert data(s.get(keys[0], promote=False)) == payload(0)
@@ -233,12 +233,12 @@ def test_write_back_no_disk_traffic_while_it_fits(make_store):
 def test_durable_put_of_a_block_already_in_memory_reaches_disk(make_store, wp):
     s = make_store(write_policy=wp)
     gate = threading.Event()
-    real = s.cold.write_batch
-    with mock.patch.object(s.cold, "write_batch", side_effect=lambda *a, **kw: (gate.wait(0.3), real(*a, **kw))[1]):
+    real = cold_of(s).write_batch
+    with mock.patch.object(cold_of(s), "write_batch", side_effect=lambda *a, **kw: (gate.wait(0.3), real(*a, **kw))[1]):
         k = put1(s, 1).keys[0]  # non-durable: in memory (and queued in write_through)
         res = put1(s, 1, durable=True)
         assert res.skipped_present == [k]
-        assert s.cold.contains(k), "a durable put returned before its block was on disk"
+        assert cold_of(s).contains(k), "a durable put returned before its block was on disk"
 
 
 def test_pinned_blocks_are_not_demoted(make_store):
@@ -390,28 +390,6 @@ def test_resume_refreshes_and_prefetches(make_store):
     assert s.get_session("t", "s").last_used >= before
 
 
-def test_pending_session_records_hide_disk_until_all_committed(make_store):
-    """delete, put, delete of one session queued; the writer commits them one at a time. Until the
-    last is on disk the session must read as deleted, never as the record queued in between."""
-    from kvtier.tiering.sessions import Session, session_id_key
-    from kvtier.tiering.writer import WriteJob
-
-    s = make_store()
-    sid = session_id_key("t", "x")
-    record = Session("t", "x", NS, [], 0).to_json()
-    jobs = [WriteJob(), WriteJob(), WriteJob()]
-    for job, rec in zip(jobs, [None, record, None]):
-        s._submit_sessions({sid: rec}, job)  # queued (the jobs are committed by hand below)
-    for job in jobs[:2]:
-        s.cold.write_batch([], sessions=job.sessions)
-        s._on_commit([job], [], None)
-        with pytest.raises(SessionNotFound):
-            s.get_session("t", "x")
-    s.cold.write_batch([], sessions=jobs[2].sessions)
-    s._on_commit([jobs[2]], [], None)
-    assert s.sessions() == [] and s._pending_sessions == {}
-
-
 # -- data directory ------------------------------------------------------------------------------------
 def test_data_dir_lock(make_store, data_dir):
     make_store()
@@ -427,7 +405,7 @@ def test_unusable_data_dir(tmp_dir):
 
 
 def test_failed_open_releases_the_dir_lock(data_dir):
-    with mock.patch("kvtier.tiering.store.ColdTier", side_effect=TierUnavailable("boom")):
+    with mock.patch("kvtier.tiering.cold.ColdTier", side_effect=TierUnavailable("boom")):
         with pytest.raises(TierUnavailable):
             TieredStore(config(data_dir))
     TieredStore(config(data_dir)).close()  # the lock of the failed open is gone
@@ -445,16 +423,16 @@ def test_snapshot_and_check(make_store):
 
 def test_cold_full_of_pinned_blocks_durable_put_raises(make_store):
     s = make_store(hot_device="off", warm_capacity=0, cold_capacity=1 << 20, lease_s=60)
-    cap = s.cold.capacity_bytes
+    cap = cold_of(s).capacity_bytes
     keys = []
     seq = 0
-    while s.cold.used_bytes < cap - 4 * s.cold.footprint(200):
+    while cold_of(s).used_bytes < cap - 4 * cold_of(s).footprint(200):
         keys += put1(s, seq, durable=True).keys
         seq += 1
     s.leases.acquire(keys, 60)
     with pytest.raises(CapacityExceeded):
         put1(s, seq, blocks=20, durable=True)  # more than the free room; every other block pinned
-    assert all(s.cold.contains(k) for k in keys)
+    assert all(cold_of(s).contains(k) for k in keys)
     assert s.snapshot()["write_errors"] == 1 and s.check() == []
 
 
@@ -463,4 +441,4 @@ def test_cold_full_evicts_oldest(make_store):
     keys = [put1(s, seq, durable=True).keys[0] for seq in range(2000)]
     assert s.stats.tiers["cold"].evictions > 0
     assert s.get(keys[0]) is None and data(s.get(keys[-1])) == payload(1999)
-    assert s.cold.used_bytes <= s.cold.capacity_bytes
+    assert cold_of(s).used_bytes <= cold_of(s).capacity_bytes

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from unittest import mock
 
-from tiering_helpers import NS, payload, tokens_for
+from tiering_helpers import NS, cold_of, payload, tokens_for
 
 from kvtier.tiering.tombstones import Tombstones
 
@@ -57,8 +57,8 @@ def test_a_cold_load_running_during_an_erase_does_not_bring_the_block_back(make_
     keys = s.put(NS, tokens_for(1, 2), [payload(1, i) for i in range(2)], session_id="s1", durable=True).keys
     s.close()
     s = make_store()  # after a restart: everything is cold
-    slow, entered, gate = _gated(s.cold.decode)
-    with mock.patch.object(s.cold, "decode", side_effect=slow):
+    slow, entered, gate = _gated(cold_of(s).decode)
+    with mock.patch.object(cold_of(s), "decode", side_effect=slow):
         got = []
         reader = threading.Thread(target=lambda: got.append(s.get(keys[0])))
         reader.start()
@@ -75,8 +75,8 @@ def test_a_warm_hit_promoting_during_an_erase_does_not_bring_the_block_back(make
     s = make_store()
     keys = s.put(NS, tokens_for(2, 6), [payload(2, i) for i in range(6)], session_id="s2").keys
     warm = next(k for k in keys if s.where(k) == "warm")  # the hot tier holds 4 blocks: the first went down
-    slow, entered, gate = _gated(s._place)
-    with mock.patch.object(s, "_place", side_effect=slow):
+    slow, entered, gate = _gated(s.placement.place)
+    with mock.patch.object(s.placement, "place", side_effect=slow):
         got = []
         reader = threading.Thread(target=lambda: got.append(s.get(warm)))
         reader.start()
@@ -93,8 +93,8 @@ def test_an_invalidation_is_not_undone_by_a_running_load(make_store):
     keys = s.put(NS, tokens_for(3, 2), [payload(3, i) for i in range(2)], durable=True).keys
     s.close()
     s = make_store()
-    slow, entered, gate = _gated(s.cold.decode)
-    with mock.patch.object(s.cold, "decode", side_effect=slow):
+    slow, entered, gate = _gated(cold_of(s).decode)
+    with mock.patch.object(cold_of(s), "decode", side_effect=slow):
         got = []
         reader = threading.Thread(target=lambda: got.append(s.get(keys[1])))
         reader.start()

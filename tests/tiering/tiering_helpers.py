@@ -32,3 +32,9 @@ def config(data_dir: str, **kw) -> StoreConfig:
                 compress_threads=1, prefetch_threads=2, writer_batch=8)
     base.update(kw)
     return StoreConfig(**base)
+
+
+def cold_of(store):
+    """The cold tier under ``store``'s durable (write-behind) tier, or ``None`` when cold is off."""
+    durable = store.tiers.durable
+    return None if durable is None else durable.cold

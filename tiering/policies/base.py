@@ -1,4 +1,5 @@
 """EvictionPolicy: orders the keys of one tier and proposes victims; it owns no bytes.
+Imports the standard library only.
 
 The tier calls :meth:`insert`, :meth:`touch` and :meth:`remove` as blocks come, are read and go, and
 asks :meth:`victims` for candidates when it needs room. ``victims`` never mutates the policy: the
@@ -9,7 +10,7 @@ so a failed eviction leaves everything as it was.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 
 class EvictionPolicy(ABC):
@@ -47,14 +48,21 @@ class EvictionPolicy(ABC):
         :returns: the victims, least valuable first; ``[]`` when ``need <= 0``; ``None`` when the
             unprotected keys cannot free enough (nothing changes in that case).
         """
-        if need <= 0:
-            return []
-        chosen, freed = [], 0
-        for key in self.iter_order():
-            if protected(key):
-                continue
-            chosen.append(key)
-            freed += size_of(key)
-            if freed >= need:
-                return chosen
-        return None
+        return pick(self.iter_order(), need, size_of, protected)
+
+
+def pick(order: Iterable[Hashable], need: int, size_of: Callable[[Hashable], int],
+         protected: Callable[[Hashable], bool]) -> list[Hashable] | None:
+    """The first unprotected keys of ``order`` whose sizes add up to at least ``need`` bytes: the one
+    victim walk every policy shares. ``[]`` when ``need <= 0``; ``None`` when they cannot free enough."""
+    if need <= 0:
+        return []
+    chosen, freed = [], 0
+    for key in order:
+        if protected(key):
+            continue
+        chosen.append(key)
+        freed += size_of(key)
+        if freed >= need:
+            return chosen
+    return None

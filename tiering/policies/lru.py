@@ -1,4 +1,5 @@
-"""LRU: evicts the least recently inserted-or-read key first."""
+"""LRU: evicts the least recently inserted-or-read key first.
+Imports ``base`` only."""
 
 from __future__ import annotations
 

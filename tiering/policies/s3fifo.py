@@ -1,4 +1,5 @@
 """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO and a ghost FIFO.
+Imports ``base`` only.
 
 New keys enter the small queue (10% of the keys). A key leaving the small queue that was read at
 least once since it entered moves to main; one that was never read is a one-hit wonder and becomes a

@@ -1,4 +1,4 @@
-"""TieredStore.copy_out: a chain written into a caller's region from every tier, cold blocks decoded
+"""tiering/copyout.py (TieredStore.copy_out): a chain written into a caller's region from every tier, cold blocks decoded
 straight into it, each checked on the region's bytes; stops at a miss, a refused block, a damaged
 block, the deadline or a block that does not fit."""
 
@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from test_corruption import _flip
-from tiering_helpers import LAYOUT, NS, config, payload, tokens_for
+from test_corruption import damaged_store
+from tiering_helpers import LAYOUT, NS, cold_of, config, payload, tokens_for
 
 from kvtier.tiering import TieredStore
 from kvtier.tiering.crypto import RecordSealer
@@ -59,15 +59,11 @@ def test_cold_blocks_are_decoded_into_the_region(make_store, promote):
 
 
 def test_a_damaged_cold_block_ends_the_answer_as_a_miss(make_store, data_dir):
-    s = make_store()
-    keys = s.put(NS, tokens_for(3, 3), [payload(3, i) for i in range(3)], durable=True).keys
-    s.close()
-    _flip(data_dir, keys[1], lambda n: n - 2)
-    s = make_store()
+    s, keys = damaged_store(make_store, data_dir, 3)
     region = _region(3)
     out = s.copy_out(keys, region)
     assert [k for k, _, _, _ in out.items] == keys[:1] and out.stop == "miss"
-    assert s.stats.tiers["cold"].checksum_failures == 1 and not s.cold.contains(keys[1])
+    assert s.stats.tiers["cold"].checksum_failures == 1 and not cold_of(s).contains(keys[1])
 
 
 def test_it_stops_where_the_region_is_full(make_store):

@@ -1,0 +1,402 @@
+"""ColdTier: zstd-compressed block records in LMDB on local disk; LMDB is also its index.
+
+Imports lmdb, ``codec``, ``crypto``, the cold schema/records/registry/footprint modules and the
+oldest-written policy. Nothing about cold blocks is held in Python memory: contains/get are B-tree
+lookups in the memory-mapped file, so reopening a store of a million blocks costs only opening the file.
+The databases are described in ``tiering/cold/schema.py``; all are updated in the same transactions.
+
+Encryption at rest (opt-in, ``tiering/crypto.py``): with a :class:`~tiering.crypto.RecordSealer` every
+record's payload is sealed with AES-256-GCM bound to its block key; the key's id is stored in ``info``
+so that the store cannot be opened without its key, nor with another one.
+
+Eviction is the caller's decision, by :class:`~tiering.policies.OldestWrittenPolicy`: :meth:`put` and
+:meth:`write_batch` without ``protected`` raise :class:`CapacityExceeded` when full; with ``protected``
+(the write-behind tier's writer passes its pins) the batch's transaction first evicts the oldest
+unprotected blocks the policy picks: pick, check they suffice, then delete, in one transaction. Writes
+come in batches, one short write transaction each; compression happens before the transaction opens.
+Thread-safety: any thread may read; writes serialise on LMDB's own writer lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+import lmdb
+import numpy as np
+import torch
+
+from ..codec import Codec, RecordHeader
+from ..crypto import RecordSealer, is_sealed
+from ..errors import CapacityExceeded, ChecksumError, TierUnavailable
+from ..keys import BlockKey
+from ..policies import OldestWrittenPolicy
+from ..spans import TierOps, now_ns
+from ..tier import Block, Fetched, Tier
+from . import footprint as fp
+from . import records, registry
+from .records import ColdWrite
+from .schema import DATABASES, DUPSORT, KEY_ID, USED, read_u64
+
+log = logging.getLogger(__name__)
+
+
+class ColdTier(Tier):
+    """LMDB-backed tier.
+
+    :param path: directory of the LMDB environment (created if missing).
+    :param capacity: LMDB map size in bytes; records may use :data:`~tiering.cold.footprint.FILL_RATIO`
+        of it, less :data:`~tiering.cold.footprint.RESERVED_BYTES`.
+    :param codec: encodes/decodes records.
+    :param durable_sync: fsync at every commit (True: a committed batch survives power loss; False:
+        survives a process crash only).
+    :param sealer: encrypt records at rest with this key (see ``tiering/crypto.py``).
+    :raises TierUnavailable: if the directory cannot be created, opened or written; if the store is
+        encrypted and no sealer (or one with another key) is given; if a sealer is given for a store
+        that already holds plain records.
+    """
+
+    name = "cold"
+    slow = True
+    usage_group = "cold"
+
+    def __init__(self, path: str, capacity: int, codec: Codec, *, durable_sync: bool = True,
+                 readonly: bool = False, sealer: RecordSealer | None = None) -> None:
+        self.path = path
+        self.codec = codec
+        self.sealer = sealer
+        self.policy = OldestWrittenPolicy()
+        self._capacity = int(capacity)
+        try:
+            if not readonly:
+                os.makedirs(path, exist_ok=True)
+            self.env = lmdb.open(path, map_size=self._capacity, max_dbs=8, subdir=True, readonly=readonly,
+                                 sync=durable_sync, metasync=durable_sync, readahead=False, max_readers=512,
+                                 lock=not readonly)
+            try:
+                self._check_file_size()
+                self.db = {name: self.env.open_db(name.encode(), dupsort=name in DUPSORT, create=not readonly)
+                           for name in DATABASES}
+            except BaseException:
+                self.env.close()
+                raise
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError, lmdb.PageNotFoundError) as exc:
+            raise TierUnavailable(
+                f"the cold tier file {os.path.join(path, 'data.mdb')!r} is damaged or not a kvtier LMDB store "
+                f"({exc}). Restore it from a backup, or move the {path!r} directory away to start with an "
+                "empty cold tier") from exc
+        except (lmdb.Error, OSError) as exc:
+            raise TierUnavailable(
+                f"cannot open the cold tier at {path!r}: {exc}. Check that the directory exists, is "
+                "writable by this user, and holds a kvtier LMDB store (or is empty)") from exc
+        self._page = self.env.stat()["psize"]
+        self.checksum_failures = 0
+        try:
+            self._check_key(readonly)
+            if not readonly:
+                with self.env.begin(write=True) as txn:
+                    fp.count_namespaces(txn, self.db)
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _check_file_size(self) -> None:
+        """Refuse a truncated ``data.mdb`` before any page beyond its meta pages is touched.
+
+        LMDB memory-maps the file and trusts its meta page: reading a page past the end of a truncated
+        file raises SIGBUS and kills the process, at every restart. A healthy file always reaches the
+        last page its newest meta page names (pages are written before the meta that names them).
+
+        :raises TierUnavailable: naming the file and what to do.
+        """
+        data = os.path.join(self.path, "data.mdb")
+        size = os.path.getsize(data)
+        psize = self.env.stat()["psize"]  # from the meta page: touches no other page
+        need = (self.env.info()["last_pgno"] + 1) * psize
+        if size < need:
+            raise TierUnavailable(
+                f"the cold tier file {data!r} is truncated: {size} bytes, but its LMDB header names pages up "
+                f"to byte {need} (a damaged disk, a copy cut short, or a full file system). Restore it from a "
+                f"backup, or move the {self.path!r} directory away to start with an empty cold tier")
+
+    def _check_key(self, readonly: bool) -> None:
+        """Refuse a missing or wrong key for an encrypted store, or a key for a store of plain records."""
+        with self.env.begin(db=self.db["info"]) as txn:
+            stored = txn.get(KEY_ID)
+        if stored is not None and self.sealer is None and not readonly:
+            raise TierUnavailable(
+                f"the cold tier at {self.path!r} is encrypted: configure its key (security.cold_key_file "
+                "or the KVTIER_COLD_KEY environment variable)")
+        if stored is not None and self.sealer is not None and bytes(stored) != self.sealer.key_id:
+            raise TierUnavailable(f"the cold tier at {self.path!r} was encrypted with another key")
+        if stored is None and self.sealer is not None and not readonly:
+            if self.block_count():
+                raise TierUnavailable(
+                    f"the cold tier at {self.path!r} holds unencrypted blocks; encryption can only be "
+                    "switched on for an empty data directory")
+            with self.env.begin(write=True, db=self.db["info"]) as txn:
+                txn.put(KEY_ID, self.sealer.key_id)
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def contains(self, key: BlockKey) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: Iterable[BlockKey]) -> list[bool]:
+        """Membership of several keys in one read transaction."""
+        with self.env.begin(db=self.db["meta"]) as txn:
+            return [txn.get(k.digest) is not None for k in keys]
+
+    def get_record(self, key: BlockKey) -> bytes | None:
+        """The encoded record (one copy out of the map), or ``None``."""
+        with self.env.begin(db=self.db["blocks"]) as txn:
+            return txn.get(key.digest)
+
+    def encode(self, key: BlockKey, raw, dtype: str, shape: tuple[int, ...], csum: int | None = None) -> bytes:
+        """The record to store for a block (``Codec.encode``, then sealed when encryption is on)."""
+        record = self.codec.encode(raw, dtype, shape, csum)
+        return record if self.sealer is None else self.sealer.seal(key.digest, record)
+
+    def open(self, key: BlockKey, record: bytes) -> tuple[RecordHeader, bytes] | None:
+        """The header and the plain record of a record fetched by :meth:`get_record` (unsealed when
+        encryption is on), so a caller can size the destination before :meth:`decode`. A damaged one
+        (or one that fails authentication) is deleted and gives ``None``."""
+        try:
+            if self.sealer is not None:
+                record = self.sealer.open(key.digest, record)
+            elif is_sealed(record):
+                raise ChecksumError("record is encrypted and no key is configured")
+            return self.codec.read_header(record), record
+        except ChecksumError as exc:
+            self._drop(key, exc)
+            return None
+
+    def decode(self, key: BlockKey, record: bytes, out: np.ndarray | None = None, *,
+               opened: bool = False) -> Block | None:
+        """Decode a record fetched by :meth:`get_record` (or, with ``opened``, returned by :meth:`open`)
+        into a fresh buffer or ``out`` (of exactly the block's size); a damaged one (or, with encryption
+        on, one that fails authentication) is deleted and gives ``None``."""
+        if not opened:
+            got = self.open(key, record)
+            if got is None:
+                return None
+            record = got[1]
+        try:
+            header, raw = self.codec.decode(record, out)
+        except ChecksumError as exc:
+            self._drop(key, exc)
+            return None
+        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, self.ns_of(key) or b"")
+
+    def _drop(self, key: BlockKey, exc: ChecksumError) -> None:
+        self.checksum_failures += 1
+        log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
+        self.delete(key)
+
+    def get(self, key: BlockKey) -> Block | None:
+        record = self.get_record(key)
+        return None if record is None else self.decode(key, record)
+
+    def read(self, key: BlockKey, ops: TierOps | None = None) -> tuple[Block, str] | None:
+        """:meth:`get`, recording ``cold.read`` (LMDB read and decode) and ``codec.decode`` into ``ops``."""
+        t0 = now_ns() if ops is not None else 0
+        record = self.get_record(key)
+        if record is None:
+            if ops is not None:
+                ops.record("cold.read", t0, now_ns(), hit=False)
+            return None
+        t1 = now_ns() if ops is not None else 0
+        block = self.decode(key, record)
+        if ops is not None:
+            t2 = now_ns()
+            ops.record("cold.read", t0, t2, nbytes=len(record), hit=block is not None)
+            ops.record("codec.decode", t1, t2, nbytes=len(record), raw_bytes=block.nbytes if block else 0,
+                       hit=block is not None)
+        return None if block is None else (block, self.name)
+
+    def fetch(self, key: BlockKey, ops: TierOps | None = None) -> Fetched | None:
+        """The record opened (read and unsealed, not decoded): :attr:`Fetched.decode_into` decompresses it
+        straight into the caller's buffer, checking its checksum there."""
+        t0 = now_ns() if ops is not None else 0
+        record = self.get_record(key)
+        opened = None if record is None else self.open(key, record)
+        if ops is not None:
+            ops.record("cold.read", t0, now_ns(), nbytes=len(record or b""), hit=opened is not None)
+        if opened is None:
+            return None
+        header, plain = opened
+
+        def decode_into(out: np.ndarray, ops: TierOps | None = None) -> Block | None:
+            t0 = now_ns() if ops is not None else 0
+            block = self.decode(key, plain, out, opened=True)
+            if ops is not None:
+                ops.record("codec.decode", t0, now_ns(), nbytes=len(plain), raw_bytes=header.raw_length,
+                           hit=block is not None)
+            return block
+
+        return Fetched(self.name, header.raw_length, self.ns_of(key) or b"", decode_into=decode_into)
+
+    def ns_of(self, key: BlockKey) -> bytes | None:
+        with self.env.begin() as txn:
+            return records.ns_of(txn, self.db, key)
+
+    def keys(self) -> Iterator[BlockKey]:
+        with self.env.begin(db=self.db["meta"]) as txn:
+            keys = [BlockKey(bytes(k)) for k in txn.cursor().iternext(keys=True, values=False)]
+        return iter(keys)
+
+    def keys_of_namespace(self, ns_id: bytes) -> list[BlockKey]:
+        with self.env.begin() as txn:
+            return records.keys_of_namespace(txn, self.db, ns_id)
+
+    def block_count(self) -> int:
+        """Blocks stored (from LMDB's own page statistics: O(1))."""
+        with self.env.begin() as txn:
+            return txn.stat(self.db["meta"])["entries"]
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def put(self, key: BlockKey, block: Block) -> None:
+        """Write one block now. :raises CapacityExceeded: when it does not fit (nothing is evicted)."""
+        record = self.encode(key, block.data.cpu().numpy(), block.dtype, block.shape, block.checksum)
+        self.write_batch([ColdWrite(key, record, block.ns_id)])
+
+    def write_batch(self, writes: list[ColdWrite], *, sessions: dict[bytes, bytes | None] | None = None,
+                    namespaces: dict[bytes, bytes] | None = None,
+                    protected: Callable[[BlockKey], bool] | None = None) -> list[BlockKey]:
+        """Commit blocks (and session/namespace records) in one transaction.
+
+        :param sessions: session id key → JSON record, or ``None`` to delete that session.
+        :param namespaces: ns_id → JSON namespace, registered once.
+        :param protected: make room when the blocks would not fit: evict the oldest blocks (by
+            :attr:`policy`) for which this is False, in the same transaction. ``None``: never evict.
+        :returns: keys evicted to make room.
+        :raises CapacityExceeded: if the blocks do not fit and enough room cannot (or may not) be
+            made; nothing is written then.
+        """
+        incoming = {w.key for w in writes}
+        evicted: list[BlockKey] = []
+        batch = sum(self.footprint(len(w.record)) for w in writes)
+        for attempt in range(4):
+            try:
+                with self.env.begin(write=True) as txn:
+                    return evicted + self._write(txn, writes, sessions or {}, namespaces or {}, protected)
+            except lmdb.MapFullError:
+                if protected is None:
+                    break
+                # Our byte count is an estimate of LMDB's page use, so the map can fill first. Pages
+                # freed inside the failing transaction are not reusable by it, so room is made in a
+                # transaction of its own, committed, and the write retried.
+                log.warning("cold tier: LMDB map full (attempt %d); evicting the oldest blocks", attempt + 1)
+                more = self._evict_committed((2 ** attempt) * max(2 * batch, self._capacity // 16),
+                                             lambda k: k in incoming or protected(k))
+                if not more:
+                    break
+                evicted += more
+        raise CapacityExceeded(f"cold tier at {self.path!r} is full and nothing more can be evicted; "
+                               "raise cold.capacity or delete sessions")
+
+    def footprint(self, record_len: int) -> int:
+        """Bytes of the map a record of ``record_len`` bytes is charged for (``tiering/cold/footprint.py``)."""
+        return fp.footprint(record_len, self._page)
+
+    def _pick(self, txn, need: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey] | None:
+        """The policy's victims for ``need`` bytes, read inside ``txn``."""
+        return self.policy.victims(need, records.write_order(txn, self.db),
+                                   lambda k: records.size_of(txn, self.db, k), protected)
+
+    def _evict_committed(self, nbytes: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey]:
+        """Delete the oldest unprotected blocks worth ``nbytes`` (or all there are) in a committed
+        transaction of their own."""
+        try:
+            with self.env.begin(write=True) as txn:
+                victims = self._pick(txn, nbytes, protected)
+                if victims is None:  # not enough: take every unprotected one
+                    victims = [k for k in records.write_order(txn, self.db) if not protected(k)]
+                return records.delete_many(txn, self.db, victims)
+        except lmdb.MapFullError:
+            return []
+
+    def _write(self, txn, writes: list[ColdWrite], sessions, namespaces, protected) -> list[BlockKey]:
+        incoming = {w.key: w for w in writes}
+        sized = [(w, self.footprint(len(w.record))) for w in incoming.values()]
+        new_bytes = sum(size - records.size_of(txn, self.db, w.key) for w, size in sized)
+        need = read_u64(txn, USED, self.db["info"]) + new_bytes - self.capacity_bytes
+        evicted: list[BlockKey] = []
+        if need > 0:
+            victims = None if protected is None else self._pick(txn, need, lambda k: k in incoming or protected(k))
+            if victims is None:
+                raise CapacityExceeded(f"cold tier full: {need} more bytes needed and every remaining "
+                                       "block is pinned or part of this write")
+            evicted = records.delete_many(txn, self.db, victims)
+        records.write(txn, self.db, sized)
+        registry.put_records(txn, self.db, sessions, namespaces)
+        return evicted
+
+    def ns_used_bytes(self, ns_ids: Iterable[bytes]) -> int:
+        """Bytes (footprints, as ``used_bytes`` counts them) of the blocks of these namespaces."""
+        with self.env.begin() as txn:
+            return fp.ns_used_bytes(txn, self.db["info"], ns_ids)
+
+    def delete_many(self, keys: Iterable[BlockKey]) -> list[BlockKey]:
+        """Delete several blocks in one transaction. Returns those that were there."""
+        with self.env.begin(write=True) as txn:
+            return records.delete_many(txn, self.db, keys)
+
+    def delete(self, key: BlockKey) -> bool:
+        return bool(self.delete_many([key]))
+
+    # -- eviction (Tier contract) -----------------------------------------------------------------------
+    def victims(self, nbytes: int, protected: Callable[[BlockKey], bool]) -> list[BlockKey] | None:
+        """Oldest-written victims that make room for a block of ``nbytes`` raw bytes, charged its worst
+        footprint (:func:`~tiering.cold.footprint.worst_footprint`: it may not compress)."""
+        with self.env.begin() as txn:
+            need = read_u64(txn, USED, self.db["info"]) + fp.worst_footprint(nbytes, self._page) - self.capacity_bytes
+            return self._pick(txn, need, protected)
+
+    def evict(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block | None]]:
+        return [(k, None) for k in self.delete_many(keys)]
+
+    # -- sessions and namespaces (records owned by tiering/sessions.py) ------------------------------
+    def session_get(self, sid: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            return registry.session_get(txn, self.db, sid)
+
+    def session_items(self) -> list[tuple[bytes, bytes]]:
+        with self.env.begin() as txn:
+            return registry.session_items(txn, self.db)
+
+    def session_count(self, prefix: bytes) -> int:
+        """Session records whose key starts with ``prefix`` (a tenant's: ``tenant ‖ 0``); O(those)."""
+        with self.env.begin() as txn:
+            return registry.session_count(txn, self.db, prefix)
+
+    def namespaces(self) -> dict[bytes, dict]:
+        with self.env.begin() as txn:
+            return registry.namespaces(txn, self.db)
+
+    # -- accounting -----------------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return fp.record_capacity(self._capacity)
+
+    @property
+    def used_bytes(self) -> int:
+        with self.env.begin() as txn:
+            return read_u64(txn, USED, self.db["info"])
+
+    def stored_raw_bytes(self) -> int:
+        """Sum of the raw (decoded) lengths of every record: for the compression ratio. O(blocks)."""
+        with self.env.begin() as txn:
+            return fp.stored_raw_bytes(txn, self.db)
+
+    def check(self) -> list[str]:
+        """Verify that the indexes agree with each other and with ``used``; returns problems, [] if none.
+        O(blocks): for tests and ``kvtier check``, not the data path."""
+        with self.env.begin() as txn:
+            return fp.check(txn, self.db, self.capacity_bytes)
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,128 @@
+"""Placement: where a block goes in the tier list: insert, demote, promote. Imports ``tier``, ``spans``.
+
+A put or a promotion inserts into the first cache (from ``start`` down) that can make room; a cache
+that needs room asks its policy for victims (:meth:`~tiering.tier.Tier.victims`: pinned keys are
+never victims; all or nothing) and demotes them to the next cache. Victims of the last cache go to the
+durable tier in ``write_back`` (they are not on disk yet) and are dropped in ``write_through`` (they
+are). Tiers below the durable one are never written here.
+
+Thread-safety: every method takes the store's ``lock`` around the caches (shared with the loader and
+copy-out); bytes are staged onto a cache's device before the lock is taken.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .keys import BlockKey
+from .leases import LeaseTable
+from .spans import TierOps, now_ns
+from .stats import StoreStats
+from .tier import Block
+from .tierlist import TierList
+from .tombstones import Tombstones
+
+
+class Placement:
+    """Insert, demote and promote over the caches of ``tiers``.
+
+    :param tiers: the store's tier list. :param lock: the store's lock (guards caches, stats, tombstones).
+    :param leases: pins: a pinned block is never a victim. :param stats: counters to bump.
+    :param tombstones: erases in progress: a read's promotion never puts an erased block back.
+    :param write_back: demote the last cache's victims to the durable tier (else drop them).
+    """
+
+    def __init__(self, tiers: TierList, *, lock: threading.RLock, leases: LeaseTable, stats: StoreStats,
+                 tombstones: Tombstones, write_back: bool) -> None:
+        self.tiers = tiers
+        self.lock = lock
+        self.leases = leases
+        self.stats = stats
+        self.tombstones = tombstones
+        self.write_back = write_back
+
+    def place(self, key: BlockKey, block: Block, start: int = 0, since: int | None = None) -> int:
+        """Put ``block`` into the first cache from ``start`` down that can make room.
+
+        :param since: for a read's promotion, the tombstone generation the read began at: a block
+            erased since is not put back (:mod:`tiering.tombstones`).
+        :returns: the index of the cache that took it, or -1 when none could (everything pinned, no
+            cache, or the block was erased meanwhile).
+        """
+        caches = self.tiers.caches
+        for i in range(start, len(caches)):
+            staged = caches[i].stage(block, copy=False)  # the store's own bytes, or a lower tier's
+            with self.lock:
+                if self.tombstones.refuses(since, key, block.ns_id):
+                    return -1
+                if self._insert(i, key, staged):
+                    return i
+        return -1
+
+    def _insert(self, i: int, key: BlockKey, block: Block) -> bool:
+        """Insert into cache ``i``, demoting victims. Caller holds the lock and staged the bytes."""
+        tier = self.tiers.caches[i]
+        if tier.contains(key):
+            tier.get(key)  # an access: the policy learns the block is wanted
+            return True
+        self.leases.sweep()
+        victims = tier.victims(block.nbytes, self.leases.is_pinned)
+        if victims is None:
+            return False
+        for v, old in tier.evict(victims):
+            self._demote(i, v, old)
+        tier.put(key, block)
+        return True
+
+    def _demote(self, i: int, key: BlockKey, block: Block) -> None:
+        """Move a victim of cache ``i`` one level down (caller holds the lock)."""
+        caches = self.tiers.caches
+        src = caches[i]
+        self.stats.tier(src.name).demotions += 1
+        if i + 1 < len(caches):
+            dst = caches[i + 1]
+            if self._insert(i + 1, key, block if dst.contains(key) else dst.stage(block)):
+                self.stats.bytes_moved[f"{src.name}->{dst.name}"] += block.nbytes
+                return
+        durable = self.tiers.durable
+        if self.write_back and durable is not None and durable.enqueue(key, block):
+            self.stats.bytes_moved[f"{src.name}->{durable.name}"] += block.nbytes
+        else:
+            self.stats.tier(src.name).evictions += 1
+
+    def promote(self, key: BlockKey, block: Block, src: str, ops: TierOps | None = None,
+                since: int | None = None) -> Block:
+        """Put ``block`` (read from tier ``src``) into the top cache that takes it; a read that began
+        at tombstone generation ``since`` never puts back a block erased since. Returns the block as
+        the cache holds it (or ``block`` when none took it)."""
+        t0 = now_ns() if ops is not None else 0
+        placed = self.place(key, block, 0, since)
+        if placed < 0:
+            return block
+        dst = self.tiers.caches[placed]
+        if ops is not None:
+            t1 = now_ns()
+            ops.record("promote", t0, t1, nbytes=block.nbytes, to_tier=dst.name)
+            if dst.device is not None and dst.device.type == "cuda" and block.data.device.type != "cuda":
+                ops.record("h2d_copy", t0, t1, nbytes=block.nbytes, to_tier=dst.name)
+        with self.lock:
+            if dst.name != src:
+                self.stats.tier(dst.name).promotions += 1
+                self.stats.bytes_moved[f"{src}->{dst.name}"] += block.nbytes
+            return dst.peek(key) or block
+
+    def held_only_in_caches(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block]]:
+        """Of ``keys``, the blocks held by a cache and not by the durable tier (nor queued for it):
+        what a durable put must still write."""
+        keys = list(dict.fromkeys(keys))
+        durable = self.tiers.durable
+        on_disk = durable.contains_many(keys) if durable is not None else [False] * len(keys)
+        out = []
+        with self.lock:
+            for key, here in zip(keys, on_disk):
+                if here:
+                    continue
+                block = next((t.peek(key) for t in self.tiers.caches if t.contains(key)), None)
+                if block is not None:
+                    out.append((key, block))
+        return out

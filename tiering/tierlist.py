@@ -1,0 +1,160 @@
+"""TierList: the store's tiers in one ordered list, top first, and how a new tier plugs in.
+
+Imports ``tier`` and, in :func:`build_tiers` only, the tier modules and the config.
+
+The list has three parts, and a tier's part is its role (the store never asks what kind a tier is):
+
+``caches``   fast tiers (``slow = False``: reads are dict lookups made under the store's lock), top
+             first: hot, warm. Puts are inserted into the first that takes them; a cache that needs
+             room demotes its policy's victims to the next cache; reads below promote into them.
+``durable``  at most one tier, the write target: write-through puts and write-back demotions are
+             queued to it, durable puts wait for it, session and namespace records are kept in it. It
+             must offer :class:`DurableTier`'s methods on top of :class:`~tiering.tier.Tier`. Today:
+             :class:`~tiering.writebehind.WriteBehindTier` over the cold tier.
+``below``    tiers under the durable one (e.g. a remote cache shared by several hosts), in order. They
+             are never written by puts or demotions; a read that misses every tier above consults them
+             in order (outside the lock, one load per key at a time) and promotes what it finds into
+             the caches; erase and invalidate delete from them too. A failing one raises
+             :class:`~tiering.errors.TierUnavailable`: a read, lookup or copy-out treats that as a
+             miss, stats leave the tier out, but an erase or invalidation fails with it (after the
+             local tiers are erased: an erase that could not reach every tier must not look done).
+             Such a tier may fill itself from the durable tier's commits
+             (``tiers.durable.on_commit(listener)``, called on the writer thread) and write asynchronously.
+
+Adding a tier is one module (a :class:`~tiering.tier.Tier`; ``slow = True`` when its reads do I/O) plus
+one entry in :func:`build_tiers`, e.g. ``below=[t for t in (make_remote_tier(config),) if t]``. Every
+walk over the tiers (get, lookup, where, owned, copy-out, erase, usage, check, close) goes through
+:attr:`TierList.all`, so nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Protocol, TypeVar
+
+from .errors import TierUnavailable
+from .keys import BlockKey
+from .tier import Tier
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DurableTier(Protocol):
+    """What the ``durable`` slot needs beyond :class:`~tiering.tier.Tier` (records travel with blocks)."""
+
+    name: str
+
+    def submit(self, job) -> Future:
+        """Queue a :class:`~tiering.writer.WriteJob` (blocks, session and namespace records); resolves on commit."""
+
+    def enqueue(self, key: BlockKey, block) -> bool:
+        """Queue one block unless already queued (a write-back demotion); returns whether it was queued."""
+
+    def on_commit(self, listener: Callable) -> None:
+        """Call ``listener(jobs, evicted, error)`` after every commit."""
+
+    def session_get(self, sid: bytes) -> bytes | None: ...
+    def session_items(self) -> list[tuple[bytes, bytes]]: ...
+    def session_count(self, prefix: bytes) -> int: ...
+    def namespaces(self) -> dict[bytes, dict]: ...
+    def queue_depth(self) -> tuple[int, int]: ...
+
+
+class TierList:
+    """The ordered tiers of one store (see the module docstring for the three parts).
+
+    :raises ValueError: if there is no tier at all, or a cache is slow.
+    """
+
+    def __init__(self, caches: Iterable[Tier], durable: Tier | None = None, below: Iterable[Tier] = ()) -> None:
+        self.caches: list[Tier] = list(caches)
+        self.durable = durable
+        self.below: list[Tier] = list(below)
+        #: every tier, top first
+        self.all: list[Tier] = [*self.caches, *([durable] if durable is not None else []), *self.below]
+        if not self.all:
+            raise ValueError("every tier is off: enable at least one of hot, warm or cold")
+        if any(t.slow for t in self.caches):
+            raise ValueError("a cache tier must be fast (slow = False): the store reads it under its lock")
+        #: tiers read under the store's lock, and tiers read outside it (single-flight), top first
+        self.fast: list[Tier] = [t for t in self.all if not t.slow]
+        self.slow: list[Tier] = [t for t in self.all if t.slow]
+
+    def walk(self, keys: list[BlockKey], lock, ask: Callable[[Tier, list[BlockKey]], list[T | None]]) -> list[T | None]:
+        """For each key, the first non-``None`` answer of the tiers, top first: ``ask(tier, keys)``
+        answers for the keys no tier above answered (a peek: ``locate``, ``ns_of``...). Fast tiers are
+        asked under ``lock``, slow ones outside it; a tier below the durable one that is unavailable
+        answers ``None``."""
+        out: list[T | None] = [None] * len(keys)
+
+        def fill(tier: Tier) -> None:
+            todo = [i for i, v in enumerate(out) if v is None]
+            if not todo:
+                return
+            answers = self.guarded(tier, lambda: ask(tier, [keys[i] for i in todo]), [None] * len(todo))
+            for i, v in zip(todo, answers):
+                out[i] = v
+
+        with lock:
+            for tier in self.fast:
+                fill(tier)
+        for tier in self.slow:
+            fill(tier)
+        return out
+
+    def each(self, lock, fn: Callable[[Tier], T]) -> list[tuple[Tier, T | None]]:
+        """``(tier, fn(tier))`` for every tier: fast ones under ``lock``, slow ones outside it; ``None``
+        for a tier below the durable one that is unavailable (stats must not fail with it)."""
+        with lock:
+            out = [(t, self.guarded(t, lambda: fn(t), None)) for t in self.fast]
+        return out + [(t, self.guarded(t, lambda: fn(t), None)) for t in self.slow]
+
+    def guarded(self, tier: Tier, call: Callable[[], T], miss: T) -> T:
+        """``call()``, or ``miss`` when ``tier`` is below the durable one and raises
+        :class:`~tiering.errors.TierUnavailable` (logged): a failing remote tier is a miss, not an error."""
+        try:
+            return call()
+        except TierUnavailable as exc:
+            if tier not in self.below:
+                raise
+            log.warning("tier %s unavailable, read as a miss: %s", tier.name, exc)
+            return miss
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.all]
+
+    def close(self) -> None:
+        """Close every tier, bottom first (the durable one commits its queue first)."""
+        for t in reversed(self.all):
+            t.close()
+
+
+def build_tiers(config, *, protected: Callable[[BlockKey], bool], tracer, sealer=None) -> TierList:
+    """The tiers a :class:`~tiering.config.StoreConfig` asks for: ``[hot?, warm?] + writebehind(cold)?``.
+
+    :param protected: keys the durable tier must not evict (the store's pins).
+    :raises TierUnavailable: if the cold tier cannot be opened. :raises ValueError: if every tier is off.
+    """
+    from .codec import Codec, CodecId
+    from .cold import ColdTier
+    from .hot import make_hot_tier
+    from .warm import make_warm_tier
+    from .writebehind import WriteBehindTier
+
+    cfg = config
+    caches = [t for t in (make_hot_tier(cfg.hot_device, cfg.hot_capacity, cfg.policy),
+                          make_warm_tier(cfg.warm_capacity, cfg.policy, cfg.warm_pin)) if t is not None]
+    durable = None
+    if cfg.cold_enabled:
+        codec = Codec(cfg.zstd_level, CodecId[cfg.codec.upper()])
+        cold = ColdTier(os.path.join(cfg.data_dir, "cold"), cfg.cold_capacity, codec,
+                        durable_sync=cfg.durable_sync, sealer=sealer)
+        # a queued block is in host RAM: named warm when there is a warm tier, else cold (its destination)
+        queue_name = "warm" if any(t.name == "warm" for t in caches) else "cold"
+        durable = WriteBehindTier(cold, batch=cfg.writer_batch, threads=cfg.compress_threads, protected=protected,
+                                  tracer=tracer, queue_name=queue_name)
+    return TierList(caches, durable)
