@@ -15,7 +15,7 @@ they hold and their ``except`` clauses see one error type. The generator's retur
 :func:`run` drives steps in the calling thread (the blocking client); :func:`run_async` on an event
 loop (the asyncio client), never blocking it: waits are ``asyncio.sleep``, blocking work runs in
 ``asyncio.to_thread``. :class:`Transport` is what both drivers share: which stub serves a step, the
-call's metadata and its CLIENT span (``service/client/tracing.py``).
+call's metadata and its CLIENT span (``service/client/tracing.py``), ended by :class:`Call`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ KVCACHE = "kvtier.v1.KVCache"
 HEALTH = "grpc.health.v1.Health"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unary:
     """Make the unary (or client-streaming: ``request`` is then an iterator) call ``service/method``."""
 
@@ -47,7 +47,7 @@ class Unary:
     wait_for_ready: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stream:
     """Make the server-streaming call ``method``; each response message goes to ``feed`` (which may raise:
     the call is then cancelled and the error thrown into the steps)."""
@@ -59,7 +59,7 @@ class Stream:
     service: str = KVCACHE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Wait:
     """Look again after at most ``seconds``; a blocking driver wakes early when ``condition`` is notified."""
 
@@ -67,7 +67,7 @@ class Wait:
     condition: threading.Condition | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Blocking:
     """Run ``fn(*args)``, which may block (off the event loop in an asyncio driver)."""
 
@@ -93,14 +93,32 @@ class Transport:
         self.stubs = stubs
         self.metadata = metadata
         self.peer = tracing.peer_attributes(target)
+        #: The tracer of the provider installed when the transport was made (``None``: no tracing).
+        self.tracer = tracing.tracer()
 
-    def begin(self, step: Unary | Stream) -> tuple[Callable, dict, object]:
-        """The stub method of ``step``, the keyword arguments of its call and its span (or ``None``)."""
+    def call(self, step: Unary | Stream) -> "Call":
+        """The call ``step`` asks for: its stub method and keyword arguments, and its span (if traced)."""
         method = getattr(self.stubs[step.service], step.method)
         if step.service != KVCACHE:
-            return method, {"timeout": step.timeout, "wait_for_ready": getattr(step, "wait_for_ready", False)}, None
-        metadata, span = tracing.start_call(step.service, step.method, self.peer, self.metadata)
-        return method, {"timeout": step.timeout, "metadata": metadata}, span
+            return Call(method, {"timeout": step.timeout, "wait_for_ready": getattr(step, "wait_for_ready", False)})
+        metadata, span = tracing.start_call(self.tracer, step.service, step.method, self.peer, self.metadata)
+        return Call(method, {"timeout": step.timeout, "metadata": metadata}, span)
+
+
+class Call:
+    """One call about to be made; as a context, it ends the call's span (if any) with the call's status."""
+
+    __slots__ = ("method", "kwargs", "span")
+
+    def __init__(self, method: Callable, kwargs: dict, span=None) -> None:
+        self.method, self.kwargs, self.span = method, kwargs, span
+
+    def __enter__(self) -> "Call":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self.span is not None:
+            tracing.end(self.span, exc)
 
 
 def _mapped(exc: BaseException) -> BaseException:
@@ -112,17 +130,23 @@ def _mapped(exc: BaseException) -> BaseException:
     return exc
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    value: object
+class _Progress:
+    """Where a driver is in ``steps``: what to send in next (a result, or an error to throw in)."""
 
+    __slots__ = ("steps", "sent", "error", "value")
 
-def _advance(steps: Steps, sent: object, error: BaseException | None) -> Step | _Done:
-    """The next step of ``steps`` after ``sent`` (or ``error`` thrown in), or :class:`_Done`."""
-    try:
-        return steps.send(sent) if error is None else steps.throw(error)
-    except StopIteration as done:
-        return _Done(done.value)
+    def __init__(self, steps: Steps) -> None:
+        self.steps, self.sent, self.error, self.value = steps, None, None, None
+
+    def next(self) -> Step | None:
+        """The next step, or ``None`` once the steps returned (their result is then :attr:`value`)."""
+        try:
+            step = self.steps.send(self.sent) if self.error is None else self.steps.throw(self.error)
+        except StopIteration as done:
+            self.value = done.value
+            return None
+        self.sent = self.error = None
+        return step
 
 
 def run(steps: Steps, transport: Transport):
@@ -130,21 +154,22 @@ def run(steps: Steps, transport: Transport):
 
     :returns: what ``steps`` return. :raises: what they raise (gRPC errors as ``KVTierClientError``).
     """
-    sent, error = None, None
-    while not isinstance(step := _advance(steps, sent, error), _Done):
-        sent, error = None, None
+    state = _Progress(steps)
+    while (step := state.next()) is not None:
         try:
-            if isinstance(step, Wait):
+            if isinstance(step, Unary):
+                with transport.call(step) as call:
+                    state.sent = call.method(step.request, **call.kwargs)
+            elif isinstance(step, Stream):
+                with transport.call(step) as call:
+                    _drain(call, step)
+            elif isinstance(step, Wait):
                 _block(step)
-            elif isinstance(step, Blocking):
-                sent = step.fn(*step.args)
             else:
-                method, kwargs, span = transport.begin(step)
-                with tracing.ending(span):
-                    sent = method(step.request, **kwargs) if isinstance(step, Unary) else _drain(method, step, kwargs)
+                state.sent = step.fn(*step.args)
         except BaseException as exc:  # into the steps, so their cleanup runs; they re-raise it
-            error = _mapped(exc)
-    return step.value
+            state.error = _mapped(exc)
+    return state.value
 
 
 def _block(step: Wait) -> None:
@@ -155,44 +180,42 @@ def _block(step: Wait) -> None:
         step.condition.wait(step.seconds)
 
 
-def _drain(method: Callable, step: Stream, kwargs: dict) -> None:
-    call = method(step.request, **kwargs)
+def _drain(call: Call, step: Stream) -> None:
+    stream = call.method(step.request, **call.kwargs)
     try:
-        for msg in call:
+        for msg in stream:
             step.feed(msg)
     except KVTierClientError:
-        call.cancel()
+        stream.cancel()
         raise
 
 
 async def run_async(steps: Steps, transport: Transport):
     """:func:`run` on the running event loop, which it never blocks (waits poll; blocking work runs in
     a worker thread)."""
-    sent, error = None, None
-    while not isinstance(step := _advance(steps, sent, error), _Done):
-        sent, error = None, None
+    state = _Progress(steps)
+    while (step := state.next()) is not None:
         try:
-            if isinstance(step, Wait):
+            if isinstance(step, Unary):
+                with transport.call(step) as call:
+                    state.sent = await call.method(step.request, **call.kwargs)
+            elif isinstance(step, Stream):
+                with transport.call(step) as call:
+                    await _drain_async(call, step)
+            elif isinstance(step, Wait):
                 await asyncio.sleep(step.seconds)
-            elif isinstance(step, Blocking):
-                sent = await asyncio.to_thread(step.fn, *step.args)
             else:
-                method, kwargs, span = transport.begin(step)
-                with tracing.ending(span):
-                    if isinstance(step, Unary):
-                        sent = await method(step.request, **kwargs)
-                    else:
-                        await _drain_async(method, step, kwargs)
+                state.sent = await asyncio.to_thread(step.fn, *step.args)
         except BaseException as exc:  # cancellation too: the steps give back their arena ranges
-            error = _mapped(exc)
-    return step.value
+            state.error = _mapped(exc)
+    return state.value
 
 
-async def _drain_async(method: Callable, step: Stream, kwargs: dict) -> None:
-    call = method(step.request, **kwargs)
+async def _drain_async(call: Call, step: Stream) -> None:
+    stream = call.method(step.request, **call.kwargs)
     try:
-        async for msg in call:
+        async for msg in stream:
             step.feed(msg)
     except KVTierClientError:
-        call.cancel()
+        stream.cancel()
         raise

@@ -2,7 +2,7 @@
 
 Imports the OpenTelemetry API and grpc only (never the SDK: the application configures tracing). Every
 kvtier call a client makes (gRPC streams, shared-memory and CUDA IPC control calls alike) goes through
-:func:`start_call` and :func:`ending` (``service/client/steps.py``), so:
+:func:`start_call` and :func:`end` (``service/client/steps.py``), so:
 
 * with a tracer provider installed (``trace.set_tracer_provider``), each call has a CLIENT span named
   ``kvtier.v1.KVCache/<Method>`` under the caller's current span, with the RPC semantic conventions'
@@ -10,15 +10,15 @@ kvtier call a client makes (gRPC streams, shared-memory and CUDA IPC control cal
   ``server.port``, ``rpc.grpc.status_code``; status ERROR for any code but OK), and the global
   propagator writes that span's context (``traceparent``, ``tracestate``) into the call's metadata,
   so the server's span of the call joins the caller's trace;
-* without one (OpenTelemetry's default no-op provider) nothing is created or injected: one global
-  read and one identity comparison per call.
+* without one (OpenTelemetry's default no-op provider) nothing is created or injected: one ``None``
+  test per call.
+
+The provider is looked up once per client, when it is created (:func:`tracer`): install it first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 
 import grpc
 from opentelemetry import propagate, trace
@@ -28,7 +28,6 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 _NO_OP = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 #: (provider, its tracer or None), refreshed only when the global provider object changes.
 _cached: tuple[object, trace.Tracer | None] = (None, None)
-_NOTHING = contextlib.nullcontext()
 
 
 def tracer() -> trace.Tracer | None:
@@ -54,13 +53,14 @@ def peer_attributes(target: str) -> dict[str, str | int]:
     return {"server.address": host.strip("[]"), "server.port": int(port)}
 
 
-def start_call(service: str, method: str, peer: dict, metadata) -> tuple[tuple | None, Span | None]:
+def start_call(tr: trace.Tracer | None, service: str, method: str, peer: dict,
+               metadata) -> tuple[tuple | None, Span | None]:
     """The metadata to send with a call of ``service/method`` and its CLIENT span (``None``: not traced).
 
+    :param tr: the client's :func:`tracer` (``None``: OpenTelemetry is not configured).
     :param peer: :func:`peer_attributes` of the channel's target.
     :param metadata: the client's own metadata (``None`` or pairs); returned unchanged when not traced.
     """
-    tr = tracer()
     if tr is None:
         return metadata, None
     span = tr.start_span(f"{service}/{method}", kind=SpanKind.CLIENT,
@@ -70,24 +70,15 @@ def start_call(service: str, method: str, peer: dict, metadata) -> tuple[tuple |
     return (*(metadata or ()), *carrier.items()), span
 
 
-def ending(span: Span | None) -> contextlib.AbstractContextManager:
-    """A context that ends ``span`` with the call's status code (a shared no-op one for ``None``)."""
-    return _NOTHING if span is None else _ending(span)
-
-
-@contextlib.contextmanager
-def _ending(span: Span) -> Iterator[None]:
-    try:
-        yield
-    except BaseException as exc:
+def end(span: Span, exc: BaseException | None) -> None:
+    """End a call's span with its status: ``exc`` is what the call raised (``None``: it succeeded)."""
+    if exc is None:
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+    else:
         code = _code_of(exc)
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         span.set_status(Status(StatusCode.ERROR, code.name))
-        raise
-    else:
-        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
-    finally:
-        span.end()
+    span.end()
 
 
 def _code_of(exc: BaseException) -> grpc.StatusCode:
