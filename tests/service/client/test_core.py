@@ -10,18 +10,9 @@ import threading
 import pytest
 
 from kvtier.service.client.client import AsyncKVTierClient, KVTierClient
-from kvtier.tiering import BlockLayout, Namespace
-from tests.fixtures.server import KVTierProcess
-from tests.service.server.test_shm import SMALL_ARENA, blocks_for, same_bytes, shm_counters
-
-LAYOUT = BlockLayout("bfloat16", 4, 2, 64, 16)  # 32 KiB blocks; 1 MiB arenas
-
-
-@pytest.fixture(scope="module")
-def small_arena(tmp_path_factory) -> KVTierProcess:
-    proc = KVTierProcess(tmp_path_factory.mktemp("core"), extra_env=SMALL_ARENA).start()
-    yield proc
-    proc.kill()
+from kvtier.tiering import Namespace
+from tests.service.client.test_shm_async import LAYOUT, small_arena  # noqa: F401 - a fixture
+from tests.service.server.test_shm import blocks_for, same_bytes, shm_counters
 
 
 def opened(target: str) -> int:
