@@ -1,6 +1,6 @@
 """The client's end of CUDA IPC gets: hot blocks copied device to device from the server's GPU.
 
-:func:`get_on_device` serves ``KVTierClient.get(..., device=...)``. When ``device`` is a CUDA device of
+:func:`get_on_device_steps` serves ``KVTierClient.get(..., device=...)``. When ``device`` is a CUDA device of
 this process and the client holds a shared-memory link (the server is on this host), it runs
 ``GetIpc`` for the hot prefix of the chain, copies each block out of the shared buffer onto ``device``
 (:func:`service.shm.cuda_ipc.copy_out` waits for the copies and unmaps the buffer before returning)
@@ -10,6 +10,10 @@ that is not hot) is fetched through the client's usual path and moved onto ``dev
 everything when CUDA IPC cannot serve: no CUDA in this process, no link, or the server answers
 FAILED_PRECONDITION (no CUDA hot tier, another GPU, another user, shared memory off) or UNIMPLEMENTED
 (an older server). Nothing of that is remembered: every call asks again, one unary call.
+
+Written as steps (``service/client/steps.py``), so the blocking and the asyncio client share it; the
+CUDA copies are a blocking step (off the event loop in the asyncio client). Imports wire/ and the
+client's steps and types.
 
 Checksums. Blocks that come by CUDA IPC are not verified here: a device tensor's XXH3 needs a copy to
 the host, the very trip CUDA IPC saves. Their checksum was taken as they entered the server (and
@@ -29,10 +33,11 @@ import grpc
 import torch
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client.steps import KVCACHE, Blocking, Steps, Transport, Unary, run
 from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.service.wire import cuda_ipc
 from kvtier.tiering.keys import BlockKey
 
-from kvtier.service.wire import cuda_ipc
 log = logging.getLogger(__name__)
 
 #: Codes with which a server says "not by CUDA IPC" (the usual path serves instead).
@@ -70,13 +75,13 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
-def _release(stub, metadata, deadline: float | None, lease_id: str) -> None:
+def _release(deadline: float | None, lease_id: str) -> Steps:
     """``ReleaseIpc``, best effort: an unreleased lease ends on its own after the server's lease time."""
     try:
-        stub.ReleaseIpc(pb.ReleaseIpcRequest(lease_id=lease_id), metadata=metadata,
-                        timeout=5.0 if deadline is None else max(deadline - time.monotonic(), 0.5))
-    except grpc.RpcError as exc:
-        log.debug("ReleaseIpc failed (%s); the server ends the lease by itself", exc.code())
+        yield Unary("ReleaseIpc", pb.ReleaseIpcRequest(lease_id=lease_id),
+                    5.0 if deadline is None else max(deadline - time.monotonic(), 0.5))
+    except KVTierClientError as exc:
+        log.debug("ReleaseIpc failed (%s); the server ends the lease by itself", exc.code.name)
 
 
 def _copy_blocks(resp: pb.GetIpcResponse, device: torch.device, base: int) -> list[torch.Tensor]:
@@ -101,10 +106,9 @@ def _copy_blocks(resp: pb.GetIpcResponse, device: torch.device, base: int) -> li
     return out
 
 
-def _get_hot(stub, metadata, deadline: float | None, arena_id: str, request: pb.GetRequest,
-             device: torch.device) -> _Hot | None:
-    """The hot prefix of ``request``'s chain by CUDA IPC. ``None``: the server does not serve this
-    caller so (use the usual path for all of it).
+def _get_hot(deadline: float | None, arena_id: str, request: pb.GetRequest, device: torch.device) -> Steps:
+    """Steps giving the hot prefix of ``request``'s chain by CUDA IPC (a :class:`_Hot`), or ``None``:
+    the server does not serve this caller so (use the usual path for all of it).
 
     :raises KVTierClientError: as the server answers (other than :data:`FALLBACK_CODES`).
     """
@@ -112,25 +116,24 @@ def _get_hot(stub, metadata, deadline: float | None, arena_id: str, request: pb.
     got = _Hot()
     while True:
         try:
-            resp = stub.GetIpc(pb.GetIpcRequest(arena_id=arena_id, request=request, device_uuid=uuid),
-                               timeout=_left(deadline), metadata=metadata)
-        except grpc.RpcError as exc:
-            if exc.code() not in FALLBACK_CODES:
-                from kvtier.service.client.requests import client_error
-                raise client_error(exc) from None
-            log.debug("no CUDA IPC from the server (%s: %s)", exc.code().name, exc.details())
+            resp = yield Unary("GetIpc", pb.GetIpcRequest(arena_id=arena_id, request=request, device_uuid=uuid),
+                               _left(deadline))
+        except KVTierClientError as exc:
+            if exc.code not in FALLBACK_CODES:
+                raise
+            log.debug("no CUDA IPC from the server (%s: %s)", exc.code.name, exc.details)
             if not got.blocks:
                 return None
             got.rest = request  # a later piece was refused: the rest comes the usual way
             return got
         try:
-            blocks = _copy_blocks(resp, device, got.base) if resp.blocks else []
+            blocks = (yield Blocking(_copy_blocks, (resp, device, got.base))) if resp.blocks else []
         except RuntimeError as exc:  # CUDA cannot map it here (the buffer's reference went back already)
             log.debug("CUDA IPC buffer not mappable on %s (%s); using the usual path", device, exc)
             blocks = None
         finally:
             if resp.lease_id:
-                _release(stub, metadata, deadline, resp.lease_id)
+                yield from _release(deadline, resp.lease_id)
         if blocks is None:
             got.rest = request
             return got if got.blocks else None
@@ -151,19 +154,30 @@ def _get_hot(stub, metadata, deadline: float | None, arena_id: str, request: pb.
 
 def get_on_device(stub, metadata, timeout: float | None, link, request: pb.GetRequest, device: torch.device,
                   fetch: Callable[[pb.GetRequest, float | None], GetResult]) -> GetResult:
-    """A get whose blocks end up on ``device`` (module docstring).
+    """:func:`get_on_device_steps` run in this thread over a blocking ``stub`` (with ``metadata``), the
+    rest of the chain fetched by ``fetch`` (a plain function of a request and a timeout)."""
+    def fetch_steps(req: pb.GetRequest, left: float | None) -> Steps:
+        return fetch(req, left)
+        yield  # noqa: unreachable - makes this a generator of no steps
+
+    return run(get_on_device_steps(timeout, link, request, device, fetch_steps), Transport({KVCACHE: stub}, metadata, ""))
+
+
+def get_on_device_steps(timeout: float | None, link, request: pb.GetRequest, device: torch.device,
+                        fetch: Callable[[pb.GetRequest, float | None], Steps]) -> Steps:
+    """Steps of a get whose blocks end up on ``device`` (module docstring); they return a :class:`GetResult`.
 
     :param link: the client's shared-memory link (``None``: no CUDA IPC).
-    :param fetch: the client's usual get of a request, with a timeout in seconds.
+    :param fetch: the client's usual get of a request, with a timeout in seconds, as steps.
     :raises KVTierClientError: as the calls fail (``DATA_LOSS`` for a block of the usual path that fails
         its checksum).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     hot = None
     if link is not None and cuda_device(device) is not None:
-        hot = _get_hot(stub, metadata, deadline, link.arena_id, request, cuda_device(device))
+        hot = yield from _get_hot(deadline, link.arena_id, request, cuda_device(device))
     if hot is None:
-        got = fetch(request, timeout)
+        got = yield from fetch(request, timeout)
         return GetResult([b.to(device) for b in got.blocks], got.keys, got.tiers, got.complete, got.stopped_at,
                          got.reason, got.tokens)
     tokens = sum(int(b.shape[3]) for b in hot.blocks)
@@ -171,7 +185,7 @@ def get_on_device(stub, metadata, timeout: float | None, link, request: pb.GetRe
         end = hot.end
         return GetResult(hot.blocks, hot.keys, ["hot"] * len(hot.blocks), end.complete,
                          None if end.complete else hot.base + end.stopped_at, end.reason, tokens)
-    rest = fetch(hot.rest, _left(deadline))
+    rest = yield from fetch(hot.rest, _left(deadline))
     return GetResult(hot.blocks + [b.to(device) for b in rest.blocks], hot.keys + rest.keys,
                      ["hot"] * len(hot.blocks) + rest.tiers, rest.complete,
                      None if rest.complete else hot.base + rest.stopped_at, rest.reason, tokens + rest.tokens)

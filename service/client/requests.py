@@ -1,7 +1,7 @@
 """Requests and results of the kvtier clients: Python values → request protos → result dataclasses.
 
-Shared by :class:`service.client.KVTierClient` and :class:`service.client.AsyncKVTierClient`, which
-differ only in how they wait for an answer. ``grpc.RpcError`` becomes :class:`KVTierClientError` here.
+Used by the client core (``service/client/core.py``) for both clients. ``grpc.RpcError`` becomes
+:class:`KVTierClientError` here. Imports wire/, the client's types and tiering's vocabulary.
 """
 
 from __future__ import annotations
@@ -76,20 +76,24 @@ def put_info(resp: pb.PutResponse) -> PutInfo:
     return PutInfo(keys(resp.keys), keys(resp.stored), keys(resp.skipped_present), keys(resp.skipped_not_admitted))
 
 
-def get_request(keys: Sequence[BlockKey] | None, session_id: str | None, tenant: str, start_block: int,
-                max_blocks: int) -> pb.GetRequest:
-    """A GetRequest for explicit keys or a session (exactly one must be given).
+def _targeted(req, keys: Sequence[BlockKey] | None, session_id: str | None):
+    """``req`` (a Get or Prefetch request) aimed at explicit keys or a session (exactly one must be given).
 
     :raises KVTierClientError: ``INVALID_ARGUMENT`` if both or neither are given.
     """
     if (keys is None) == (session_id is None):
         raise KVTierClientError(grpc.StatusCode.INVALID_ARGUMENT, "give either keys or session_id")
-    req = pb.GetRequest(tenant=tenant, start_block=start_block, max_blocks=max_blocks)
     if keys is not None:
         req.keys.keys.extend(keys_to_proto(keys))
     else:
         req.session_id = session_id
     return req
+
+
+def get_request(keys: Sequence[BlockKey] | None, session_id: str | None, tenant: str, start_block: int,
+                max_blocks: int) -> pb.GetRequest:
+    """A GetRequest for explicit keys or a session (:func:`_targeted`)."""
+    return _targeted(pb.GetRequest(tenant=tenant, start_block=start_block, max_blocks=max_blocks), keys, session_id)
 
 
 def resume_info(resp: pb.ResumeResponse) -> ResumeInfo:
@@ -100,14 +104,8 @@ def resume_info(resp: pb.ResumeResponse) -> ResumeInfo:
 
 def prefetch_request(keys: Sequence[BlockKey] | None, session_id: str | None, tenant: str, budget_ms: int,
                      wait: bool) -> pb.PrefetchRequest:
-    if (keys is None) == (session_id is None):
-        raise KVTierClientError(grpc.StatusCode.INVALID_ARGUMENT, "give either keys or session_id")
-    req = pb.PrefetchRequest(tenant=tenant, budget_ms=budget_ms, wait=wait)
-    if keys is not None:
-        req.keys.keys.extend(keys_to_proto(keys))
-    else:
-        req.session_id = session_id
-    return req
+    """A PrefetchRequest for explicit keys or a session (:func:`_targeted`)."""
+    return _targeted(pb.PrefetchRequest(tenant=tenant, budget_ms=budget_ms, wait=wait), keys, session_id)
 
 
 def prefetch_info(resp: pb.PrefetchResponse) -> PrefetchInfo:

@@ -17,16 +17,14 @@ leased until the tensor is garbage (no copy, and the arena's pages are already m
 memory costs a page fault per 4 KiB), up to an alias budget past which blocks are copied out.
 Thread-safe: concurrent calls lease disjoint ranges, and wait for one when the arena is full.
 
-Each put and get is written once, as *steps* (a generator yielding the unary calls to make and the
-waits for a free range), and run by a blocking driver (:meth:`ShmLink.put`, :meth:`ShmLink.get`, for
-:class:`service.client.KVTierClient`) or an asyncio one (:meth:`ShmLink.put_async`,
-:meth:`ShmLink.get_async`, for :class:`service.client.AsyncKVTierClient`), which never blocks the
-event loop while waiting for a range.
+Opening, each put and each get are *steps* (``service/client/steps.py``: the unary calls to make, the
+socket exchange, the waits for a free range), run by the blocking or the asyncio driver of the client
+(``service/client/core.py``); the asyncio one never blocks the event loop while waiting for a range.
+Imports wire/, the client's steps, blockwire and types, and tiering's byte copy and checksum.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
@@ -34,8 +32,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -43,6 +40,7 @@ import torch
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.client.blockwire import decode_block
+from kvtier.service.client.steps import Blocking, Steps, Unary, Wait
 from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
 from kvtier.service.wire.convert import TIER_FROM_PROTO
 from kvtier.tiering.bytecopy import copy_many
@@ -53,30 +51,10 @@ from kvtier.service.wire.arena import ALIGNMENT, Arena, Slot, SlotAllocator
 
 log = logging.getLogger(__name__)
 
-#: Hosts whose servers share this machine (a ``unix:`` target always does).
 #: Seconds between looks for block tensors that died while a call waits for arena space.
 RECLAIM_POLL_S = 0.02
+#: Hosts whose servers share this machine (a ``unix:`` target always does).
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """A step of a put or get: run this unary RPC of the stub and send its response back."""
-
-    method: str
-    request: object
-    timeout: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Wait:
-    """A step of a put or get: no arena range is free; look again after at most ``seconds``."""
-
-    seconds: float
-
-
-#: A put's or get's steps: yields calls and waits, gets responses (or None), returns the result.
-Steps = Generator["_Call | _Wait", object, object]
 
 
 def is_local_target(target: str) -> bool:
@@ -113,29 +91,15 @@ class ShmLink:
         self.verify = False
 
     @classmethod
-    def open(cls, stub, metadata, timeout: float | None, size: int = 0) -> "ShmLink":
-        """Lease an arena from the server behind ``stub`` (a blocking stub).
+    def open(cls, timeout: float | None, size: int = 0) -> Steps:
+        """Steps leasing an arena from the server (``OpenArena``, then the ticket over its socket).
 
         :raises KVTierClientError: the code the server answered (``FAILED_PRECONDITION``: shared
             memory is off; ``UNIMPLEMENTED``: an older server).
         :raises OSError: if the socket cannot be reached or hands no fd (another host, another uid).
         """
-        try:
-            resp = stub.OpenArena(pb.OpenArenaRequest(size_bytes=size), timeout=timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            from kvtier.service.client.requests import client_error
-            raise client_error(exc) from None
-        return cls._connect(resp, timeout)
-
-    @classmethod
-    async def open_async(cls, stub, metadata, timeout: float | None, size: int = 0) -> "ShmLink":
-        """:meth:`open` with a ``grpc.aio`` stub (the socket exchange runs on a worker thread)."""
-        try:
-            resp = await stub.OpenArena(pb.OpenArenaRequest(size_bytes=size), timeout=timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            from kvtier.service.client.requests import client_error
-            raise client_error(exc) from None
-        return await asyncio.to_thread(cls._connect, resp, timeout)
+        resp = yield Unary("OpenArena", pb.OpenArenaRequest(size_bytes=size), timeout)
+        return (yield Blocking(cls._connect, (resp, timeout)))
 
     @classmethod
     def _connect(cls, resp: pb.OpenArenaResponse, timeout: float | None) -> "ShmLink":
@@ -181,7 +145,7 @@ class ShmLink:
                     raise KVTierClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                             f"no {need}-byte range of the shared-memory arena freed up in time")
             # woken by a call freeing its range; ranges of dead tensors are polled for
-            yield _Wait(RECLAIM_POLL_S if left is None else min(left, RECLAIM_POLL_S))
+            yield Wait(RECLAIM_POLL_S if left is None else min(left, RECLAIM_POLL_S), self._freed)
 
     def _free(self, slot: Slot) -> None:
         self.slots.free(slot)
@@ -192,22 +156,12 @@ class ShmLink:
     def _left(deadline: float | None) -> float | None:
         return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
-    def put(self, stub, metadata, timeout: float | None, header: pb.PutHeader,
-            views: Sequence[memoryview]) -> pb.PutResponse:
-        """Write the blocks into a leased range and run ``PutShm`` (one call per piece of at most half
-        the arena; the server stores nothing before the last). ``stub`` is a blocking stub.
+    def put(self, header: pb.PutHeader, views: Sequence[memoryview], timeout: float | None) -> Steps:
+        """Steps writing the blocks into a leased range and running ``PutShm`` (one call per piece of at
+        most half the arena; the server stores nothing before the last). Return the ``PutResponse``.
 
-        :raises grpc.RpcError: as the call fails (the caller maps it).
-        :raises KVTierClientError: ``INVALID_ARGUMENT`` for a block larger than the arena.
+        :raises KVTierClientError: as a call fails; ``INVALID_ARGUMENT`` for a block larger than the arena.
         """
-        return self._drive(self._put_steps(header, views, timeout), stub, metadata)
-
-    async def put_async(self, stub, metadata, timeout: float | None, header: pb.PutHeader,
-                        views: Sequence[memoryview]) -> pb.PutResponse:
-        """:meth:`put` with a ``grpc.aio`` stub."""
-        return await self._drive_async(self._put_steps(header, views, timeout), stub, metadata)
-
-    def _put_steps(self, header: pb.PutHeader, views: Sequence[memoryview], timeout: float | None) -> Steps:
         deadline = None if timeout is None else time.monotonic() + timeout
         sizes = [-(-max(len(v), 1) // ALIGNMENT) * ALIGNMENT for v in views]
         budget = self.arena.size // 2
@@ -231,7 +185,7 @@ class ShmLink:
                     pos += sizes[k]
                 # copied and checksummed in one pass, on the copy threads: the checksum is of the arena's bytes
                 req.checksums.extend(copy_many(pairs))
-                resp = yield _Call("PutShm", req, self._left(deadline))
+                resp = yield Unary("PutShm", req, self._left(deadline))
             finally:
                 if slot is not None:
                     self._free(slot)
@@ -239,26 +193,18 @@ class ShmLink:
                 return resp.done
             upload_id, i = resp.upload_id, j
 
-    def get(self, stub, metadata, timeout: float | None, request: pb.GetRequest) -> GetResult:
-        """Run ``GetShm`` into a leased range (again for the rest when it fills up; the server verified
-        each block on the arena's bytes). ``stub`` is a blocking stub.
+    def get(self, request: pb.GetRequest, timeout: float | None) -> Steps:
+        """Steps running ``GetShm`` into a leased range (again for the rest when it fills up; the server
+        verified each block on the arena's bytes). Return the :class:`GetResult`.
 
         A block's tensor is a view of the arena while the blocks handed out that way hold at most
         :attr:`alias_budget` bytes: its range stays leased until the tensor (and every view of it) is
         garbage, so no call ever writes there meanwhile. Past that budget blocks are copied out and
         their range freed at once, so a caller holding many results never starves later calls.
 
-        :raises grpc.RpcError: as the call fails. :raises KVTierClientError: ``DATA_LOSS`` when a
-            block fails its checksum (nothing is returned); ``INVALID_ARGUMENT`` for a block larger
-            than the arena.
+        :raises KVTierClientError: as a call fails; ``DATA_LOSS`` when a block fails its checksum
+            (nothing is returned); ``INVALID_ARGUMENT`` for a block larger than the arena.
         """
-        return self._drive(self._get_steps(request, timeout), stub, metadata)
-
-    async def get_async(self, stub, metadata, timeout: float | None, request: pb.GetRequest) -> GetResult:
-        """:meth:`get` with a ``grpc.aio`` stub."""
-        return await self._drive_async(self._get_steps(request, timeout), stub, metadata)
-
-    def _get_steps(self, request: pb.GetRequest, timeout: float | None) -> Steps:
         deadline = None if timeout is None else time.monotonic() + timeout
         blocks, keys, tiers = [], [], []
         base, need, want = 0, ALIGNMENT, self.arena.size // 2
@@ -266,7 +212,7 @@ class ShmLink:
             region = yield from self._lease(need, want, deadline)
             kept: list[Slot] = []
             try:
-                resp = yield _Call("GetShm", pb.GetShmRequest(
+                resp = yield Unary("GetShm", pb.GetShmRequest(
                     arena_id=self.arena_id, request=request,
                     region=pb.ShmSlot(offset=region.offset, length=region.length)), self._left(deadline))
                 for item in resp.blocks:
@@ -295,50 +241,6 @@ class ShmLink:
         stopped = base + end.stopped_at
         return GetResult(blocks, keys, tiers, end.complete, None if end.complete else stopped, end.reason,
                          sum(int(b.shape[3]) for b in blocks))
-
-    def _drive(self, steps: Steps, stub, metadata):
-        """Run ``steps`` with a blocking stub: calls made in place, waits on the freed-range condition."""
-        send = None
-        while True:
-            try:
-                step = steps.send(send)
-            except StopIteration as done:
-                return done.value
-            if isinstance(step, _Wait):
-                with self._freed:
-                    self._freed.wait(step.seconds)
-                send = None
-                continue
-            try:
-                send = getattr(stub, step.method)(step.request, timeout=step.timeout, metadata=metadata)
-            except BaseException as exc:  # into the steps, so they give their ranges back
-                return self._throw(steps, exc)
-
-    async def _drive_async(self, steps: Steps, stub, metadata):
-        """Run ``steps`` with a ``grpc.aio`` stub: the event loop never blocks on a range (it polls)."""
-        send = None
-        while True:
-            try:
-                step = steps.send(send)
-            except StopIteration as done:
-                return done.value
-            if isinstance(step, _Wait):
-                await asyncio.sleep(step.seconds)
-                send = None
-                continue
-            try:
-                send = await getattr(stub, step.method)(step.request, timeout=step.timeout, metadata=metadata)
-            except BaseException as exc:
-                return self._throw(steps, exc)
-
-    @staticmethod
-    def _throw(steps: Steps, exc: BaseException):
-        """Raise ``exc`` inside ``steps`` (their cleanup runs); they re-raise it (or another error)."""
-        try:
-            steps.throw(exc)
-        except StopIteration as done:  # pragma: no cover - the steps never swallow a failed call
-            return done.value
-        raise RuntimeError("shared-memory steps went on after a failed call")  # pragma: no cover
 
     def _block(self, item: pb.ShmBlock, region: Slot, base: int, kept: list[Slot]) -> torch.Tensor:
         """The verified tensor of one ``ShmBlock`` in ``region``: a view of the arena (its range added to

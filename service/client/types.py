@@ -1,12 +1,13 @@
 """What kvtier clients return and raise: small result dataclasses and :class:`KVTierClientError`.
 
-Shared by the gRPC clients (:mod:`service.client`) and the in-process adapter
-(:mod:`service.local_client`), so code written against one works with the other. Tiers are named
+Shared by the gRPC clients (:mod:`kvtier.service.client.client`) and the in-process adapter
+(:mod:`kvtier.service.client.local`), so code written against one works with the other. Tiers are named
 ``"hot"``, ``"warm"``, ``"cold"``; a tier of ``None`` means the block is not cached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -88,6 +89,9 @@ class GetResult:
     :ivar stopped_at: index of the first block not sent when not complete, else ``None``.
     :ivar reason: why the stream stopped early (``"miss"``, ``"deadline"``, ``"max_blocks"``), or ``""``.
     :ivar tokens: tokens covered by :attr:`blocks`.
+
+    It is also the sequence of its blocks: ``len(result)`` is the number of blocks, ``result[i]`` and
+    iteration give the tensors (so an empty result is falsy).
     """
 
     blocks: list[torch.Tensor]
@@ -97,6 +101,15 @@ class GetResult:
     stopped_at: int | None
     reason: str
     tokens: int
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.blocks)
+
+    def __getitem__(self, index):
+        return self.blocks[index]
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,3 +217,64 @@ def test_local_client_matches_the_grpc_one(tmp_path):
         with pytest.raises(KVTierClientError) as err:
             kv.resume("other")
         assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+# -- issue 14 item 6: session calls act for the namespace's tenant; a Get result is its blocks ------------
+def test_session_calls_default_to_the_tenant_the_session_was_put_under(server):
+    ns = Namespace("acme", "test/tenant", "r1", BlockLayout("float16", 2, 2, 32, 16))
+    blocks = make_blocks(ns, 40, seed=7)
+    with KVTierClient(server.target, timeout=30, data_path="grpc") as kv:
+        put = kv.put(ns, list(range(40)), blocks, session_id="conv-1")
+        got = kv.get(session_id="conv-1")  # not NOT_FOUND under "default"
+        assert got.complete and len(got) == 3 and all(same_bits(a, b) for a, b in zip(got, blocks))
+        assert same_bits(got[0], blocks[0]) and list(got) == got.blocks and got.keys == put.keys
+        assert kv.resume("conv-1").namespace == ns
+        assert kv.prefetch(session_id="conv-1", wait=True).blocks == 3
+    with KVTierClient(server.target, timeout=30, data_path="grpc") as other:  # never put it: names it
+        with pytest.raises(KVTierClientError) as err:
+            other.get(session_id="conv-1")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert len(other.get(session_id="conv-1", namespace=ns)) == 3
+        assert len(other.get(put.keys, namespace=ns)) == 3 and len(other.get(put.keys)) == 0
+        assert other.resume("conv-1", tenant="acme").tokens == 40
+    with KVTierClient(server.target, timeout=30, data_path="grpc") as kv:
+        kv.put(ns, list(range(40)), blocks, session_id="conv-2")
+        assert kv.delete_session("conv-2") == 0
+        with pytest.raises(KVTierClientError) as err:
+            kv.resume("conv-2", namespace=ns)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_async_and_local_clients_follow_the_same_tenant_rule(server, tmp_path):
+    ns = Namespace("acme", "test/tenant-async", "r1", BlockLayout("bfloat16", 2, 2, 32, 16))
+    blocks = make_blocks(ns, 20, seed=8)
+
+    async def run():
+        async with AsyncKVTierClient(server.target, timeout=30, data_path="grpc") as kv:
+            await kv.put(ns, list(range(20)), blocks, session_id="conv-a")
+            got = await kv.get(session_id="conv-a")
+            return got, await kv.resume("conv-a"), await kv.delete_session("conv-a")
+
+    got, info, _ = asyncio.run(run())
+    assert len(got) == 2 and info.namespace == ns
+    store = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), hot_device="off", warm_capacity=64 << 20))
+    with LocalKVTierClient(store, own_store=True) as kv:
+        kv.put(ns, list(range(20)), blocks, session_id="conv-l")
+        assert len(kv.get(session_id="conv-l")) == 2 and kv.resume("conv-l").namespace == ns
+        assert kv.delete_session("conv-l") == 0
+        with pytest.raises(KVTierClientError) as err:
+            kv.get(session_id="conv-l", namespace=ns)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_local_client_maps_engine_errors_like_a_server(tmp_path):
+    store = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), hot_device="off", warm_capacity=64 << 20))
+    with LocalKVTierClient(store, own_store=True) as kv:
+        ns = ns_for("float16", layers=2)
+        with pytest.raises(KVTierClientError) as err:  # 10 bytes are not a block
+            kv.put(ns, list(range(16)), [b"0123456789"])
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field_violations
+        assert isinstance(err.value.__cause__, Exception)
+        with pytest.raises(KVTierClientError) as err:
+            kv.delete_session("nope")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND

@@ -10,33 +10,20 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
 import urllib.request
-from concurrent import futures
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from tests.fixtures import wire
+from tests.fixtures.otlp import otlp_receiver  # noqa: F401 - a fixture
 TOKEN = "tok-SECRET-5b7e9d21c4"
 WRONG_TOKEN = "tok-WRONG-0c0ffee42"
 COLD_KEY = "a1b2c3d4" * 8
 TOKEN_IDS = [31337, 27182, 16180, 14142, 17320, 22360, 26457, 30000] * 4  # 32 tokens = 2 blocks
 MARKER = bytes.fromhex("deadbeefcafef00d0badc0de8badf00d")
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.blobs: list[bytes] = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self.lock:
-            self.blobs.append(request.SerializeToString())
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 def _free_port() -> int:
@@ -52,19 +39,8 @@ def _payloads(ns: pb.Namespace) -> list[bytes]:
     return out
 
 
-@pytest.fixture
-def receiver():
-    rec = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(rec, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield rec, f"http://127.0.0.1:{port}"
-    server.stop(None)
-
-
-def test_tokens_token_ids_and_payload_never_leak(kvtier_process, receiver, tmp_path):
-    rec, endpoint = receiver
+def test_tokens_token_ids_and_payload_never_leak(kvtier_process, otlp_receiver, tmp_path):
+    rec, endpoint = otlp_receiver
     metrics_port = _free_port()
     tokens_file = tmp_path / "tokens.toml"
     tokens_file.write_text(f'[tokens]\n"{TOKEN}" = "leaky"\n')
@@ -98,8 +74,7 @@ def test_tokens_token_ids_and_payload_never_leak(kvtier_process, receiver, tmp_p
         time.sleep(0.05)
 
     log = proc.log_path.read_bytes()
-    with rec.lock:
-        spans = b"".join(rec.blobs)
+    spans = b"".join(rec.blobs)
     assert b"DEBUG" in log and b"/kvtier.v1.KVCache/Put" in spans  # the sinks did record this traffic
     ids_text = ", ".join(map(str, TOKEN_IDS[:4])).encode()
     ids_packed = [struct.pack(f"<4{c}", *TOKEN_IDS[:4]) for c in "IQ"]

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from kvtier.service.server.telemetry import LOG_FORMAT, TraceContextFilter, client_interceptors, inject, setup_telemetry
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 from kvtier.tiering.sessions import session_id_key
 from kvtier.tiering.spans import session_hash
+from tests.fixtures.otlp import otlp_receiver  # noqa: F401 - a fixture
 
 LAYOUT = BlockLayout("float16", layers=2, kv_heads=2, head_dim=64, block_tokens=4)  # 4 KiB blocks
 BLOCK = LAYOUT.block_bytes()
@@ -274,34 +272,7 @@ def test_rpc_span_continues_the_callers_trace(traced, data_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# a real OTLP/gRPC receiver, configured only through OTEL_EXPORTER_OTLP_ENDPOINT
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self):
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self.lock:
-            self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self):
-        with self.lock:
-            return [(rs.resource, s) for r in self.requests for rs in r.resource_spans
-                    for ss in rs.scope_spans for s in ss.spans]
-
-
-@pytest.fixture
-def otlp_receiver():
-    receiver = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield receiver, f"http://127.0.0.1:{port}"
-    server.stop(None)
-
-
+# a real OTLP/gRPC receiver (tests/fixtures/otlp.py), configured only through OTEL_EXPORTER_OTLP_ENDPOINT
 def test_otlp_grpc_export_reaches_a_receiver(otlp_receiver, data_dir, monkeypatch):
     receiver, endpoint = otlp_receiver
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
