@@ -4,6 +4,7 @@ services, ports, targets, data-source uids and dashboard metric names are wired 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 
@@ -187,3 +188,19 @@ def test_dockerignore_keeps_the_context_small_but_complete():
         if line.startswith("COPY "):
             copied |= {p.rstrip("/").removeprefix("./") for p in line.split()[1:-1]}
     assert copied <= allowed, copied - allowed
+
+
+def test_readme_toml_example_is_valid_and_uses_the_stack_ports(compose, tmp_path, monkeypatch):
+    """The README's settings example loads (no unknown names) and names the ports the stack uses."""
+    from kvtier.service.server.config import Settings
+
+    readme = (OPS.parent / "README.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "kvtier.toml").write_text(example)
+    for name in [n for n in os.environ if n.startswith("KVTIER_")]:
+        monkeypatch.delenv(name)
+    settings = Settings.load(tmp_path / "kvtier.toml")
+    env = compose["services"]["kvtier"]["environment"]
+    assert settings.telemetry.metrics_port == int(env["KVTIER_TELEMETRY__METRICS_PORT"])
+    assert settings.server.port == int(env["KVTIER_SERVER__PORT"])
+    assert f"KVTIER_TELEMETRY__METRICS_PORT={env['KVTIER_TELEMETRY__METRICS_PORT']}" in readme
