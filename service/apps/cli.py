@@ -115,14 +115,14 @@ def serve(
     for what, h, p in (("gRPC", settings.server.host, settings.server.port),
                        ("metrics", tel.metrics_host, tel.metrics_port)):
         if _port_taken(h, p):
-            raise _fail(f"cannot start: {what} port {p} on {h} is already in use", 1)
+            raise _fail(f"could not start: {what} port {p} on {h} is already in use", 1)
     from kvtier.service.server.app import serve as run_server
     from kvtier.tiering.errors import TierUnavailable
 
     try:
         code = asyncio.run(run_server(settings))
     except (TierUnavailable, RuntimeError, ValueError, OSError) as exc:
-        raise _fail(f"cannot start: {exc}", 1) from None
+        raise _fail(f"could not start: {exc}", 1) from None
     raise typer.Exit(code)
 
 

@@ -82,7 +82,7 @@ def test_a_taken_port_is_named_and_exits_1_cleanly(tmp_path, flag, what):
         args = ["--port", "0"] if flag != "--port" else []
         done = _kvtier("serve", "--data-dir", str(tmp_path / "data"), *args, flag, str(port))
     assert done.returncode == 1
-    assert _one_clean_line(done) == f"kvtier: cannot start: {what} port {port} on 127.0.0.1 is already in use"
+    assert _one_clean_line(done) == f"kvtier: could not start: {what} port {port} on 127.0.0.1 is already in use"
 
 
 def test_stats_with_mutual_tls_and_an_admin_token(tmp_path):
