@@ -30,7 +30,8 @@ ALLOWED_ATTRS = {"kvtier.tier", "kvtier.blocks", "kvtier.bytes", "kvtier.hit", "
                  "kvtier.evictions", "kvtier.blocks_requested", "kvtier.deadline_hit", "rpc.system",
                  "rpc.service", "rpc.method", "rpc.grpc.status_code"}
 OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
-             "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SERVICE_NAME")
+             "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SERVICE_NAME",
+             "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
 
 
 @pytest.fixture(autouse=True)
