@@ -241,9 +241,11 @@ class Settings(BaseModel):
 
 # ----------------------------------------------------------------------------------------------------
 # sources: each returns a nested dict and records where each leaf came from
-SECTIONS: dict[str, type[BaseModel]] = {"server": ServerSettings, "store": StoreSettings,
-                                        "telemetry": TelemetrySettings, "security": SecuritySettings}
-TOP_FIELDS = ("log_level", "log_format")
+# Derived from Settings, so a section or top-level field added there is known here at once.
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: f.annotation for name, f in Settings.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+TOP_FIELDS = tuple(name for name in Settings.model_fields if name not in SECTIONS)
 
 
 def _closest(name: str, valid) -> str | None:
