@@ -89,8 +89,12 @@ def test_kvtier_starts_serves_health_metrics_and_stats_then_drains(container, tm
         env = {k: v.replace(target, str(host_file)) for k, v in env.items()}
     assert token is not None and env["KVTIER_SECURITY__TOKENS_FILE"].startswith(str(tmp_path))
     argv = [str(BIN / container.argv[0]), *container.argv[1:]]
-    health = [str(BIN / container.healthcheck[0]),
-              *(a.replace(f":{p}", f":{remap[p]}") for a in container.healthcheck[1:] for p in (50051,))]
+    health = [str(BIN / container.healthcheck[0])]
+    for arg in container.healthcheck[1:]:  # the health check probes the container's gRPC port
+        for inside, outside in remap.items():
+            arg = arg.replace(f"127.0.0.1:{inside}", f"127.0.0.1:{outside}")
+        health.append(arg)
+    assert f"127.0.0.1:{grpc_port}" in health, f"the health check must probe the gRPC port: {health}"
     base = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(tmp_path),
             "OTEL_BSP_SCHEDULE_DELAY": "100"}
     with otlp_sink() as (endpoint, spans):

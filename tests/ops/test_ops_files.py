@@ -155,6 +155,10 @@ def test_every_service_has_a_healthcheck_and_kvtier_drains_before_the_kill(compo
     for name, svc in services.items():
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     kvtier = services["kvtier"]
+    from tests.ops.stack import parse_dockerfile
+
+    for name in ("Dockerfile", "Dockerfile.cuda"):  # `docker run` of either image checks what compose checks
+        assert ["CMD", *parse_dockerfile(OPS / name).healthcheck] == kvtier["healthcheck"]["test"], name
     grace = float(kvtier["environment"]["KVTIER_SERVER__GRACE_S"])
     assert int(kvtier["stop_grace_period"].rstrip("s")) >= grace + 10  # drain, then flush the write queue
     assert services["prometheus"]["depends_on"]["kvtier"]["condition"] == "service_healthy"
