@@ -4,12 +4,17 @@ Commands:
 
 * ``kvtier serve``: run the server (flags > ``KVTIER_*`` env > ``--config`` TOML > defaults, see
   ``service/server/config.py``);
-* ``kvtier stats --target HOST:PORT``: a running server's Stats as tables;
+* ``kvtier stats --target HOST:PORT``: a running server's Stats as tables (``--token``/``--token-file``,
+  ``--tls-ca``/``--tls-cert``/``--tls-key`` for a server with auth or TLS);
+* ``kvtier health --target HOST:PORT``: exit 0 when the server's gRPC health says SERVING (the
+  container healthcheck);
 * ``kvtier inspect DATA_DIR``: offline, read-only summary of a data directory (works while a server
   holds it);
 * ``kvtier demo``: a multi-turn chat that parks and resumes its KV cache (``service/apps/demo.py``).
 
-Exit codes: 0 success, 1 the server could not start or the target could not be reached, 2 bad usage.
+``kvtier --version`` prints the version. Errors are one line on stderr, never a traceback.
+Exit codes: 0 success, 1 the server could not start or the target could not be reached, 2 bad usage
+or invalid settings.
 """
 
 from __future__ import annotations
@@ -32,22 +37,41 @@ console = Console()
 log = logging.getLogger("kvtier")
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr with trace correlation (``trace_id``/``span_id`` on every line)."""
-    from kvtier.service.server.telemetry import LOG_FORMAT, TraceContextFilter
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(TraceContextFilter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+def _fail(message: str, code: int) -> typer.Exit:
+    """Print ``kvtier: message`` as one stderr line (no rich wrapping) and return the Exit to raise."""
+    typer.echo(f"kvtier: {message}", err=True)
+    return typer.Exit(code)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def _version(value: bool) -> None:
+    if value:
+        from kvtier.service import __version__
+
+        typer.echo(f"kvtier {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """kvtier: park LLM KV caches across GPU, host RAM and disk; get them back token-exact."""
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound now (checked before gRPC tries, so a clash is one clear
+    line rather than gRPC's own log output). 0 and ``unix:`` hosts are never taken."""
+    import socket
+
+    if not port or host.startswith("unix:"):
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and http.server do
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError:
+            return True
+    return False
 
 
 @app.command()
@@ -64,14 +88,14 @@ def serve(
     cold_capacity: Annotated[Optional[str], typer.Option(help="LMDB map size, e.g. 16GiB")] = None,
     policy: Annotated[Optional[str], typer.Option(help="eviction policy: lru | s3fifo")] = None,
     write_policy: Annotated[Optional[str], typer.Option(help="write_through | write_back")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="DEBUG | INFO | WARNING | ERROR")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug | info | warning | error (any case)")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="text | json (JSON lines with trace ids)")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics port (0 = off)")] = None,
     otlp_endpoint: Annotated[Optional[str], typer.Option(help="OTLP collector; turns traces on")] = None,
 ) -> None:
     """Run the kvtier server until SIGTERM/SIGINT (then drain, flush to disk, exit 0)."""
-    import pydantic
-
-    from kvtier.service.server.config import Settings
+    from kvtier.service.server.config import Settings, SettingsError
+    from kvtier.service.server.logs import setup_logging
 
     overrides: dict[str, Any] = {
         "server": {"host": host, "port": port, "port_file": port_file},
@@ -80,79 +104,103 @@ def serve(
                   "write_policy": write_policy},
         "telemetry": {"metrics_port": metrics_port, "otlp_endpoint": otlp_endpoint,
                       "traces": True if otlp_endpoint else None},
-        "log_level": log_level.upper() if log_level else None,
+        "log_level": log_level, "log_format": log_format,
     }
     try:
         settings = Settings.load(config, **overrides)
-    except (pydantic.ValidationError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    setup_logging(settings.log_level)
+    except SettingsError as exc:
+        raise _fail(str(exc), 2) from None
+    setup_logging(settings.log_level, settings.log_format)
+    tel = settings.telemetry
+    for what, h, p in (("gRPC", settings.server.host, settings.server.port),
+                       ("metrics", tel.metrics_host, tel.metrics_port)):
+        if _port_taken(h, p):
+            raise _fail(f"could not start: {what} port {p} on {h} is already in use", 1)
     from kvtier.service.server.app import serve as run_server
     from kvtier.tiering.errors import TierUnavailable
 
     try:
         code = asyncio.run(run_server(settings))
     except (TierUnavailable, RuntimeError, ValueError, OSError) as exc:
-        log.error("kvtier could not start: %s", exc)
-        raise typer.Exit(1) from None
+        raise _fail(f"could not start: {exc}", 1) from None
     raise typer.Exit(code)
 
 
-async def _fetch_stats(target: str, timeout: float):
+def _connection(target: str, token: str | None, token_file: Path | None, tls_ca: Path | None,
+                tls_cert: Path | None, tls_key: Path | None):
+    from kvtier.service.apps.connect import Connection
+
+    return Connection(target, token, token_file, tls_ca, tls_cert, tls_key)
+
+
+# The options every command that calls a server takes (Typer needs them spelled out per command).
+TargetOpt = Annotated[str, typer.Option(help="server address host:port")]
+TokenOpt = Annotated[Optional[str], typer.Option(help="bearer token (visible in `ps`: prefer --token-file)")]
+TokenFileOpt = Annotated[Optional[Path], typer.Option(
+    help="file holding the token, or the server's tokens file (*.json/*.toml: its first admin token)")]
+TlsCaOpt = Annotated[Optional[Path], typer.Option(help="PEM CA bundle of the server's certificate (turns TLS on)")]
+TlsCertOpt = Annotated[Optional[Path], typer.Option(help="PEM client certificate (mutual TLS)")]
+TlsKeyOpt = Annotated[Optional[Path], typer.Option(help="PEM key of --tls-cert")]
+
+
+def _call(conn, what: str, rpc, timeout: float):
+    """``await rpc(channel, metadata, timeout)`` on a fresh channel of ``conn``; failures become one
+    line and an exit: 2 for unusable options (token or TLS files), 1 when the call fails."""
     import grpc
 
-    from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
-    from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+    async def run():
+        metadata = conn.metadata()
+        async with conn.aio_channel() as channel:
+            return await rpc(channel, metadata, timeout)
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        return await pb_grpc.KVCacheStub(channel).Stats(pb.StatsRequest(), timeout=timeout)
+    try:
+        return asyncio.run(run())
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    except grpc.RpcError as exc:
+        raise _fail(f"{what} {conn.target}: {exc.code().name}: {exc.details()}", 1) from None
 
 
 @app.command()
 def stats(
-    target: Annotated[str, typer.Option(help="server address host:port")] = "127.0.0.1:50051",
+    target: TargetOpt = "127.0.0.1:50051",
     timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw StatsResponse as JSON")] = False,
+    token: TokenOpt = None, token_file: TokenFileOpt = None,
+    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
 ) -> None:
-    """Show a running server's per-tier usage and counters."""
-    import grpc
+    """Show a running server's per-tier usage and counters (an admin token when auth is on)."""
     from google.protobuf import json_format
 
+    from kvtier.service.apps.tables import stats_tables
     from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+    from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 
-    try:
-        resp = asyncio.run(_fetch_stats(target, timeout))
-    except grpc.RpcError as exc:
-        console.print(f"[red]cannot get stats from {target}:[/red] {exc.code().name}: {exc.details()}",
-                      highlight=False)
-        raise typer.Exit(1) from None
+    conn = _connection(target, token, token_file, tls_ca, tls_cert, tls_key)
+    resp = _call(conn, "cannot get stats from", lambda ch, md, t: pb_grpc.KVCacheStub(ch).Stats(
+        pb.StatsRequest(), timeout=t, metadata=md), timeout)
     if as_json:
         typer.echo(json_format.MessageToJson(resp, preserving_proto_field_name=True))
         return
-    tiers = Table(title=f"kvtier {resp.version} at {target}")
-    for col in ("tier", "blocks", "used", "capacity", "hits", "misses", "hit%", "promoted", "demoted", "evicted",
-                "bad sum"):
-        tiers.add_column(col, justify="left" if col == "tier" else "right")
-    for t in resp.tiers:
-        looked = t.hits + t.misses
-        tiers.add_row(pb.Tier.Name(t.tier).removeprefix("TIER_").lower(), str(t.blocks), _human(t.used_bytes),
-                      _human(t.capacity_bytes), str(t.hits), str(t.misses),
-                      f"{t.hits / looked:.1%}" if looked else "-", str(t.promotions), str(t.demotions),
-                      str(t.evictions), str(t.checksum_failures))
-    console.print(tiers)
-    summary = Table(show_header=False, title="store")
-    summary.add_column("name")
-    summary.add_column("value", justify="right")
-    summary.add_row("pinned blocks", str(resp.pinned_blocks))
-    summary.add_row("write queue depth", str(resp.write_queue_depth))
-    summary.add_row("pending writes", str(resp.pending_writes))
-    summary.add_row("compression ratio", f"{resp.compression_ratio:.2f}x" if resp.compression_ratio else "-")
-    for name, value in sorted(resp.bytes_moved.items()):
-        summary.add_row(f"moved {name}", _human(value))
-    for name, value in sorted(resp.counters.items()):
-        summary.add_row(name, str(value))
-    console.print(summary)
+    for table in stats_tables(resp, target):
+        console.print(table)
+
+
+@app.command()
+def health(
+    target: TargetOpt = "127.0.0.1:50051",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 3.0,
+    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+) -> None:
+    """Exit 0 when the server's gRPC health check says SERVING, else 1 (for container healthchecks)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    conn = _connection(target, None, None, tls_ca, tls_cert, tls_key)
+    resp = _call(conn, "no health from", lambda ch, md, t: health_pb2_grpc.HealthStub(ch).Check(
+        health_pb2.HealthCheckRequest(service="kvtier.v1.KVCache"), timeout=t, metadata=md), timeout)
+    typer.echo(f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}")
+    if resp.status != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -162,33 +210,17 @@ def inspect(
 ) -> None:
     """Summarise a data directory offline and read-only: namespaces, sessions, blocks, bytes, ratio."""
     from kvtier.service.apps.inspect_dir import summarize
+    from kvtier.service.apps.tables import inspect_tables
 
     try:
         summary = summarize(data_dir)
     except (FileNotFoundError, OSError) as exc:
-        console.print(f"[red]cannot inspect {data_dir}:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        raise _fail(f"cannot inspect {data_dir}: {exc}", 1) from None
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    head = Table(show_header=False, title=f"kvtier data in {summary['data_dir']}")
-    head.add_column("name")
-    head.add_column("value", justify="right")
-    head.add_row("blocks", str(summary["blocks"]))
-    head.add_row("sessions", str(summary["sessions"]))
-    head.add_row("stored bytes", _human(summary["stored_bytes"]))
-    head.add_row("raw bytes", _human(summary["raw_bytes"]))
-    head.add_row("compression ratio", f"{summary['compression_ratio']:.2f}x" if summary["compression_ratio"] else "-")
-    head.add_row("file size", _human(summary["file_bytes"]))
-    console.print(head)
-    if summary["namespaces"]:
-        ns_table = Table(title="namespaces")
-        for col in ("tenant", "model", "revision", "layout", "blocks", "sessions"):
-            ns_table.add_column(col, justify="right" if col in ("blocks", "sessions") else "left")
-        for ns in summary["namespaces"]:
-            ns_table.add_row(ns["tenant"], ns["model"], ns["revision"], ns["layout"], str(ns["blocks"]),
-                             str(ns["sessions"]))
-        console.print(ns_table)
+    for table in inspect_tables(summary):
+        console.print(table)
 
 
 @app.command()
@@ -200,8 +232,9 @@ def demo(
 ) -> None:
     """Chat with SmolLM2-135M, park the KV cache between turns and resume it token-exact."""
     from kvtier.service.apps.demo import run_demo
+    from kvtier.service.server.logs import setup_logging
 
-    setup_logging(os.environ.get("KVTIER_LOG_LEVEL", "WARNING"))
+    setup_logging(os.environ.get("KVTIER_LOG_LEVEL", "WARNING"), os.environ.get("KVTIER_LOG_FORMAT", "text"))
     run_demo(target=target, data_dir=str(data_dir) if data_dir is not None else None, turns=turns,
              max_new_tokens=max_new_tokens)
 
@@ -218,6 +251,7 @@ def bench(
     """Measure kvtier beside its limits (memcpy, bare gRPC, Redis, LMDB+zstd); write OUT/results.{json,md} and PNGs."""
     from kvtier.service.apps.bench import parse_scenarios, run_bench
     from kvtier.service.apps.bench.runner import parse_peers
+    from kvtier.service.server.logs import setup_logging
 
     try:
         chosen = parse_scenarios(scenarios)
@@ -225,7 +259,7 @@ def bench(
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
-    setup_logging(os.environ.get("KVTIER_LOG_LEVEL", "WARNING"))
+    setup_logging(os.environ.get("KVTIER_LOG_LEVEL", "WARNING"), os.environ.get("KVTIER_LOG_FORMAT", "text"))
     results = run_bench(out, quick=quick, scenarios=chosen, peers=chosen_peers)
     table = Table(title=f"kvtier bench targets ({results['mode']}, {results['seconds']:.0f} s)")
     for col in ("target", "value", "goal", "result", "measured at"):

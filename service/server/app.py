@@ -166,13 +166,15 @@ async def serve(settings: Settings) -> int:
     store = await asyncio.to_thread(TieredStore, settings.store.to_store_config(), tracer=telemetry.tracer,
                                     sealer=RecordSealer(key) if key is not None else None)
     try:
+        # Metrics first: a taken metrics port then fails before a gRPC server exists (a started one
+        # left unstopped would be torn down after the loop closed, with a traceback).
+        telemetry.start_metrics(store)
         health_servicer = health.aio.HealthServicer()
         shm = shm_registry(settings, store)
         server, port = create_server(settings, store, health_servicer=health_servicer,
                                      interceptors=telemetry.server_interceptors(), shm=shm)
         await server.start()
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        telemetry.start_metrics(store)
         if settings.server.port_file is not None:
             _write_port_file(settings.server.port_file, port)
         log.info("kvtier listening on %s (pid %d, %s): tiers %s; data dir %s; write policy %s; cold tier %s",

@@ -1,13 +1,21 @@
-"""Settings of the kvtier server: one pydantic-settings object, four sections.
+"""Settings of the kvtier server: one pydantic object, four sections, loaded from flags, env and TOML.
 
 Every value comes from, highest precedence first:
 
 1. command-line flags (``kvtier serve --warm-capacity 4GiB``), passed to :meth:`Settings.load`;
 2. environment variables ``KVTIER_<SECTION>__<FIELD>`` (``KVTIER_STORE__WARM_CAPACITY=4GiB``,
-   ``KVTIER_SERVER__PORT=6000``, ``KVTIER_LOG_LEVEL=DEBUG``);
+   ``KVTIER_SERVER__PORT=6000``, ``KVTIER_LOG_LEVEL=debug``); dict and list fields take JSON
+   (``KVTIER_SECURITY__TOKENS='{"tok": "acme"}'``);
 3. a TOML file named by ``--config FILE`` or ``KVTIER_CONFIG`` (sections ``[server]``, ``[store]``,
-   ``[telemetry]``, ``[security]``, and ``log_level`` at the top);
+   ``[telemetry]``, ``[security]``, and ``log_level``/``log_format`` at the top);
 4. the defaults below.
+
+Unknown names are errors, never silently ignored: a TOML section or field, or a ``KVTIER_*`` variable
+shaped like a setting (``KVTIER_<X>__<Y>``, ``KVTIER_STORE_<...>``, or a name close to a top-level
+setting). Other ``KVTIER_*`` variables (``KVTIER_CONFIG``, ``KVTIER_COLD_KEY``, tools' own ones such
+as ``KVTIER_STRESS``) are left alone. Every problem is one :class:`SettingsError` line naming the
+setting, where its value came from (``env KVTIER_...``, ``file.toml:LINE``, ``--flag``) and, for an
+unknown name, the closest valid one. Only this module imports pydantic; callers see ``SettingsError``.
 
 Byte sizes accept integers or human strings: ``"2GiB"``, ``"512MiB"``, ``"1.5 GB"`` (pydantic
 ``ByteSize``: ``KiB/MiB/GiB`` are powers of 1024, ``KB/MB/GB`` powers of 1000).
@@ -15,22 +23,31 @@ Byte sizes accept integers or human strings: ``"2GiB"``, ``"512MiB"``, ``"1.5 GB
 
 from __future__ import annotations
 
-import contextvars
+import difflib
+import json
 import os
+import re
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 
 from kvtier.tiering.config import StoreConfig
 
 #: Env var naming the TOML file when ``--config`` is not given.
 CONFIG_ENV = "KVTIER_CONFIG"
+#: ``KVTIER_*`` variables that are read elsewhere, not settings.
+OTHER_ENV = {CONFIG_ENV: "the TOML settings file", "KVTIER_COLD_KEY": "the cold tier's key (tiering/crypto.py)"}
+ENV_PREFIX = "KVTIER_"
 
-# The TOML file of the Settings being built; a context variable so concurrent loads do not mix.
-_toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kvtier_toml_file", default=None)
+_STRICT = ConfigDict(extra="forbid")
+
+
+class SettingsError(ValueError):
+    """An invalid or unknown setting: one line naming it, where it came from and (if unknown) the
+    closest valid name."""
 
 
 class ServerSettings(BaseModel):
@@ -56,6 +73,8 @@ class ServerSettings(BaseModel):
         Blocks larger than an arena travel over gRPC; sessions larger than it move in pieces.
     """
 
+    model_config = _STRICT
+
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     max_message_bytes: ByteSize = Field(ByteSize(8 << 20), ge=2 << 20)
@@ -70,6 +89,8 @@ class ServerSettings(BaseModel):
 
 class StoreSettings(BaseModel):
     """The engine's knobs: one field per field of :class:`tiering.config.StoreConfig` (see there)."""
+
+    model_config = _STRICT
 
     data_dir: Path = Path("./kvtier-data")
     hot_device: str = "auto"
@@ -112,7 +133,14 @@ class TelemetrySettings(BaseModel):
     :ivar metrics_port: Prometheus ``/metrics`` port; 0 switches the exporter off.
     :ivar metrics_host: address the metrics endpoint binds.
     :ivar service_name: ``service.name`` resource attribute.
+    :ivar sample_ratio: share of *root* traces kept (0..1). The sampler is parent-based: a request
+        whose caller sampled its trace is always traced, one whose caller did not never is, and a
+        request without a caller's trace starts a new one with this probability. The default 0.1
+        keeps tracing's cost on the data path within a few percent (``kvtier bench``'s tracing row);
+        ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` win when set.
     """
+
+    model_config = _STRICT
 
     traces: bool = False
     otlp_endpoint: str | None = None
@@ -120,6 +148,7 @@ class TelemetrySettings(BaseModel):
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     service_name: str = "kvtier"
+    sample_ratio: float = Field(0.1, ge=0, le=1)
 
 
 class SecuritySettings(BaseModel):
@@ -143,6 +172,8 @@ class SecuritySettings(BaseModel):
     :ivar max_sessions_per_tenant: sessions one tenant may have (0 = no limit).
     """
 
+    model_config = _STRICT
+
     tokens: dict[str, str] = Field(default_factory=dict, repr=False)
     tokens_file: Path | None = None
     admin_tokens: list[str] = Field(default_factory=list, repr=False)
@@ -157,31 +188,30 @@ class SecuritySettings(BaseModel):
     max_sessions_per_tenant: int = Field(0, ge=0)
 
 
-class Settings(BaseSettings):
-    """Everything the server needs. Build it with :meth:`load` (which applies the precedence)."""
+class Settings(BaseModel):
+    """Everything the server needs. Build it with :meth:`load` (which applies the precedence);
+    ``Settings(...)`` itself reads no environment or file.
 
-    model_config = SettingsConfigDict(env_prefix="KVTIER_", env_nested_delimiter="__", extra="ignore",
-                                      nested_model_default_partial_update=True)
+    :ivar log_level: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``, any case.
+    :ivar log_format: ``text`` (one line with ``trace_id``/``span_id``) or ``json`` (one JSON object a
+        line: ``time``, ``level``, ``logger``, ``message``, ``trace_id``, ``span_id``).
+    """
+
+    model_config = _STRICT
 
     server: ServerSettings = ServerSettings()
     store: StoreSettings = StoreSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     security: SecuritySettings = SecuritySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Flags (init kwargs) > env > TOML > defaults; no .env files or secret dirs: one way in per layer.
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = _toml_file.get()
-        if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
-        return tuple(sources)
+    def _any_case(cls, value: Any, info) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @classmethod
     def load(cls, config_file: str | os.PathLike | None = None, **overrides: Any) -> "Settings":
@@ -190,17 +220,159 @@ class Settings(BaseSettings):
         :param config_file: TOML file; defaults to ``$KVTIER_CONFIG`` when unset.
         :param overrides: the flags given, as nested dicts (``store={"warm_capacity": "4GiB"}``) or a
             top-level ``log_level``; ``None`` values are ignored (flag not given).
-        :raises FileNotFoundError: if the named TOML file does not exist.
-        :raises pydantic.ValidationError: on any invalid value, naming the field.
+        :raises SettingsError: on a missing or unparsable TOML file, an unknown name or an invalid
+            value (module docstring); the message is one line.
         """
+        origin: dict[tuple[str, ...], str] = {}
+        merged: dict[str, Any] = {}
         path = config_file or os.environ.get(CONFIG_ENV) or None
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        token = _toml_file.set(Path(path) if path is not None else None)
+        if path is not None:
+            _merge(merged, _toml_layer(Path(path), origin))
+        _merge(merged, _env_layer(os.environ, origin))
+        flags = _drop_none(overrides)
+        for loc in _leaves(flags):
+            origin[loc] = "flag --" + loc[-1].replace("_", "-")
+        _merge(merged, flags)
         try:
-            return cls(**_drop_none(overrides))
-        finally:
-            _toml_file.reset(token)
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc, origin)) from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# sources: each returns a nested dict and records where each leaf came from
+# Derived from Settings, so a section or top-level field added there is known here at once.
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: f.annotation for name, f in Settings.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+TOP_FIELDS = tuple(name for name in Settings.model_fields if name not in SECTIONS)
+
+
+def _closest(name: str, valid) -> str | None:
+    found = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _unknown(what: str, where: str, suggestion: str | None) -> SettingsError:
+    hint = f"; did you mean {suggestion}?" if suggestion else ""
+    return SettingsError(f"unknown setting {what} ({where}){hint}")
+
+
+def _toml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """``(table..., key)`` and ``(table...)`` → 1-based line, for messages (plain tables and keys)."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for n, line in enumerate(text.splitlines(), 1):
+        if m := re.match(r"\s*\[\s*([^\]\s]+)\s*\]", line):
+            table = tuple(p.strip().strip('"') for p in m.group(1).split("."))
+            lines.setdefault(table, n)
+        elif m := re.match(r'\s*("[^"]*"|[A-Za-z0-9_-]+)\s*=', line):
+            lines.setdefault((*table, m.group(1).strip('"')), n)
+    return lines
+
+
+def _toml_layer(path: Path, origin: dict) -> dict:
+    if not path.is_file():
+        raise SettingsError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: invalid TOML: {exc}") from None
+    lines = _toml_lines(text)
+
+    def where(*loc: str) -> str:
+        for k in range(len(loc), 0, -1):
+            if loc[:k] in lines:
+                return f"{path}:{lines[loc[:k]]}"
+        return str(path)
+
+    for key, value in data.items():
+        if key in TOP_FIELDS:
+            origin[(key,)] = where(key)
+            continue
+        if key not in SECTIONS:
+            raise _unknown(repr(key), where(key), _closest(key, (*SECTIONS, *TOP_FIELDS)))
+        if not isinstance(value, dict):
+            raise SettingsError(f"{where(key)}: {key} must be a [{key}] table")
+        model_fields = SECTIONS[key].model_fields
+        for field in value:
+            if field not in model_fields:
+                raise _unknown(f"{key}.{field}", where(key, field), _closest(field, model_fields))
+            origin[(key, field)] = where(key, field)
+    return data
+
+
+def _env_value(name: str, value: str, annotation: Any) -> Any:
+    # dict and list fields take JSON, as pydantic-settings did; everything else is parsed by pydantic
+    if getattr(annotation, "__origin__", None) in (dict, list):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"env {name}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return value
+
+
+def _env_layer(environ, origin: dict) -> dict:
+    out: dict[str, Any] = {}
+    for raw_name, value in sorted(environ.items()):
+        name = raw_name.upper()
+        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        where = f"env {raw_name}"
+        if "__" in rest:
+            section, _, field = rest.partition("__")
+            if section not in SECTIONS:
+                near = _closest(section, SECTIONS)
+                raise _unknown(f"section {section!r}", where,
+                               near and f"{ENV_PREFIX}{near.upper()}__{field.upper()}")
+            model_fields = SECTIONS[section].model_fields
+            if field not in model_fields:
+                near = _closest(field, model_fields)
+                raise _unknown(f"{section}.{field}", where, near and f"{ENV_PREFIX}{section.upper()}__{near.upper()}")
+            out.setdefault(section, {})[field] = _env_value(raw_name, value, model_fields[field].annotation)
+            origin[(section, field)] = where
+        elif rest in TOP_FIELDS:
+            out[rest] = value
+            origin[(rest,)] = where
+        elif rest in SECTIONS:  # a whole section as JSON
+            out[rest] = _env_value(raw_name, value, dict[str, Any])
+            origin[(rest,)] = where
+        elif section := next((s for s in SECTIONS if rest.startswith(s + "_")), None):
+            field = rest[len(section) + 1:]
+            raise _unknown(f"{section}.{field}", where, f"{ENV_PREFIX}{section.upper()}__{field.upper()}")
+        elif near := difflib.get_close_matches(rest, [*TOP_FIELDS, *SECTIONS], n=1, cutoff=0.8):
+            raise _unknown(repr(rest), where, f"{ENV_PREFIX}{near[0].upper()}")
+        # else: not shaped like a setting (a tool's own variable, e.g. KVTIER_STRESS): not ours to judge
+    return out
+
+
+def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str]) -> str:
+    """One line for the first error (plus how many more), naming the setting and its source."""
+    errors = exc.errors(include_url=False, include_input=False)
+    err = errors[0]
+    loc = tuple(str(p) for p in err["loc"])
+    source = next((origin[loc[:k]] for k in range(len(loc), 0, -1) if loc[:k] in origin), "default")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    msg = err["msg"].replace("\n", " ")
+    return f"invalid setting {'.'.join(loc)} ({source}): {msg}{more}"
+
+
+def _merge(into: dict, layer: dict) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and key in SECTIONS:
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _leaves(values: dict, prefix: tuple[str, ...] = ()):
+    for key, value in values.items():
+        if isinstance(value, dict) and not prefix:
+            yield from _leaves(value, (key,))
+        else:
+            yield (*prefix, key)
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

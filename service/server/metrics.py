@@ -1,34 +1,49 @@
-"""KVTierMetrics: the Prometheus registry of one server — store counters read at scrape time, plus
-three latency histograms observed as events happen.
+"""KVTierMetrics: the Prometheus registry of one server — store counters read at scrape time, latency
+histograms and lookup token counters observed as events happen, build info and process/Python series.
 
 The store's counters are plain integers it already keeps (:meth:`TieredStore.snapshot`), so
 :class:`StoreCollector` reads them when Prometheus scrapes and the data path pays nothing. Labels are
-``tier`` (``hot``, ``warm``, ``cold``), ``from_tier``/``to_tier``, ``method`` and ``code`` only: never
-keys, sessions or tenants.
+``tier`` (``hot``, ``warm``, ``cold``), ``from``/``to``, ``method`` and ``code`` only: never keys,
+sessions or tenants. Names follow Prometheus conventions: base unit last (``_bytes``, ``_seconds``),
+counters end in ``_total``, no ``_created`` series.
 
 Metric names (all prefixed ``kvtier_``):
 
 * per tier: ``tier_hits_total``, ``tier_misses_total``, ``tier_promotions_total`` (into the tier),
   ``tier_demotions_total`` (out of it), ``tier_evictions_total``, ``tier_checksum_failures_total``,
   ``tier_blocks``, ``tier_used_bytes``, ``tier_capacity_bytes``;
-* ``bytes_moved_total{from_tier,to_tier}``;
+* ``moved_bytes_total{from,to}``: bytes moved between tiers;
 * store: ``puts_total``, ``gets_total``, ``prefetches_total``, ``blocks_stored_total``,
   ``blocks_skipped_present_total``, ``blocks_skipped_admission_total``, ``write_errors_total``,
-  ``cold_raw_bytes_written_total``, ``cold_record_bytes_written_total``, ``compression_ratio``;
+  ``cold_raw_written_bytes_total``, ``cold_record_written_bytes_total``, ``compression_ratio`` (raw
+  bytes over stored record bytes written to the cold tier, the ratio ``kvtier stats``/``inspect`` show);
+* lookups (token ids given): ``lookup_query_tokens_total``, ``lookup_hit_tokens_total`` (the cached
+  prefix found), so ``rate(hit) / rate(query)`` is the token-level prefix hit rate;
 * queues: ``pinned_blocks``, ``active_leases``, ``cold_write_queue_depth``, ``pending_writes``,
   ``inflight_loads``;
 * histograms: ``rpc_duration_seconds{method,code}``, ``prefetch_duration_seconds``,
-  ``resume_ready_seconds`` (Resume received → every block in the top tier).
+  ``resume_ready_seconds`` (Resume received → every block in the top tier);
+* ``build_info{version,python,grpc}`` (always 1);
+
+plus prometheus_client's ``process_*`` (CPU, memory, fds) and ``python_*`` (GC, version) series.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 
-from prometheus_client import CollectorRegistry, Histogram
+import grpc
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Histogram, Info, PlatformCollector,
+                               ProcessCollector, disable_created_metrics)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from kvtier.service import __version__
+
+# A _created sample per counter and histogram doubles the series and no dashboard reads them.
+disable_created_metrics()
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +58,11 @@ _STORE_COUNTERS = (("puts", "Put calls."), ("gets", "Block reads (iter_blocks ca
                    ("blocks_skipped_present", "Blocks a put skipped because they were cached."),
                    ("blocks_skipped_admission", "Blocks a put skipped by admission (too few tokens)."),
                    ("write_errors", "Failed cold-writer transactions."),
-                   ("cold_raw_bytes_written", "Uncompressed bytes committed to the cold tier."),
-                   ("cold_record_bytes_written", "Encoded bytes committed to the cold tier."))
+                   ("cold_raw_written_bytes", "Uncompressed bytes committed to the cold tier."),
+                   ("cold_record_written_bytes", "Encoded record bytes committed to the cold tier."))
+#: metric name → the snapshot key it reads (where the two differ)
+_SNAPSHOT_KEYS = {"cold_raw_written_bytes": "cold_raw_bytes_written",
+                  "cold_record_written_bytes": "cold_record_bytes_written"}
 _GAUGES = (("pinned_blocks", "pinned_blocks", "Blocks pinned by leases (never eviction victims)."),
            ("active_leases", "active_leases", "Open read/prefetch leases."),
            ("cold_write_queue_depth", "write_queue_depth", "Jobs waiting for the cold writer."),
@@ -82,26 +100,37 @@ class StoreCollector(Collector):
             for tier, u in usage.items():
                 fam.add_metric([tier], u[name])
             yield fam
-        moved = CounterMetricFamily("kvtier_bytes_moved", "Bytes moved between tiers.",
-                                    labels=["from_tier", "to_tier"])
+        moved = CounterMetricFamily("kvtier_moved_bytes", "Bytes moved between tiers.", labels=["from", "to"])
         for pair, n in snap.get("bytes_moved", {}).items():
             src, _, dst = pair.partition("->")
             moved.add_metric([src, dst], n)
         yield moved
         for name, doc in _STORE_COUNTERS:
-            yield CounterMetricFamily(f"kvtier_{name}", doc, value=snap[name])
+            yield CounterMetricFamily(f"kvtier_{name}", doc, value=snap[_SNAPSHOT_KEYS.get(name, name)])
         for name, key, doc in _GAUGES:
             yield GaugeMetricFamily(f"kvtier_{name}", doc, value=snap[key])
         ratio = snap.get("compression_ratio")
-        yield GaugeMetricFamily("kvtier_compression_ratio", "Raw over encoded bytes written to the cold tier.",
+        yield GaugeMetricFamily("kvtier_compression_ratio",
+                                "Raw bytes over stored record bytes written to the cold tier.",
                                 value=ratio if ratio is not None else float("nan"))
 
 
 class KVTierMetrics:
-    """A private registry with the histograms; :meth:`attach` adds the store's collector."""
+    """A private registry with the histograms, lookup counters, build info and the process/Python
+    collectors; :meth:`attach` adds the store's collector. Observing is thread-safe."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Info("kvtier_build", "The running kvtier build (always 1).", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version(), "grpc": grpc.__version__})
+        self.lookup_query_tokens = Counter("kvtier_lookup_query_tokens", "Token ids asked about by Lookup calls.",
+                                           registry=self.registry)
+        self.lookup_hit_tokens = Counter("kvtier_lookup_hit_tokens",
+                                         "Tokens of those found cached (the longest cached prefix).",
+                                         registry=self.registry)
         self.rpc_duration = Histogram("kvtier_rpc_duration_seconds", "RPC latency as seen by the server.",
                                       ["method", "code"], buckets=_BUCKETS, registry=self.registry)
         self.prefetch_duration = Histogram("kvtier_prefetch_duration_seconds",
@@ -116,6 +145,11 @@ class KVTierMetrics:
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.rpc_duration.labels(method, code).observe(seconds)
+
+    def observe_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        """One Lookup by token ids: ``query_tokens`` asked about, ``hit_tokens`` of them cached."""
+        self.lookup_query_tokens.inc(query_tokens)
+        self.lookup_hit_tokens.inc(hit_tokens)
 
     def observe_timing(self, what: str, seconds: float) -> None:
         """The store's timing hook: ``what`` is ``prefetch`` or ``resume``."""

@@ -37,8 +37,11 @@ Attributes: ``kvtier.tier``, ``kvtier.blocks``, ``kvtier.bytes``, ``kvtier.hit``
 ``kvtier.misses``, ``kvtier.compression_ratio``, ``kvtier.session`` (a 16-hex-digit hash of tenant and
 session id), ``rpc.method``, ``rpc.grpc.status_code``. Never payloads, keys, token ids or raw ids.
 
-Logs: attach :class:`TraceContextFilter` to the log handler and use :data:`LOG_FORMAT`; every record
-then carries ``trace_id``/``span_id`` (zeros outside a span).
+Sampling: parent-based. A request whose caller sent a sampled ``traceparent`` is traced, one whose
+caller did not sample is not, and a request with no caller's trace starts one with probability
+``settings.telemetry.sample_ratio`` (default 0.1). ``OTEL_TRACES_SAMPLER`` (and ``_ARG``) replace this.
+
+Logs with ``trace_id``/``span_id``: ``service/server/logs.py``.
 
 Client side: :func:`client_interceptors` for ``grpc.aio.insecure_channel(..., interceptors=...)``, or
 :func:`inject` to add ``traceparent`` to hand-built metadata.
@@ -61,24 +64,13 @@ from kvtier.service import __version__
 
 log = logging.getLogger(__name__)
 
-#: Log format with trace correlation (needs :class:`TraceContextFilter` on the handler).
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [trace_id=%(trace_id)s span_id=%(span_id)s] %(message)s"
-
 _TRACE_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 _PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-
-
-class TraceContextFilter(logging.Filter):
-    """Adds ``trace_id`` and ``span_id`` (lower-case hex; zeros outside a span) to every record.
-
-    Attach it to a *handler* (handler filters see records propagated from every logger).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        ctx = trace.get_current_span().get_span_context()
-        record.trace_id = format(ctx.trace_id, "032x")
-        record.span_id = format(ctx.span_id, "016x")
-        return True
+#: Codes that mark a SERVER span as an error (OpenTelemetry RPC semantic conventions for gRPC); the
+#: others (NOT_FOUND, INVALID_ARGUMENT, ...) are the caller's business and leave the status unset.
+SERVER_ERROR_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
 
 
 def tracing_requested(settings: Any | None) -> bool:
@@ -147,7 +139,7 @@ class Telemetry:
             Without an override, a settings port of 0 means metrics are off.
         :param host: override ``settings.telemetry.metrics_host`` (default 127.0.0.1).
         :returns: the bound port, or ``None`` when metrics are off.
-        :raises OSError: if the port cannot be bound.
+        :raises OSError: if the port cannot be bound (the message names host and port).
         """
         if port is None:
             port = self.settings.metrics_port if self.settings is not None else 0
@@ -157,8 +149,11 @@ class Telemetry:
             host = self.settings.metrics_host if self.settings is not None else "127.0.0.1"
         from prometheus_client import start_http_server
 
+        try:
+            self._metrics_server, self._metrics_thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self.metrics.attach(store)
-        self._metrics_server, self._metrics_thread = start_http_server(port, addr=host, registry=self.registry)
         self.metrics_port = self._metrics_server.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         return self.metrics_port
@@ -176,6 +171,18 @@ class Telemetry:
             finally:
                 self.tracer_provider.shutdown()
             self.tracer_provider = None
+
+
+def default_sampler(settings: Any | None):
+    """``ParentBased(TraceIdRatioBased(settings.telemetry.sample_ratio))``; without settings (embedders,
+    tests with their own exporter) every root trace is kept. ``None`` (the SDK then builds the sampler
+    ``OTEL_TRACES_SAMPLER``/``_ARG`` name) when that variable is set."""
+    if os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    tel = getattr(settings, "telemetry", None)
+    return ParentBased(TraceIdRatioBased(tel.sample_ratio if tel is not None else 1.0))
 
 
 def setup_telemetry(settings: Any | None = None, *, span_exporter=None, set_global: bool = False) -> Telemetry:
@@ -199,7 +206,7 @@ def setup_telemetry(settings: Any | None = None, *, span_exporter=None, set_glob
     attrs = {"service.version": __version__, "host.name": socket.gethostname()}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attrs["service.name"] = tel.service_name if tel is not None else "kvtier"
-    provider = TracerProvider(resource=Resource.create(attrs))  # sampler from OTEL_TRACES_SAMPLER
+    provider = TracerProvider(resource=Resource.create(attrs), sampler=default_sampler(settings))
     if tracing_requested(settings):
         endpoint = tel.otlp_endpoint if tel is not None else None
         protocol = tel.otlp_protocol if tel is not None else "grpc"
@@ -228,7 +235,11 @@ def _status_code(context: grpc.aio.ServicerContext, error: BaseException | None)
 
 
 class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
-    """Server span per RPC (parented by the caller's W3C ``traceparent``) plus the latency histogram.
+    """Server span per RPC (parented by the caller's W3C ``traceparent``), the latency histogram, and
+    the token counters of Lookups by token ids (``kvtier_lookup_{query,hit}_tokens_total``).
+
+    A span's status is ERROR only for the codes in :data:`SERVER_ERROR_CODES`; a NOT_FOUND session
+    miss or an INVALID_ARGUMENT leaves it unset (``rpc.grpc.status_code`` still says which).
 
     Written here rather than taken from opentelemetry-instrumentation-grpc because its aio interceptor
     records the status only when ``abort``/``set_code`` go through its context proxy (an error
@@ -280,10 +291,10 @@ class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
         if span is None:
             return
         span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code != grpc.StatusCode.OK:
+        if code in SERVER_ERROR_CODES:
             span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
-            if error is not None and type(error).__name__ != "AbortError":
-                span.record_exception(error)
+        if code != grpc.StatusCode.OK and error is not None and type(error).__name__ != "AbortError":
+            span.record_exception(error)
         span.end()
         otel_context.detach(token)
 
@@ -293,7 +304,10 @@ class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
             span, token = self._start(context, full, method)
             error = None
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
+                if method == "Lookup" and getattr(request, "token_ids", None):
+                    self._metrics.observe_lookup(len(request.token_ids), response.cached_tokens)
+                return response
             except BaseException as exc:
                 error = exc
                 raise

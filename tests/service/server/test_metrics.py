@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import socket
 import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvtier.service import __version__
 from kvtier.service.server.telemetry import setup_telemetry
+from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from tests.fixtures.wire import namespace, put_stream, random_blocks, stub
+from tests.fixtures.wire import tokens as token_ids
 
 LAYOUT = BlockLayout("float16", layers=2, kv_heads=2, head_dim=64, block_tokens=4)
 BLOCK = LAYOUT.block_bytes()
@@ -73,7 +78,7 @@ def test_per_tier_series_move_with_puts_hits_misses_evictions(scraped):
     assert tier(m1, "kvtier_tier_blocks", "cold") == 6
     assert tier(m1, "kvtier_tier_demotions_total", "hot") == 4
     assert tier(m1, "kvtier_tier_evictions_total", "warm") == 2  # write-through: dropped, on disk already
-    assert m1[("kvtier_bytes_moved_total", (("from_tier", "hot"), ("to_tier", "warm")))] == 4 * BLOCK
+    assert m1[("kvtier_moved_bytes_total", (("from", "hot"), ("to", "warm")))] == 4 * BLOCK
     assert m1[("kvtier_compression_ratio", ())] > 1.0
 
     list(store.iter_blocks(res.keys[-1:]))  # last block: still hot
@@ -83,7 +88,7 @@ def test_per_tier_series_move_with_puts_hits_misses_evictions(scraped):
     assert tier(m2, "kvtier_tier_hits_total", "cold") == 1
     assert tier(m2, "kvtier_tier_misses_total", "hot") == 1 and tier(m2, "kvtier_tier_misses_total", "warm") == 1
     assert tier(m2, "kvtier_tier_promotions_total", "hot") == 1
-    assert m2[("kvtier_bytes_moved_total", (("from_tier", "cold"), ("to_tier", "hot")))] == BLOCK
+    assert m2[("kvtier_moved_bytes_total", (("from", "cold"), ("to", "hot")))] == BLOCK
 
     miss = list(store.iter_blocks([_absent_key(store)]))
     assert miss[0][1] is None
@@ -124,3 +129,46 @@ def test_closed_store_scrapes_empty_not_500(scraped):
     m = scrape()
     assert ("kvtier_tier_hits_total", (("tier", "hot"),)) not in m
     assert not math.isnan(m.get(("kvtier_rpc_duration_seconds_count", ()), 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prometheus conventions and the series issue 14 asked for
+def test_names_follow_prometheus_conventions(scraped):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    store, scrape, _ = scraped
+    store.put(NS, tokens(2, 3), [payload(i) for i in range(3)], durable=True)  # hot holds 2: one moves down
+    m = scrape()
+    families = list(text_string_to_metric_families(m["_text"]))
+    assert not [s.name for f in families for s in f.samples if s.name.endswith("_created")]
+    for fam in families:
+        if fam.type == "counter":
+            assert all(s.name.endswith("_total") for s in fam.samples), fam.name
+    names = {s.name for f in families for s in f.samples}
+    assert {"kvtier_moved_bytes_total", "kvtier_cold_raw_written_bytes_total",
+            "kvtier_cold_record_written_bytes_total", "kvtier_lookup_query_tokens_total",
+            "kvtier_lookup_hit_tokens_total", "process_resident_memory_bytes", "process_cpu_seconds_total",
+            "python_info", "python_gc_collections_total"} <= names
+    assert not names & {"kvtier_bytes_moved_total", "kvtier_cold_raw_bytes_written_total"}
+    info = [k for k in m if k != "_text" and k[0] == "kvtier_build_info"]
+    assert len(info) == 1 and ("version", __version__) in info[0][1] and m[info[0]] == 1
+
+
+def test_lookup_token_counters_through_a_real_server(kvtier_process):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = kvtier_process(extra_env={"KVTIER_TELEMETRY__METRICS_PORT": str(port)}).start()
+    ns = namespace(model="metrics/lookup")
+    channel, kv = stub(proc.target)
+    with channel:
+        kv.Put(put_stream(pb.PutHeader(namespace=ns, token_ids=token_ids(32), block_count=2),
+                          random_blocks(ns, 32)), timeout=30)
+        found = kv.Lookup(pb.LookupRequest(namespace=ns, token_ids=token_ids(48)), timeout=30)
+        kv.Lookup(pb.LookupRequest(namespace=ns, token_ids=token_ids(16, seed=7)), timeout=30)  # a miss
+    assert found.cached_tokens == 32
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["kvtier_lookup_query_tokens_total"] == 48 + 16
+    assert samples["kvtier_lookup_hit_tokens_total"] == 32

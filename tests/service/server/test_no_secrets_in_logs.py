@@ -45,7 +45,7 @@ def test_tokens_token_ids_and_payload_never_leak(kvtier_process, otlp_receiver, 
     tokens_file = tmp_path / "tokens.toml"
     tokens_file.write_text(f'[tokens]\n"{TOKEN}" = "leaky"\n')
     proc = kvtier_process(extra_env={
-        "KVTIER_LOG_LEVEL": "DEBUG", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "KVTIER_LOG_LEVEL": "DEBUG", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_TRACES_SAMPLER": "always_on",
         "KVTIER_TELEMETRY__METRICS_PORT": str(metrics_port), "KVTIER_SECURITY__TOKENS_FILE": str(tokens_file),
         "KVTIER_COLD_KEY": COLD_KEY}).start()
     ns = wire.namespace(model="leak/model")

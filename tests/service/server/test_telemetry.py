@@ -12,7 +12,8 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from kvtier.service.server.telemetry import LOG_FORMAT, TraceContextFilter, client_interceptors, inject, setup_telemetry
+from kvtier.service.server.logs import LOG_FORMAT, TraceContextFilter
+from kvtier.service.server.telemetry import client_interceptors, inject, setup_telemetry
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 from kvtier.tiering.sessions import session_id_key
 from kvtier.tiering.spans import session_hash
@@ -27,7 +28,8 @@ ALLOWED_ATTRS = {"kvtier.tier", "kvtier.blocks", "kvtier.bytes", "kvtier.hit", "
                  "kvtier.evictions", "kvtier.blocks_requested", "kvtier.deadline_hit", "rpc.system",
                  "rpc.service", "rpc.method", "rpc.grpc.status_code"}
 OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
-             "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SERVICE_NAME")
+             "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SERVICE_NAME",
+             "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
 
 
 @pytest.fixture(autouse=True)
@@ -228,11 +230,15 @@ def _serve_and_call(tel, store, keys):
     async def fail(request: bytes, context):
         await context.abort(grpc.StatusCode.NOT_FOUND, "no such session")
 
+    async def crash(request: bytes, context):
+        await context.abort(grpc.StatusCode.INTERNAL, "disk on fire")
+
     async def main():
         server = grpc.aio.server(interceptors=tel.server_interceptors())
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("kvtier.v1.KVCache", {
             "Get": grpc.unary_stream_rpc_method_handler(get_blocks),
-            "Resume": grpc.unary_unary_rpc_method_handler(fail)})])
+            "Resume": grpc.unary_unary_rpc_method_handler(fail),
+            "Stats": grpc.unary_unary_rpc_method_handler(crash)})])
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -242,6 +248,9 @@ def _serve_and_call(tel, store, keys):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await ch.unary_unary("/kvtier.v1.KVCache/Resume")(b"", metadata=inject())
                 assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await ch.unary_unary("/kvtier.v1.KVCache/Stats")(b"")
+                assert err.value.code() == grpc.StatusCode.INTERNAL
             return client, got
         finally:
             await server.stop(None)
@@ -265,7 +274,10 @@ def test_rpc_span_continues_the_callers_trace(traced, data_dir):
     assert one(spans, "kvtier.cold.read").parent.span_id == rpc.context.span_id
     failed = one(spans, "/kvtier.v1.KVCache/Resume")
     assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
-    assert failed.status.status_code == trace.StatusCode.ERROR and not failed.events  # no AbortError noise
+    # a miss is the caller's business: the RPC semantic conventions leave the server span unset
+    assert failed.status.status_code == trace.StatusCode.UNSET and not failed.events  # no AbortError noise
+    crashed = one(spans, "/kvtier.v1.KVCache/Stats")
+    assert crashed.status.status_code == trace.StatusCode.ERROR and crashed.status.description == "INTERNAL"
     samples = {(s.labels["method"], s.labels["code"]) for m in tel.registry.collect()
                if m.name == "kvtier_rpc_duration_seconds" for s in m.samples if s.name.endswith("_count")}
     assert {("Get", "OK"), ("Resume", "NOT_FOUND")} <= samples
@@ -312,6 +324,7 @@ def test_server_process_exports_a_resume_trace(otlp_receiver, kvtier_process, tr
     tel, _ = traced  # the client's own tracer
     metrics_port = _free_port()
     proc = kvtier_process(extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50",
+                                     "OTEL_TRACES_SAMPLER": "always_on",  # every root trace
                                      "KVTIER_TELEMETRY__METRICS_PORT": str(metrics_port)}).start()
     ns = wire.namespace()
     toks = wire.tokens(3 * ns.layout.block_tokens)
@@ -364,3 +377,57 @@ def test_settings_select_http_exporter_and_service_name():
     finally:
         tel.tracer_provider.force_flush = lambda *a: True
         tel.shutdown(timeout_s=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling and JSON logs (issue 14)
+def test_default_sampler_follows_the_caller_and_samples_roots_by_ratio(monkeypatch):
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from kvtier.service.server.config import Settings
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    exporter = InMemorySpanExporter()
+    tel = setup_telemetry(Settings(telemetry={"sample_ratio": 0.0}), span_exporter=exporter)
+    try:
+        assert "ParentBased" in tel.tracer_provider.sampler.get_description()
+        with tel.tracer.start_as_current_span("root") as root:
+            assert not root.is_recording()  # ratio 0: a request without a caller's trace is not traced
+        for flags, recorded in ((TraceFlags.SAMPLED, True), (TraceFlags.DEFAULT, False)):
+            parent = SpanContext(trace_id=0x1234, span_id=0x99, is_remote=True, trace_flags=TraceFlags(flags))
+            ctx = trace.set_span_in_context(NonRecordingSpan(parent))
+            with tel.tracer.start_as_current_span("child", context=ctx) as child:
+                assert child.is_recording() is recorded  # the caller decides
+    finally:
+        tel.shutdown()
+    assert Settings().telemetry.sample_ratio == 0.1  # the documented default
+
+
+def test_json_log_lines_carry_trace_and_span_ids(traced):
+    import io
+    import json
+
+    from kvtier.service.server.logs import JsonFormatter
+
+    tel, _ = traced
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(TraceContextFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("kvtier.test.json")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with tel.tracer.start_as_current_span("op") as span:
+            logger.info("inside %s", "a span")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("outside")
+    finally:
+        logger.removeHandler(handler)
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    ctx = span.get_span_context()
+    assert inside["message"] == "inside a span" and inside["level"] == "INFO" and inside["logger"] == "kvtier.test.json"
+    assert (inside["trace_id"], inside["span_id"]) == (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
+    assert outside["trace_id"] == "0" * 32 and "ValueError: boom" in outside["exception"]
