@@ -28,12 +28,12 @@ def resolve_device(device: str) -> torch.device | None:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", 0)
-        log.info("hot tier off: torch sees no CUDA device (set hot.device=cpu to exercise it on the host)")
+        log.info("hot tier off: torch sees no CUDA device (set store.hot_device = 'cpu', or --hot-device cpu, to exercise it on the host)")
         return None
     dev = torch.device(device)
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"hot.device={device!r} but torch sees {torch.cuda.device_count()} CUDA device(s); "
-                         "use hot.device=auto to switch the hot tier off without a GPU")
+        raise ValueError(f"store.hot_device={device!r} but torch sees {torch.cuda.device_count()} CUDA device(s); "
+                         "use store.hot_device = \"auto\" (--hot-device auto) to switch the hot tier off without a GPU")
     return dev
 
 

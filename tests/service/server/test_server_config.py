@@ -150,7 +150,6 @@ def test_sampler_ratio_setting(toml_file, monkeypatch):
     assert "telemetry.sample_ratio" in _error()
 
 
-@pytest.mark.xfail(strict=True, reason="logged by tiering/hot.py, outside service/: the ops report asks for it")
 def test_startup_hint_names_the_real_setting(data_dir, caplog):
     import logging
 
