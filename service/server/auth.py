@@ -21,19 +21,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvtier.tiering.errors import KVTierError
+from kvtier.service.server.errors import PermissionDenied, Unauthenticated
 
 #: Metadata key gRPC carries the credentials in (lower case, as HTTP/2 headers are).
 AUTH_METADATA = "authorization"
 _SCHEME = "bearer "
-
-
-class Unauthenticated(KVTierError):
-    """No credentials, or credentials this server does not know: ``UNAUTHENTICATED``."""
-
-
-class PermissionDenied(KVTierError):
-    """Known caller, but not allowed to do this: ``PERMISSION_DENIED``."""
 
 
 @dataclass(frozen=True, slots=True)
