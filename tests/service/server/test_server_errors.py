@@ -242,3 +242,13 @@ def test_decode_error_maps_to_bad_request():
     status = status_for(DecodeError("truncated"))
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed request message" in status.details
+
+
+def test_a_client_error_is_logged_once_without_traceback(shared_server, kv):
+    marker = "marker-dtype-31337"
+    with pytest.raises(grpc.RpcError) as err:
+        kv.Put(iter([pb.PutRequest(header=_header(namespace=namespace(dtype=marker)))]), timeout=T)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    lines = [line for line in shared_server.log_text().splitlines() if marker in line]
+    assert len(lines) == 1 and " INFO " in lines[0] and "INVALID_ARGUMENT" in lines[0], lines
+    assert "Traceback" not in shared_server.log_text()
