@@ -99,12 +99,9 @@ class PutBudget:
         return {"put_pending_bytes": self.pending_bytes, "put_received_bytes": self.received_bytes,
                 "puts_open": sum(self._open.values())}
 
-    @contextlib.contextmanager
-    def hold(self, tenant: str, declared: int) -> Iterator[Callable[[int], None]]:
-        """Count one open Put of ``tenant`` declaring ``declared`` bytes for the ``with`` block.
+    def reserve(self, tenant: str, declared: int) -> PutHold:
+        """Count one open Put of ``tenant`` declaring ``declared`` bytes until the hold is released.
 
-        :returns: (as the ``with`` target) a function the stream calls with each chunk's size as it
-            arrives, so ``received_bytes`` tells what open Puts hold.
         :raises QuotaExceeded: when the tenant has ``max_open_per_tenant`` Puts open already, or the
             declared bytes would take the open Puts past ``max_pending_bytes``; nothing is held then.
         """
@@ -118,18 +115,48 @@ class PutBudget:
                                 "split the Put", subject="server:put_pending_bytes")
         self._open[tenant] += 1
         self.pending_bytes += declared
-        received = 0
+        return PutHold(self, tenant, declared)
 
-        def arrived(n: int) -> None:
-            nonlocal received
-            received += n
-            self.received_bytes += n
+    def release(self, hold: PutHold) -> None:
+        """Give back what :meth:`reserve` counted for ``hold`` (call :meth:`PutHold.release`, which does it once)."""
+        self.received_bytes -= hold.received
+        self.pending_bytes -= hold.declared
+        self._open[hold.tenant] -= 1
+        if not self._open[hold.tenant]:
+            del self._open[hold.tenant]
 
+    @contextlib.contextmanager
+    def hold(self, tenant: str, declared: int) -> Iterator[Callable[[int], None]]:
+        """:meth:`reserve` for the ``with`` block (a Put stream's life).
+
+        :returns: (as the ``with`` target) :meth:`PutHold.arrived`, to call with each chunk's size.
+        :raises QuotaExceeded: as :meth:`reserve`.
+        """
+        held = self.reserve(tenant, declared)
         try:
-            yield arrived
+            yield held.arrived
         finally:
-            self.received_bytes -= received
-            self.pending_bytes -= declared
-            self._open[tenant] -= 1
-            if not self._open[tenant]:
-                del self._open[tenant]
+            held.release()
+
+
+class PutHold:
+    """One open Put's place in a :class:`PutBudget` (from :meth:`PutBudget.reserve`). Event loop only."""
+
+    __slots__ = ("_budget", "tenant", "declared", "received")
+
+    def __init__(self, budget: PutBudget, tenant: str, declared: int) -> None:
+        self._budget = budget
+        self.tenant = tenant
+        self.declared = declared
+        self.received = 0
+
+    def arrived(self, n: int) -> None:
+        """``n`` more payload bytes of this Put arrived (``PutBudget.received_bytes`` counts them)."""
+        self.received += n
+        self._budget.received_bytes += n
+
+    def release(self) -> None:
+        """Give the place back (idempotent)."""
+        if self._budget is not None:
+            budget, self._budget = self._budget, None
+            budget.release(self)

@@ -64,11 +64,18 @@ MAX_ARENAS_PER_CALLER = 32
 class Upload:
     """The pieces of a multi-piece ``PutShm`` received so far (copies: the caller reuses its ranges)."""
 
-    plan: object  # service.put_stream.PutPlan
+    plan: object  # service.server.put_assembly.PutPlan
     sizes: list[int]
     blocks: list = field(default_factory=list)
     checksums: list[int] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    #: its place among the open Puts (``service.server.quota.PutHold``), released when it ends
+    hold: object | None = None
+
+    def release(self) -> None:
+        """End the upload's hold on the Put budget (idempotent)."""
+        if self.hold is not None:
+            self.hold.release()
 
     @property
     def nbytes(self) -> int:
@@ -99,7 +106,9 @@ class ServerArena:
         upload_id = secrets.token_hex(8)
 
         def expire() -> None:
-            if self.uploads.pop(upload_id, None) is not None:
+            expired = self.uploads.pop(upload_id, None)
+            if expired is not None:
+                expired.release()
                 counters["uploads_expired"] += 1
                 log.debug("arena %s…: upload %s expired after %.0f s without a next piece", self.arena_id[:8],
                           upload_id, lease_s)
@@ -123,6 +132,7 @@ class ServerArena:
     def drop_uploads(self) -> None:
         for upload in self.uploads.values():
             upload.timer.cancel()
+            upload.release()
         self.uploads.clear()
 
 

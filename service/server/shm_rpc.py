@@ -13,7 +13,9 @@ common case (the caller owns the arena's space and names the ranges; the server 
   the checksum on that copy, so bytes changing under the call can never be stored unverified.
   A Put larger than the caller's arena comes in pieces: each but the last is copied out and parked
   (:class:`service.server.shm_broker.Upload`) until the next piece, for at most the lease time; the store
-  sees the blocks only with the last piece, so an interrupted Put stores nothing.
+  sees the blocks only with the last piece, so an interrupted Put stores nothing. While parked, an
+  upload counts as an open Put of its tenant, its declared bytes against the server's Put budget
+  (``service/server/quota.py``), as a Put stream does.
 * **GetShm**: on one worker thread, ``TieredStore.copy_out`` writes the blocks into the caller's
   region (one copy from the warm or hot tier, a device-to-host copy for a GPU block, cold blocks
   decompressed straight into it; each checked on the arena's bytes), and the answer says where. When the region fills up first the answer says so (reason ``"region"``) with
@@ -82,31 +84,51 @@ async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutSh
             layout = plan.namespace.layout
             upload = Upload(plan, [layout.block_bytes(plan.block_tokens(plan.first_block + i))
                                    for i in range(plan.block_count)])
-        got = len(upload.blocks)
-        if len(request.checksums) != len(request.slots):
-            raise InvalidBlock(f"{len(request.checksums)} checksums for {len(request.slots)} slots", field="checksums")
-        if got + len(request.slots) > len(upload.sizes) or (not request.more and got + len(request.slots)
-                                                            < len(upload.sizes)):
-            raise InvalidBlock(f"{got} + {len(request.slots)} blocks sent, {len(upload.sizes)} declared", field="slots")
-        views = []
-        for i, slot in enumerate(request.slots):
-            if slot.length != upload.sizes[got + i]:
-                raise InvalidBlock(f"block {upload.plan.first_block + got + i} has {slot.length} bytes; its layout "
-                                   f"wants {upload.sizes[got + i]}", field="slots")
-            views.append(arena.arena.view(*_range(arena, slot.offset, slot.length, "slots")))
-        if request.more:
-            # the caller reuses its ranges for the next piece: keep copies (verified at commit, by the store)
-            upload.blocks += await asyncio.to_thread(lambda: [bytearray(v) for v in views])
-            upload.checksums += request.checksums
-            if not arena.alive:
-                raise ShmUnavailable("the arena was closed by its owner")
-            return pb.PutShmResponse(upload_id=arena.park(upload, registry.lease_s, registry.counters))
-        # one store.put for the whole Put, which copies every block and checks it against its checksum
-        # before storing any
-        result = await asyncio.to_thread(core.commit_put, upload.plan, upload.blocks + views,
-                                         checksums=upload.checksums + list(request.checksums))
+        parked = False
+        try:
+            views = _pieces(arena, upload, request)
+            if request.more:
+                if upload.hold is None:
+                    # its copies stay here between calls: an open Put, counted as a Put stream is
+                    upload.hold = core.puts.reserve(upload.plan.namespace.tenant, upload.plan.declared_bytes)
+                # the caller reuses its ranges for the next piece: keep copies (verified at commit, by the store)
+                upload.blocks += await asyncio.to_thread(lambda: [bytearray(v) for v in views])
+                upload.hold.arrived(sum(len(v) for v in views))
+                upload.checksums += request.checksums
+                if not arena.alive:
+                    raise ShmUnavailable("the arena was closed by its owner")
+                upload_id = arena.park(upload, registry.lease_s, registry.counters)
+                parked = True
+                return pb.PutShmResponse(upload_id=upload_id)
+            # one store.put for the whole Put, which copies every block and checks it against its checksum
+            # before storing any
+            result = await asyncio.to_thread(core.commit_put, upload.plan, upload.blocks + views,
+                                             checksums=upload.checksums + list(request.checksums))
+        finally:
+            if not parked:
+                upload.release()
         registry.counters["puts"] += 1
     return pb.PutShmResponse(done=convert.put_result_to_proto(result))
+
+
+def _pieces(arena: ServerArena, upload: Upload, request: pb.PutShmRequest) -> list[memoryview]:
+    """Views of the blocks one ``PutShm`` call names, after checking them against the upload's plan.
+
+    :raises InvalidBlock: on a count, size or range that does not match.
+    """
+    got = len(upload.blocks)
+    if len(request.checksums) != len(request.slots):
+        raise InvalidBlock(f"{len(request.checksums)} checksums for {len(request.slots)} slots", field="checksums")
+    if got + len(request.slots) > len(upload.sizes) or (not request.more and got + len(request.slots)
+                                                        < len(upload.sizes)):
+        raise InvalidBlock(f"{got} + {len(request.slots)} blocks sent, {len(upload.sizes)} declared", field="slots")
+    views = []
+    for i, slot in enumerate(request.slots):
+        if slot.length != upload.sizes[got + i]:
+            raise InvalidBlock(f"block {upload.plan.first_block + got + i} has {slot.length} bytes; its layout "
+                               f"wants {upload.sizes[got + i]}", field="slots")
+        views.append(arena.arena.view(*_range(arena, slot.offset, slot.length, "slots")))
+    return views
 
 
 async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetShmRequest, context,

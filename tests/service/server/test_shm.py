@@ -371,8 +371,13 @@ def test_unfinished_upload_expires_and_stores_nothing(small_arena):
         req.checksums.append(checksum(link.arena.array[:layout.block_bytes()]))
         upload = kv._stub.PutShm(req, timeout=10).upload_id
         assert shm_counters(small_arena.target)["shm_uploads_open"] == base["shm_uploads_open"] + 1
+        # parked, it is an open Put: its declared bytes count against the server's Put budget
+        held = kv.stats().counters
+        assert held["puts_open"] == 1 and held["put_pending_bytes"] == 2 * layout.block_bytes()
+        assert held["put_received_bytes"] == layout.block_bytes()
         assert wait_for(lambda: shm_counters(small_arena.target).get("shm_uploads_expired", 0)
                         == base.get("shm_uploads_expired", 0) + 1, 10)
+        assert kv.stats().counters["puts_open"] == 0 and kv.stats().counters["put_pending_bytes"] == 0
         last = pb.PutShmRequest(arena_id=link.arena_id, upload_id=upload)
         last.slots.add(offset=0, length=layout.block_bytes())
         last.checksums.append(0)
