@@ -1,5 +1,7 @@
 """The kvtier gRPC server: build it, run it, shut it down cleanly.
 
+May import every ``service.server`` module, ``service.wire`` and ``tiering``; nothing imports it but the CLI and tests.
+
 :func:`create_server` assembles a ``grpc.aio`` server around an open store (KVCache service, standard
 ``grpc.health.v1`` health service, server reflection) and binds it; tests and embedders use it
 in-process. :func:`serve` is the process: open the store, start, write the port file, wait for

@@ -1,5 +1,7 @@
 """Who is calling: bearer tokens to tenants, and the admin check.
 
+May import ``service.server.errors`` only.
+
 A caller sends ``authorization: Bearer <token>`` metadata with every RPC. A token of
 ``security.tokens`` acts for its tenant only: the tenant becomes part of every key's namespace, and a
 request naming another tenant is refused (``convert.tenant_of``). A token of
