@@ -1,5 +1,7 @@
 """The kvtier gRPC server: build it, run it, shut it down cleanly.
 
+May import every ``service.server`` module, ``service.wire`` and ``tiering``; nothing imports it but the CLI and tests.
+
 :func:`create_server` assembles a ``grpc.aio`` server around an open store (KVCache service, standard
 ``grpc.health.v1`` health service, server reflection) and binds it; tests and embedders use it
 in-process. :func:`serve` is the process: open the store, start, write the port file, wait for
@@ -31,8 +33,9 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.service.server.auth import authenticator_from_settings
 from kvtier.service.server.config import Settings
-from kvtier.service.server.errors import MalformedRequests
-from kvtier.service.server.quota import Limits
+from kvtier.service.server.core import ServerCore
+from kvtier.service.server.errors import ErrorBoundary
+from kvtier.service.server.quota import Limits, PutBudget
 from kvtier.service.server.servicer import KVCacheServicer
 from kvtier.service.server.shm_broker import ArenaRegistry
 from kvtier.service.server.telemetry import setup_telemetry
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Full name of the KV cache service, as health checks and reflection know it.
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVCache"].full_name
+#: RPCs gRPC admits beyond ``server.max_concurrent_rpcs``: room kept for health checks and reflection,
+#: which the KVCache limit (enforced by the :class:`ErrorBoundary`) never counts.
+RESERVED_RPCS = 16
 
 
 def _address(host: str, port: int) -> str:
@@ -52,30 +58,17 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-class _KVCacheOnly(grpc.aio.ServerInterceptor):
-    """Applies ``inner`` to KVCache RPCs only: health probes and reflection stay out of RPC spans
-    and latency metrics (and out of interceptors that expect async-generator stream handlers; the
-    aio health ``Watch`` and reflection handlers are coroutines that write to the context)."""
-
-    def __init__(self, inner: grpc.aio.ServerInterceptor) -> None:
-        self._inner = inner
-
-    async def intercept_service(self, continuation, handler_call_details):
-        if (handler_call_details.method or "").startswith(f"/{SERVICE_NAME}/"):
-            return await self._inner.intercept_service(continuation, handler_call_details)
-        return await continuation(handler_call_details)
-
-
 def create_server(settings: Settings, store: TieredStore, *, health_servicer: health.aio.HealthServicer | None = None,
                   interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                   shm: ArenaRegistry | None = None) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started ``grpc.aio`` server serving ``store``.
 
-    :param settings: ``settings.server`` gives address, message size limit and concurrency limit.
+    :param settings: ``settings.server`` gives address, message size limit, concurrency and stream limits.
     :param store: the open engine; the server never closes it.
     :param health_servicer: the health service to register (a fresh one when omitted); keep it to
         flip it to NOT_SERVING on shutdown.
-    :param interceptors: server interceptors (telemetry), outermost first; applied to KVCache RPCs only.
+    :param interceptors: server interceptors (telemetry), outermost first; applied to KVCache RPCs only,
+        around the error boundary (so they see every mapped status).
     :param shm: the shared-memory arenas to offer (default: new ones per ``settings.server.shm_*``
         when ``shm_enabled``); whoever made them closes them (:func:`serve` does).
     :returns: the server and the bound port (the real one when ``settings.server.port`` is 0).
@@ -93,15 +86,18 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
                     sec.max_sessions_per_tenant)
     limit = int(cfg.max_message_bytes)
     server = grpc.aio.server(
-        # MalformedRequests innermost: an unparsable unary request gets INVALID_ARGUMENT, not UNKNOWN
-        interceptors=[_KVCacheOnly(i) for i in (*interceptors, MalformedRequests())],
+        # the one error boundary; it admits KVCache RPCs against max_concurrent_rpcs, health never counts
+        interceptors=[ErrorBoundary(SERVICE_NAME, observers=interceptors, max_concurrent=cfg.max_concurrent_rpcs)],
         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
                  # one server per port: never share a port with a stale or second instance
                  ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs + RESERVED_RPCS)
     if shm is None and cfg.shm_enabled:
         shm = shm_registry(settings, store)
-    servicer = KVCacheServicer(store, auth=auth, limits=limits, shm=shm, max_put_bytes=int(cfg.max_put_bytes))
+    core = ServerCore(store, auth=auth, limits=limits, max_put_bytes=int(cfg.max_put_bytes), max_message_bytes=limit,
+                      puts=PutBudget(cfg.max_open_puts_per_tenant, int(cfg.put_pending_bytes)),
+                      stream_idle_s=cfg.stream_idle_s)
+    servicer = KVCacheServicer(core, shm=shm)
     pb_grpc.add_KVCacheServicer_to_server(servicer, server)
     # Get and Put again, with codecs that write and read payload chunks without protobuf (same bytes
     # on the wire): this later registration replaces the generated handlers of those two methods.
@@ -124,7 +120,8 @@ def shm_registry(settings: Settings, store: TieredStore) -> ArenaRegistry | None
     cfg = settings.server
     if not cfg.shm_enabled:
         return None
-    return ArenaRegistry(cfg.shm_socket, int(cfg.shm_arena_bytes), lease_s=store.config.lease_s)
+    return ArenaRegistry(cfg.shm_socket, int(cfg.shm_arena_bytes), lease_s=store.config.lease_s,
+                         max_per_caller=cfg.shm_arenas_per_caller)
 
 
 def _write_port_file(path: Path, port: int) -> None:

@@ -1,5 +1,7 @@
 """Who is calling: bearer tokens to tenants, and the admin check.
 
+May import ``service.server.errors`` only.
+
 A caller sends ``authorization: Bearer <token>`` metadata with every RPC. A token of
 ``security.tokens`` acts for its tenant only: the tenant becomes part of every key's namespace, and a
 request naming another tenant is refused (``convert.tenant_of``). A token of
@@ -21,19 +23,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvtier.tiering.errors import KVTierError
+from kvtier.service.server.errors import PermissionDenied, Unauthenticated
 
 #: Metadata key gRPC carries the credentials in (lower case, as HTTP/2 headers are).
 AUTH_METADATA = "authorization"
 _SCHEME = "bearer "
-
-
-class Unauthenticated(KVTierError):
-    """No credentials, or credentials this server does not know: ``UNAUTHENTICATED``."""
-
-
-class PermissionDenied(KVTierError):
-    """Known caller, but not allowed to do this: ``PERMISSION_DENIED``."""
 
 
 @dataclass(frozen=True, slots=True)

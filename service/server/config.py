@@ -57,7 +57,15 @@ class ServerSettings(BaseModel):
     :ivar port: TCP port; 0 picks a free one (see ``port_file``).
     :ivar max_message_bytes: largest gRPC message accepted or sent; bigger ones fail with
         RESOURCE_EXHAUSTED. Block chunks are at most 1 MiB, so a few MiB is plenty.
-    :ivar max_concurrent_rpcs: RPCs served at once; more are refused with RESOURCE_EXHAUSTED.
+    :ivar max_concurrent_rpcs: KVCache RPCs served at once; more are refused with RESOURCE_EXHAUSTED
+        (``QuotaFailure`` ``server:concurrent_rpcs``). Health checks and reflection are not counted.
+    :ivar max_open_puts_per_tenant: Put streams one tenant may have open at once (0 = no limit); keep
+        it below ``max_concurrent_rpcs`` so idle half-open streams of one caller leave room for others.
+    :ivar put_pending_bytes: payload bytes the headers of all open Put streams may declare together
+        (0 = no limit); a header over it is refused with RESOURCE_EXHAUSTED. Memory follows the bytes
+        that arrive, so this bounds what a few small headers can commit the server to.
+    :ivar stream_idle_s: seconds a Put stream may send nothing before it is closed (DEADLINE_EXCEEDED,
+        nothing stored); 0 = wait for ever (only the caller's deadline applies).
     :ivar max_put_bytes: payload bytes one Put stream may declare (its blocks' sizes from the header's
         layout, first_block and block_count). A Put is buffered whole before it is stored, so this
         bounds the memory one stream can take; a larger one is refused with RESOURCE_EXHAUSTED before
@@ -71,6 +79,8 @@ class ServerSettings(BaseModel):
         directory under the temp dir, reachable by this uid only. Name a path to serve other uids.
     :ivar shm_arena_bytes: size of each caller's arena (memory is committed only as it is used).
         Blocks larger than an arena travel over gRPC; sessions larger than it move in pieces.
+    :ivar shm_arenas_per_caller: arenas one caller may hold (its tenant with tokens, else its
+        connection); 0 = no limit beyond the server's 256.
     """
 
     model_config = _STRICT
@@ -79,12 +89,16 @@ class ServerSettings(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     max_message_bytes: ByteSize = Field(ByteSize(8 << 20), ge=2 << 20)
     max_concurrent_rpcs: int = Field(64, ge=1)
+    max_open_puts_per_tenant: int = Field(32, ge=0)
+    put_pending_bytes: ByteSize = Field(ByteSize(2 << 30), ge=0)
+    stream_idle_s: float = Field(60.0, ge=0)
     max_put_bytes: ByteSize = Field(ByteSize(1 << 30), ge=1 << 30)
     grace_s: float = Field(10.0, ge=0)
     port_file: Path | None = None
     shm_enabled: bool = True
     shm_socket: Path | None = None
     shm_arena_bytes: ByteSize = Field(ByteSize(256 << 20), ge=1 << 20)
+    shm_arenas_per_caller: int = Field(32, ge=0)
 
 
 class StoreSettings(BaseModel):

@@ -1,40 +1,43 @@
-"""The error boundary: the one place where engine errors become gRPC statuses.
+"""The service's error types (one hierarchy: :class:`ServiceError`) and its one error boundary.
 
-Every RPC handler of :class:`service.servicer.KVCacheServicer` is wrapped by :func:`grpc_errors`, so
-no handler catches anything itself. The mapping (``google.rpc.Status`` details via grpcio-status,
-readable with ``grpc_status.rpc_status.from_call``):
+May import grpc, google.rpc/protobuf and ``tiering.errors`` only; every other server module takes its
+error types from here.
+
+Two families of errors reach the boundary, and one table maps both (``google.rpc.Status`` details via
+grpcio-status, readable with ``grpc_status.rpc_status.from_call``):
 
 =====================================  ======================  ====================================
 raised                                 status                  details
 =====================================  ======================  ====================================
-``InvalidBlock``                       ``INVALID_ARGUMENT``    ``BadRequest`` naming ``exc.field``
+``InvalidBlock``, ``DecodeError``      ``INVALID_ARGUMENT``    ``BadRequest`` naming the field
+                                                               (``request`` for bytes that do not
+                                                               parse, non-UTF-8 strings included)
 ``BlockNotFound``/``SessionNotFound``  ``NOT_FOUND``
 ``LayoutMismatch``                     ``FAILED_PRECONDITION``
-``CapacityExceeded``                   ``RESOURCE_EXHAUSTED``  ``QuotaFailure`` (subject
-                                                               ``kvtier:capacity``, or the limit hit:
-                                                               ``service/server/quota.py``)
+``CapacityExceeded``                   ``RESOURCE_EXHAUSTED``  ``QuotaFailure`` ``kvtier:capacity``
 ``TierUnavailable``                    ``UNAVAILABLE``
-``auth.Unauthenticated``               ``UNAUTHENTICATED``
-``auth.PermissionDenied``              ``PERMISSION_DENIED``
-``DecodeError`` (unparsable message)   ``INVALID_ARGUMENT``    (bad wire bytes, non-UTF-8 string)
-anything else                          ``INTERNAL``            (logged once, with its traceback)
+:class:`ServiceError` subclasses       their ``code``          ``QuotaFailure`` naming the limit for
+                                                               :class:`QuotaExceeded`
+anything else                          ``INTERNAL``            none (logged once, with traceback)
 =====================================  ======================  ====================================
 
 Statuses gRPC produces by itself are left alone: an over-size message is ``RESOURCE_EXHAUSTED``, an
-expired deadline ``DEADLINE_EXCEEDED``, a call to a server that is draining ``UNAVAILABLE``.
+expired deadline ``DEADLINE_EXCEEDED``, a call to a draining server ``UNAVAILABLE``.
 
-A request message that does not parse (corrupt wire bytes, a ``string`` field that is not UTF-8) is
-the caller's error too. gRPC parses a streamed request inside the handler, where :func:`grpc_errors`
-sees the ``DecodeError``; it parses a unary request *before* the handler and would answer UNKNOWN, so
-:class:`MalformedRequests` (a server interceptor) defers that failure into the handler.
+Logging: a mapped error is the caller's condition and is logged once, without traceback, at INFO
+(WARNING for ``RESOURCE_EXHAUSTED`` and ``UNAVAILABLE``, which operators size or fix); anything else
+is a bug, logged once at ERROR with its traceback and answered ``INTERNAL`` with a generic message.
+
+:class:`ErrorBoundary` is the one server interceptor that applies all this to the KVCache service
+(health and reflection pass through it untouched), and also admits KVCache RPCs against
+``max_concurrent`` so that health checks, which it never counts, always answer.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 from google.protobuf import any_pb2
@@ -42,25 +45,86 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from kvtier.service.server.auth import PermissionDenied, Unauthenticated
-from kvtier.service.wire.arena import LeaseExpired, ShmUnavailable
 from kvtier.tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, KVTierError, LayoutMismatch,
-                            TierUnavailable)
+                                   TierUnavailable)
 
 log = logging.getLogger(__name__)
 
+
+# -- the service's own errors ------------------------------------------------------------------------
+class ServiceError(Exception):
+    """Base of every error the service (not the engine) raises on purpose; ``code`` is its status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(ServiceError):
+    """No credentials, or credentials this server does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """Known caller, but not allowed to do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class QuotaExceeded(ServiceError):
+    """A per-request, per-caller or server-wide limit was hit (``service/server/quota.py``).
+
+    :ivar subject: the ``QuotaFailure.Violation.subject`` naming the limit, e.g.
+        ``tenant:acme:cold_bytes`` or ``server:put_pending_bytes``.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, subject: str) -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
+class ShmUnavailable(ServiceError):
+    """Shared memory is off on this server, or the arena named is not the caller's (or is gone); the
+    client falls back to the gRPC streams."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class IpcUnavailable(ShmUnavailable):
+    """This server cannot hand this caller CUDA IPC handles (no CUDA hot tier, another device, another
+    user); the caller fetches the blocks with ``GetShm`` or ``Get``."""
+
+
+class UploadNotFound(ServiceError):
+    """No unfinished multi-piece ``PutShm`` with this id on this arena (finished, expired, never started)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class LeaseNotFound(ServiceError):
+    """No CUDA IPC lease with this id for this caller (released, expired or never granted)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class StreamIdle(ServiceError):
+    """A request stream sent nothing for longer than the server's idle timeout; it was closed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# -- the mapping -------------------------------------------------------------------------------------
 #: Engine error class -> status code, most specific first (SessionNotFound is a BlockNotFound).
-_CODES: tuple[tuple[type[KVTierError], grpc.StatusCode], ...] = (
+_ENGINE_CODES: tuple[tuple[type[KVTierError], grpc.StatusCode], ...] = (
     (InvalidBlock, grpc.StatusCode.INVALID_ARGUMENT),
     (BlockNotFound, grpc.StatusCode.NOT_FOUND),
     (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TierUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (ShmUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
-    (LeaseExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
+#: Codes of conditions operators act on (a limit to size, a tier to fix): logged at WARNING.
+_WARN_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
 
 def _pack(msg) -> any_pb2.Any:
@@ -69,25 +133,34 @@ def _pack(msg) -> any_pb2.Any:
     return detail
 
 
+def code_of(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code of an error raised on purpose (module table), ``None`` for a bug."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    if isinstance(exc, DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return next((c for cls, c in _ENGINE_CODES if isinstance(exc, cls)), None)
+
+
 def status_for(exc: BaseException) -> grpc.Status:
     """The gRPC status (with ``google.rpc`` details) that answers ``exc``.
 
     Pure: does not log. Unknown exceptions give ``INTERNAL`` with a generic message, so internals
     never leak to callers.
     """
-    if isinstance(exc, DecodeError):
-        return rpc_status.to_status(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
-                                                      message=f"malformed request message: {exc}"))
-    code = next((c for cls, c in _CODES if isinstance(exc, cls)), None)
+    code = code_of(exc)
     if code is None:
         return rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL,
                                                       message="internal error; see the server log"))
     message = str(exc) or type(exc).__name__
     details = []
-    if isinstance(exc, InvalidBlock):
+    if isinstance(exc, (InvalidBlock, DecodeError)):
+        field = (exc.field or "") if isinstance(exc, InvalidBlock) else "request"
+        if isinstance(exc, DecodeError):
+            message = f"malformed request message: {message}"
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=exc.field or "", description=message)])))
-    elif isinstance(exc, CapacityExceeded):
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)])))
+    elif isinstance(exc, (QuotaExceeded, CapacityExceeded)):
         details.append(_pack(error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(subject=getattr(exc, "subject", "kvtier:capacity"),
                                                      description=message)])))
@@ -95,54 +168,20 @@ def status_for(exc: BaseException) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
 
 
-def _log_unexpected(name: str, exc: BaseException) -> None:
-    log.error("%s failed with an unexpected error; answered INTERNAL", name, exc_info=exc)
+def log_error(method: str, exc: BaseException) -> None:
+    """Log ``exc``, answered for RPC ``method``, once: see the module docstring for the levels."""
+    code = code_of(exc)
+    if code is None:
+        log.error("%s failed with an unexpected error; answered INTERNAL", method, exc_info=exc)
+        return
+    field = f" ({exc.field})" if isinstance(exc, InvalidBlock) and exc.field else ""
+    log.log(logging.WARNING if code in _WARN_CODES else logging.INFO, "%s: %s%s: %s", method, code.name, field,
+            exc)
 
 
-def grpc_errors(handler: Callable) -> Callable:
-    """Wrap an RPC handler (coroutine or async generator) so errors leave as mapped statuses.
-
-    ``KVTierError`` subclasses are answered as in the module table (logged at DEBUG: they are the
-    caller's problem); anything else is logged once at ERROR with its traceback and answered
-    ``INTERNAL``. Aborts, cancellations and errors raised by gRPC itself pass through untouched.
-    """
-    name = handler.__qualname__
-
-    async def answer(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        if isinstance(exc, (KVTierError, DecodeError)):
-            log.debug("%s: %s: %s", name, type(exc).__name__, exc)
-        else:
-            _log_unexpected(name, exc)
-        await context.abort_with_status(status_for(exc))
-
-    if inspect.isasyncgenfunction(handler):
-        @functools.wraps(handler)
-        async def stream_wrapper(self, request, context):
-            responses = handler(self, request, context)
-            try:
-                async for response in responses:
-                    yield response
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - the boundary: every error is answered here
-                await answer(context, exc)
-            finally:
-                await responses.aclose()  # run the handler's cleanup now, not at garbage collection
-        return stream_wrapper
-
-    @functools.wraps(handler)
-    async def unary_wrapper(self, request, context):
-        try:
-            return await handler(self, request, context)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: every error is answered here
-            await answer(context, exc)
-    return unary_wrapper
-
-
+# -- the boundary ------------------------------------------------------------------------------------
 class _Malformed:
-    """Stands in for a unary request whose bytes did not parse; the handler answers its error."""
+    """Stands in for a unary request whose bytes did not parse; the boundary answers its error."""
 
     __slots__ = ("error",)
 
@@ -150,48 +189,119 @@ class _Malformed:
         self.error = error
 
 
-class MalformedRequests(grpc.aio.ServerInterceptor):
-    """Answers an unparsable unary request with INVALID_ARGUMENT instead of gRPC's bare UNKNOWN.
+#: (attribute of a method handler, factory of such a handler), one per RPC kind.
+_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+          ("unary_stream", grpc.unary_stream_rpc_method_handler),
+          ("stream_unary", grpc.stream_unary_rpc_method_handler),
+          ("stream_stream", grpc.stream_stream_rpc_method_handler))
 
-    gRPC calls the request deserializer before the handler, and a ``DecodeError`` there becomes
-    UNKNOWN. This interceptor swaps in a deserializer that returns a :class:`_Malformed` placeholder
-    and a behavior that aborts on it. Streamed requests are parsed inside the handler, where
-    :func:`grpc_errors` maps the error, so their handlers are returned unchanged.
+
+class ErrorBoundary(grpc.aio.ServerInterceptor):
+    """The one interceptor between gRPC and the KVCache handlers (install it as the server's only one).
+
+    For every RPC of ``service`` it
+
+    * admits the RPC against ``max_concurrent`` KVCache RPCs in flight (0 = no limit); one more is
+      answered ``RESOURCE_EXHAUSTED`` with ``QuotaFailure`` ``server:concurrent_rpcs``. Health checks
+      and reflection are not counted, so they answer however busy the service is;
+    * parses a unary request itself, so bytes that do not parse are ``INVALID_ARGUMENT`` with
+      ``BadRequest`` details (gRPC would answer a bare ``UNKNOWN``);
+    * answers every error a handler raises as :func:`status_for` maps it, logged once (:func:`log_error`);
+    * runs ``observers`` (telemetry: spans, latency) around all of that, so they see the mapped status.
+
+    Other services' RPCs go straight to their handlers. Handlers of ``service`` are coroutines (unary
+    responses) or async generators (streamed responses). Use it on the server's event loop.
     """
 
+    def __init__(self, service: str, *, observers: Sequence[grpc.aio.ServerInterceptor] = (),
+                 max_concurrent: int = 0) -> None:
+        self._prefix = f"/{service}/"
+        self._observers = tuple(observers)
+        self.max_concurrent = max_concurrent
+        self.in_flight = 0
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-        method = handler_call_details.method
+        if not (handler_call_details.method or "").startswith(self._prefix):
+            return await continuation(handler_call_details)
 
-        def deserializer(raw: bytes):
-            try:
-                return parse(raw)
-            except DecodeError as exc:
-                return _Malformed(exc)
+        async def guarded(details):
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            cached = self._wrapped.get(details.method)
+            if cached is None or cached[0] is not handler:  # registered handlers come back the same
+                cached = self._wrapped[details.method] = (handler, self._wrap(handler, details.method))
+            return cached[1]
 
-        async def reject(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
-            log.debug("%s: malformed request: %s", method, request.error)
-            await context.abort_with_status(status_for(request.error))
+        call = guarded
+        for observer in reversed(self._observers):  # the first observer outermost
+            call = (lambda obs, inner: lambda details: obs.intercept_service(inner, details))(observer, call)
+        return await call(handler_call_details)
 
-        if handler.unary_unary:
-            unary = handler.unary_unary
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        deserializer = handler.request_deserializer
+        if not handler.request_streaming and deserializer is not None:
+            parse = deserializer
 
-            async def unary_behavior(request, context):
-                if isinstance(request, _Malformed):
-                    return await reject(request, context)
-                return await unary(request, context)
-            return grpc.unary_unary_rpc_method_handler(unary_behavior, request_deserializer=deserializer,
-                                                       response_serializer=handler.response_serializer)
-        streaming = handler.unary_stream
+            def deserializer(raw: bytes):
+                try:
+                    return parse(raw)
+                except DecodeError as exc:
+                    return _Malformed(exc)
+        for attr, make in _KINDS:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                wrap = self._streamed if handler.response_streaming else self._unary
+                return make(wrap(behavior, method), request_deserializer=deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
 
-        async def stream_behavior(request, context):
+    def _admit(self) -> None:
+        if self.max_concurrent and self.in_flight >= self.max_concurrent:
+            raise QuotaExceeded(f"{self.max_concurrent} KVCache calls are in flight, the most this server serves "
+                                "at once (server.max_concurrent_rpcs); retry with backoff",
+                                subject="server:concurrent_rpcs")
+        self.in_flight += 1
+
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+        log_error(method, exc)
+        if not context.done():  # a caller that hung up gets no answer (and abort would fail)
+            await context.abort_with_status(status_for(exc))
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, request, context: grpc.aio.ServicerContext, method: str):
+        """Admit the call, run the ``with`` body, and answer whatever it raises (module docstring)."""
+        admitted = False
+        try:
             if isinstance(request, _Malformed):
-                await reject(request, context)
-                return
-            async for item in streaming(request, context):
-                yield item
-        return grpc.unary_stream_rpc_method_handler(stream_behavior, request_deserializer=deserializer,
-                                                    response_serializer=handler.response_serializer)
+                raise request.error
+            self._admit()
+            admitted = True
+            yield
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: every error is answered here
+            await self._answer(context, method, exc)
+        finally:
+            if admitted:
+                self.in_flight -= 1
+
+    def _unary(self, behavior: Callable, method: str) -> Callable:
+        async def boundary(request, context):
+            async with self._guard(request, context, method):
+                return await behavior(request, context)
+        return boundary
+
+    def _streamed(self, behavior: Callable, method: str) -> Callable:
+        async def boundary(request, context):
+            responses = None
+            try:
+                async with self._guard(request, context, method):
+                    responses = behavior(request, context)
+                    async for response in responses:
+                        yield response
+            finally:
+                if responses is not None:
+                    await responses.aclose()  # run the handler's cleanup now, not at garbage collection
+        return boundary

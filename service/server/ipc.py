@@ -1,9 +1,11 @@
 """CUDA IPC gets (``GetIpc``/``ReleaseIpc``): hot blocks handed to a same-host CUDA caller on the GPU.
 
+May import torch, ``service.wire`` (convert, stubs, cuda_ipc) and ``service.server`` (core, errors, shm_broker).
+
 Design. One call, on one worker thread: the chain's blocks that are in the hot tier (prefix order, up
 to the first that is not) are copied into one fresh buffer on the hot tier's GPU (device to device, at
 memory bandwidth), the copies are waited for, and the buffer is shared
-(:func:`service.shm.cuda_ipc.share`). The answer carries the buffer's handle and each block's offset;
+(:func:`service.wire.cuda_ipc.share`). The answer carries the buffer's handle and each block's offset;
 the server holds the buffer under a lease (:class:`IpcLeases`) until ``ReleaseIpc``, ``store.lease_s``
 seconds, or the caller's arena closing, whichever comes first.
 
@@ -22,7 +24,7 @@ tenant does not hold, a session is the tenant's own, another tenant's block answ
 
 Trust model:
 
-* handles are plain fields, never a pickle (:mod:`service.shm.cuda_ipc`);
+* handles are plain fields, never a pickle (:mod:`service.wire.cuda_ipc`);
 * a CUDA IPC mapping covers the whole allocation the buffer lies in, a segment of the server's
   caching allocator that may also hold hot blocks of other tenants. So GetIpc serves only a caller
   that holds an arena (it is on this host) whose process runs as the server's user, which could read
@@ -49,12 +51,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.service.wire import convert
+from kvtier.service.server.core import ServerCore
+from kvtier.service.server.chain import ChainRead
+from kvtier.service.server.errors import IpcUnavailable, LeaseNotFound
+from kvtier.service.server.shm_broker import ArenaRegistry
+from kvtier.service.wire import convert, cuda_ipc
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
-from kvtier.tiering.errors import BlockNotFound, InvalidBlock
-
-from kvtier.service.wire import cuda_ipc
-from kvtier.service.wire.arena import ShmUnavailable
+from kvtier.tiering.errors import InvalidBlock
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,6 @@ log = logging.getLogger(__name__)
 MAX_STAGED_BYTES = 1 << 30
 #: Each block starts on a multiple of this in its buffer (enough for every dtype's alignment).
 ALIGN = 512
-
-
-class IpcUnavailable(ShmUnavailable):
-    """This server cannot hand this caller CUDA IPC handles (no CUDA hot tier, another device, another
-    user): ``FAILED_PRECONDITION``; the caller fetches the blocks with ``GetShm`` or ``Get``."""
-
-
-class LeaseNotFound(BlockNotFound):
-    """No CUDA IPC lease with this id for this caller (released, expired or never granted): ``NOT_FOUND``."""
 
 
 @dataclass(eq=False)
@@ -94,7 +88,7 @@ class Staged:
 @dataclass(eq=False)
 class _Lease:
     principal: object
-    arena: object  # service.shm.broker.ServerArena
+    arena: object  # service.server.shm_broker.ServerArena
     staged: Staged
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -277,11 +271,12 @@ def stage(store, leases: IpcLeases, device: torch.device, keys, tenant: str, dea
     return Staged(blocks, reason, total, buffer, handle)
 
 
-async def get_ipc(servicer, request: pb.GetIpcRequest, context, deadline: float | None) -> pb.GetIpcResponse:
+async def get_ipc(core: ServerCore, shm: ArenaRegistry | None, leases: IpcLeases, request: pb.GetIpcRequest,
+                  context, deadline: float | None) -> pb.GetIpcResponse:
     """``GetIpc`` (module docstring)."""
-    principal, bound = servicer._caller(context)
+    caller = core.caller(context)
     req = request.request
-    tenant = convert.tenant_of(req.tenant, bound)
+    tenant = caller.tenant(req.tenant)
     if not request.arena_id:
         raise InvalidBlock("arena_id is required (CUDA IPC is for callers with an arena: OpenArena)",
                            field="arena_id")
@@ -289,27 +284,21 @@ async def get_ipc(servicer, request: pb.GetIpcRequest, context, deadline: float 
         wanted = cuda_ipc.normalize_uuid(request.device_uuid)
     except ValueError as exc:
         raise InvalidBlock(f"device_uuid: {exc}", field="device_uuid") from None
-    chain, mine = await servicer._target_keys(req, tenant, "Get")
-    first = req.start_block
-    if first > len(chain):
-        raise InvalidBlock(f"start_block {first} is past the {len(chain)} blocks of the chain", field="start_block")
-    end = min(len(chain), first + req.max_blocks) if req.max_blocks else len(chain)
-    readable = max(first, min(end, len(mine)))  # from here on a foreign key: answered as a miss
-    if servicer.shm is None:
+    read = await core.read_chain(req, tenant)
+    if shm is None:
         raise IpcUnavailable("shared memory is off on this server (server.shm_enabled = false), and CUDA IPC with "
                              "it; fetch the blocks with Get")
-    leases: IpcLeases = servicer.ipc
     leases.sweep()
-    with servicer.shm.use(request.arena_id, principal) as arena:
-        hot = _hot_cuda_tier(servicer.store)
+    with shm.use(request.arena_id, caller.principal) as arena:
+        hot = _hot_cuda_tier(core.store)
         if not _same_user(arena.peer_pid):
             raise IpcUnavailable("CUDA IPC is offered to processes running as the server's user only (a mapping "
                                  "shows the server's GPU memory around the blocks); fetch the blocks with GetShm")
         if wanted != leases.device_uuid(hot.device):
             raise IpcUnavailable(f"device {wanted} is not this server's hot-tier GPU, so CUDA IPC cannot reach it; "
                                  "fetch the blocks with GetShm (or ask with the hot tier's device)")
-        work = asyncio.ensure_future(asyncio.to_thread(stage, servicer.store, leases, hot.device,
-                                                       chain[first:readable], tenant, deadline))
+        work = asyncio.ensure_future(asyncio.to_thread(stage, core.store, leases, hot.device, read.wanted, tenant,
+                                                       deadline))
         try:
             staged = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -317,41 +306,36 @@ async def get_ipc(servicer, request: pb.GetIpcRequest, context, deadline: float 
             work.add_done_callback(lambda w: w.cancelled() or w.exception() is not None or leases.abandon(w.result()))
             raise
         try:
-            resp = _response(staged, chain, first, end, leases.lease_s)
+            resp = _response(staged, read, leases.lease_s)
         except BaseException:
             leases.abandon(staged)
             raise
         if staged.blocks:
-            resp.lease_id = leases.add(principal, arena, staged)
+            resp.lease_id = leases.add(caller.principal, arena, staged)
             leases.counters["gets"] += 1
             leases.counters["blocks"] += len(staged.blocks)
             leases.counters["bytes"] += sum(block.nbytes for _, block, _ in staged.blocks)
     return resp
 
 
-def _response(staged: Staged, chain, first: int, end: int, lease_s: float) -> pb.GetIpcResponse:
+def _response(staged: Staged, read: ChainRead, lease_s: float) -> pb.GetIpcResponse:
     resp = pb.GetIpcResponse(lease_seconds=lease_s, blocks=[
-        pb.IpcBlock(header=convert.block_header_to_proto(first + i, key, block, "hot"), offset=offset)
+        pb.IpcBlock(header=convert.block_header_to_proto(read.start + i, key, block, "hot"), offset=offset)
         for i, (key, block, offset) in enumerate(staged.blocks)])
     if staged.handle is not None:
         resp.buffer.CopyFrom(staged.handle)
-    stopped = first + len(staged.blocks)
-    reason = staged.reason
-    if not reason and stopped < end:
-        reason = "miss"  # the rest of the range was cut at a foreign key (stopped == readable)
-    elif not reason and end < len(chain):
-        reason = "max_blocks"
-    if reason in ("not_hot", "ipc_budget"):
-        resp.rest_keys.extend(k.digest for k in chain[stopped:])
-    resp.end.CopyFrom(pb.GetEnd(blocks_sent=len(staged.blocks), complete=stopped == len(chain), stopped_at=stopped,
-                                reason=reason, tokens=sum(block.tokens for _, block, _ in staged.blocks)))
+    sent = len(staged.blocks)
+    if staged.reason in ("not_hot", "ipc_budget"):
+        resp.rest_keys.extend(read.rest(sent))
+    resp.end.CopyFrom(read.end_message(sent, sum(block.tokens for _, block, _ in staged.blocks), staged.reason))
     return resp
 
 
-async def release_ipc(servicer, request: pb.ReleaseIpcRequest, context) -> pb.ReleaseIpcResponse:
+async def release_ipc(core: ServerCore, leases: IpcLeases, request: pb.ReleaseIpcRequest,
+                      context) -> pb.ReleaseIpcResponse:
     """``ReleaseIpc``: end the caller's lease (:meth:`IpcLeases.release`)."""
-    principal, _ = servicer._caller(context)
+    principal = core.caller(context).principal
     if not request.lease_id:
         raise InvalidBlock("lease_id is required", field="lease_id")
-    servicer.ipc.release(request.lease_id, principal)
+    leases.release(request.lease_id, principal)
     return pb.ReleaseIpcResponse()

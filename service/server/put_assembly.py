@@ -1,19 +1,27 @@
 """PutAssembler: checks a Put stream message by message and reassembles whole blocks.
 
-A Put stream is one ``PutHeader`` and then ``BlockChunk`` messages. The assembler validates the header
-(namespace, token ids, ``first_block``/``block_count`` against ``ceil(len(token_ids)/block_tokens)``)
-and then every chunk as it arrives: at most :data:`MAX_CHUNK_BYTES`, ``block_index`` sequential from
-``first_block``, offsets contiguous from 0, no block longer than its layout allows, a checksum only on
-a block's last chunk. :meth:`PutAssembler.finish` checks that every declared block arrived whole and
-verifies the checksums given. Nothing here touches the store: the servicer hands the finished blocks
-to ``TieredStore.put`` in one call, so a broken or cancelled stream stores nothing.
+May import ``service.wire``, ``service.server`` (door, errors) and ``tiering`` (codec, errors, keys).
 
-Memory: each block is one preallocated ``bytearray`` filled in place (one copy per byte received).
-Not thread-safe; one assembler per stream.
+A Put stream is one ``PutHeader`` and then ``BlockChunk`` messages. :func:`plan_from_header` validates
+the header (namespace, token ids, ``first_block``/``block_count`` against
+``ceil(len(token_ids)/block_tokens)``, the session's record key and the chain's reply size at the
+door: ``service/server/door.py``), and the assembler every chunk as it arrives: at most
+:data:`MAX_CHUNK_BYTES`, ``block_index`` sequential from ``first_block``, offsets contiguous from 0,
+no block longer than its layout allows, a checksum only on a block's last chunk.
+:meth:`PutAssembler.finish` checks that every declared block arrived whole and verifies the checksums
+given. Nothing here touches the store: the servicer hands the finished blocks to the store in one
+call, so a broken or cancelled stream stores nothing.
+
+Memory grows with the bytes that arrive, never with what a header declares: a block's chunks are
+kept as they came (views of the received messages) and joined into one ``bytearray`` when the block
+is whole (one copy per byte received), so a 40-byte header declaring 256 MiB costs nothing until
+256 MiB arrive. Not thread-safe; one assembler per stream. :func:`next_message` reads a stream with
+the server's idle timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 
@@ -21,7 +29,8 @@ import numpy as np
 
 from kvtier.service.wire import convert
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
-from kvtier.service.server.quota import QuotaExceeded
+from kvtier.service.server import door
+from kvtier.service.server.errors import QuotaExceeded, StreamIdle
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import Namespace
@@ -42,6 +51,8 @@ class PutPlan:
     durable: bool
     priority: int
     ttl_s: float | None
+    #: payload bytes of the declared blocks (their layout's sizes)
+    declared_bytes: int = 0
 
     def block_tokens(self, index: int) -> int:
         """Tokens covered by block ``index`` of the sequence (the last one may be partial)."""
@@ -49,49 +60,72 @@ class PutPlan:
         return min(bt, len(self.token_ids) - index * bt)
 
 
-def plan_from_header(header: pb.PutHeader, tenant: str, *, max_bytes: int = 0) -> PutPlan:
+def plan_from_header(header: pb.PutHeader, tenant: str, *, max_bytes: int = 0,
+                     max_message_bytes: int = 0) -> PutPlan:
     """Validate a ``PutHeader``.
 
     :param tenant: the caller's tenant, already resolved by :func:`service.convert.tenant_of`.
     :param max_bytes: most payload bytes the declared blocks may add up to (0 = no limit).
+    :param max_message_bytes: the server's message size limit: the chain's replies must fit it
+        (:func:`service.server.door.check_chain`; 0 = no limit).
     :raises InvalidBlock: naming the first bad field.
-    :raises QuotaExceeded: if the declared blocks hold more than ``max_bytes`` bytes.
+    :raises QuotaExceeded: if the declared blocks hold more than ``max_bytes`` bytes, or the chain is
+        too long for its replies.
     """
     ns = convert.namespace_from_proto(header.namespace, "header.namespace", tenant=tenant)
     if not header.token_ids:
         raise InvalidBlock("header.token_ids is required: every token the blocks cover", field="header.token_ids")
+    n_blocks = math.ceil(len(header.token_ids) / ns.layout.block_tokens)
+    door.check_chain(n_blocks, max_message_bytes, "Put")
     tokens = np.fromiter(header.token_ids, dtype=np.uint32, count=len(header.token_ids))
-    n_blocks = math.ceil(len(tokens) / ns.layout.block_tokens)
     if header.first_block > n_blocks:
         raise InvalidBlock(f"header.first_block {header.first_block} is past the {n_blocks} blocks of "
                            f"{len(tokens)} tokens", field="header.first_block")
     if header.first_block + header.block_count > n_blocks:
         raise InvalidBlock(f"{header.block_count} blocks from index {header.first_block} do not fit the "
                            f"{n_blocks} blocks of {len(tokens)} tokens", field="header.block_count")
-    if max_bytes:
+    lay = ns.layout
+    last = header.first_block + header.block_count - 1
+    declared = (header.block_count - 1) * lay.block_bytes() + lay.block_bytes(
+        min(lay.block_tokens, len(tokens) - last * lay.block_tokens)) if header.block_count else 0
+    if max_bytes and declared > max_bytes:
         # Checked before any chunk is read: the stream is buffered whole, so this bounds its memory.
-        lay = ns.layout
-        last = header.first_block + header.block_count - 1
-        declared = (header.block_count - 1) * lay.block_bytes() + lay.block_bytes(
-            min(lay.block_tokens, len(tokens) - last * lay.block_tokens)) if header.block_count else 0
-        if declared > max_bytes:
-            raise QuotaExceeded(f"the header declares {header.block_count} blocks of {declared} bytes; a Put "
-                                f"may carry at most {max_bytes} bytes (split it into several Puts)",
-                                subject="request:put_bytes")
-    session_id = convert.check_id(header.session_id, "header.session_id", required=False) or None
+        raise QuotaExceeded(f"the header declares {header.block_count} blocks of {declared} bytes; a Put "
+                            f"may carry at most {max_bytes} bytes (split it into several Puts)",
+                            subject="request:put_bytes")
+    session_id = door.session_id(tenant, header.session_id, "header.session_id", required=False)
     ttl = header.ttl_seconds
     if not math.isfinite(ttl) or ttl < 0:
         raise InvalidBlock("header.ttl_seconds must be a finite number >= 0", field="header.ttl_seconds")
     return PutPlan(ns, tokens, header.first_block, header.block_count, session_id, header.durable,
-                   header.priority, ttl or None)
+                   header.priority, ttl or None, declared)
+
+
+async def next_message(stream, idle_s: float = 0):
+    """The next message of a request ``stream`` (an async iterator), ``None`` at its end.
+
+    :param idle_s: seconds the caller may stay silent (0 = forever; its deadline, if any, still applies).
+    :raises StreamIdle: when nothing came for ``idle_s`` seconds: the server stops waiting, so a
+        half-open stream without a deadline cannot hold its place for ever.
+    """
+    if not idle_s:
+        return await anext(stream, None)
+    try:
+        async with asyncio.timeout(idle_s):
+            return await anext(stream, None)
+    except TimeoutError:
+        raise StreamIdle(f"the stream sent nothing for {idle_s:g} s (server.stream_idle_s); it was closed and "
+                         "nothing was stored") from None
 
 
 @dataclass(slots=True)
 class _Partial:
+    """A block being received: its chunks as they came (no copy yet), and how many bytes they hold."""
+
     index: int
-    data: bytearray
+    size: int
+    parts: list = field(default_factory=list)
     filled: int = 0
-    checksum: int = 0
 
 
 @dataclass(slots=True)
@@ -105,7 +139,7 @@ class PutAssembler:
     _cur: _Partial | None = None
 
     def _open(self, index: int) -> _Partial:
-        return _Partial(index, bytearray(self.plan.namespace.layout.block_bytes(self.plan.block_tokens(index))))
+        return _Partial(index, self.plan.namespace.layout.block_bytes(self.plan.block_tokens(index)))
 
     def add(self, chunk: pb.BlockChunk) -> None:
         """Take one chunk.
@@ -131,19 +165,20 @@ class PutAssembler:
             raise InvalidBlock(f"chunk offset {chunk.offset} of block {expected}; expected {cur.filled} "
                                "(chunks are contiguous from 0)", field="chunk.offset")
         end = cur.filled + len(chunk.data)
-        if end > len(cur.data):
+        if end > cur.size:
             raise InvalidBlock(f"block {expected} would grow to {end} bytes; its layout "
-                               f"{plan.namespace.layout.describe()} holds {len(cur.data)} bytes for "
+                               f"{plan.namespace.layout.describe()} holds {cur.size} bytes for "
                                f"{plan.block_tokens(expected)} tokens", field="chunk.data")
-        if chunk.checksum and end != len(cur.data):
+        if chunk.checksum and end != cur.size:
             raise InvalidBlock(f"checksum on a chunk that is not the last of block {expected}",
                                field="chunk.checksum")
-        cur.data[cur.filled:end] = chunk.data
+        cur.parts.append(chunk.data)
         cur.filled = end
-        if end == len(cur.data):
+        if end == cur.size:
             if chunk.checksum:
                 self.checksums.append((len(self.blocks), chunk.checksum))
-            self.blocks.append(cur.data)
+            # the one copy: bytearray.join sizes its result once and copies each part into it
+            self.blocks.append(bytearray().join(cur.parts))
             self._cur = None
         else:
             self._cur = cur
@@ -158,7 +193,7 @@ class PutAssembler:
         plan = self.plan
         if self._cur is not None:
             raise InvalidBlock(f"stream ended inside block {self._cur.index}: {self._cur.filled} of "
-                               f"{len(self._cur.data)} bytes arrived", field="chunk.data")
+                               f"{self._cur.size} bytes arrived", field="chunk.data")
         if len(self.blocks) != plan.block_count:
             raise InvalidBlock(f"the header declared {plan.block_count} blocks but {len(self.blocks)} arrived",
                                field="header.block_count")

@@ -1,12 +1,15 @@
 """ArenaRegistry: the server's arenas, the Unix socket that hands their fds out, and their reclaiming.
 
+May import ``service.server`` (auth, errors) and ``service.wire.arena``.
+
 Life of an arena:
 
 1. ``OpenArena`` (an authenticated RPC) calls :meth:`ArenaRegistry.issue`: a 128-bit secret arena id
    and a single-use 256-bit ticket, valid :data:`TICKET_S` seconds, both bound to the caller's
-   principal. Nothing is allocated yet.
+   principal. Nothing is allocated yet. One caller (``caller`` key: its tenant, or its connection
+   without tokens) holds at most ``max_per_caller`` arenas and tickets, so it cannot take every slot.
 2. The caller connects to the registry's Unix socket and writes the ticket. The registry creates a
-   sealed memfd (:func:`service.shm.arena.create_memfd`), maps it, sends the fd with ``SCM_RIGHTS``
+   sealed memfd (:func:`service.wire.arena.create_memfd`), maps it, sends the fd with ``SCM_RIGHTS``
    (plus one byte) and closes its own copy of the fd: afterwards the server holds only the mapping,
    so even ``/proc/<server pid>/fd`` shows no way in. An unknown, used or expired ticket gets the
    connection closed, nothing else.
@@ -39,9 +42,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kvtier.service.server.auth import Principal
-from kvtier.tiering.errors import CapacityExceeded
-
-from kvtier.service.wire.arena import ALIGNMENT, Arena, LeaseExpired, ShmUnavailable, create_memfd
+from kvtier.service.server.errors import QuotaExceeded, ShmUnavailable, UploadNotFound
+from kvtier.service.wire.arena import ALIGNMENT, Arena, create_memfd
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +56,26 @@ MAX_ARENAS = 256
 TICKET_BYTES = 32
 #: Unfinished multi-piece Puts one arena may hold at once.
 MAX_UPLOADS = 16
+#: Arenas (and unredeemed tickets) one caller may hold at once, unless the registry is told otherwise.
+MAX_ARENAS_PER_CALLER = 32
 
 
 @dataclass(eq=False)
 class Upload:
     """The pieces of a multi-piece ``PutShm`` received so far (copies: the caller reuses its ranges)."""
 
-    plan: object  # service.put_stream.PutPlan
+    plan: object  # service.server.put_assembly.PutPlan
     sizes: list[int]
     blocks: list = field(default_factory=list)
     checksums: list[int] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    #: its place among the open Puts (``service.server.quota.PutHold``), released when it ends
+    hold: object | None = None
+
+    def release(self) -> None:
+        """End the upload's hold on the Put budget (idempotent)."""
+        if self.hold is not None:
+            self.hold.release()
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +90,7 @@ class ServerArena:
     principal: Principal | None
     arena: Arena
     peer_pid: int
+    caller: str = ""
     alive: bool = True
     calls: int = 0
     uploads: dict[str, Upload] = field(default_factory=dict)
@@ -86,14 +98,17 @@ class ServerArena:
     def park(self, upload: Upload, lease_s: float, counters: Counter) -> str:
         """Hold ``upload`` until its next piece (:meth:`take`), for at most ``lease_s`` seconds.
 
-        :returns: its id. :raises CapacityExceeded: when :data:`MAX_UPLOADS` are held already.
+        :returns: its id. :raises QuotaExceeded: when :data:`MAX_UPLOADS` are held already.
         """
         if len(self.uploads) >= MAX_UPLOADS:
-            raise CapacityExceeded(f"{MAX_UPLOADS} unfinished shared-memory puts on this arena")
+            raise QuotaExceeded(f"{MAX_UPLOADS} unfinished shared-memory puts on this arena; finish one first",
+                                subject="arena:uploads")
         upload_id = secrets.token_hex(8)
 
         def expire() -> None:
-            if self.uploads.pop(upload_id, None) is not None:
+            expired = self.uploads.pop(upload_id, None)
+            if expired is not None:
+                expired.release()
                 counters["uploads_expired"] += 1
                 log.debug("arena %s…: upload %s expired after %.0f s without a next piece", self.arena_id[:8],
                           upload_id, lease_s)
@@ -105,18 +120,19 @@ class ServerArena:
     def take(self, upload_id: str) -> Upload:
         """The parked upload ``upload_id``, no longer parked (the caller parks it again or finishes it).
 
-        :raises LeaseExpired: if there is none (expired, finished, or never started).
+        :raises UploadNotFound: if there is none (expired, finished, or never started).
         """
         upload = self.uploads.pop(upload_id, None)
         if upload is None:
-            raise LeaseExpired(f"no unfinished put {upload_id!r} on this arena (its lease expired, or it never "
-                               "started); put it again")
+            raise UploadNotFound(f"no unfinished put {upload_id[:16]!r} on this arena (finished, its lease "
+                                 "expired, or it never started); put it again")
         upload.timer.cancel()
         return upload
 
     def drop_uploads(self) -> None:
         for upload in self.uploads.values():
             upload.timer.cancel()
+            upload.release()
         self.uploads.clear()
 
 
@@ -126,6 +142,7 @@ class _Ticket:
     principal: Principal | None
     size: int
     expires: float
+    caller: str = ""
 
 
 class ArenaRegistry:
@@ -135,14 +152,17 @@ class ArenaRegistry:
         (mode 0700, so only this uid can connect; name a path to serve other uids).
     :param arena_bytes: size of each arena (and the most an ``OpenArena`` may ask for).
     :param lease_s: seconds the unfinished pieces of a multi-piece Put wait for the next piece.
+    :param max_per_caller: arenas (with unredeemed tickets) one caller may hold (0 = no limit).
 
     Create and use it on the server's event loop; the socket starts listening with the first
     :meth:`issue` and :meth:`close` stops it and drops every arena.
     """
 
-    def __init__(self, socket_path: str | os.PathLike | None, arena_bytes: int, *, lease_s: float = 30.0) -> None:
+    def __init__(self, socket_path: str | os.PathLike | None, arena_bytes: int, *, lease_s: float = 30.0,
+                 max_per_caller: int = MAX_ARENAS_PER_CALLER) -> None:
         self.arena_bytes = int(arena_bytes)
         self.lease_s = lease_s
+        self.max_per_caller = max_per_caller
         self._path = os.fspath(socket_path) if socket_path is not None else None
         self._own_dir: str | None = None
         self._listener: socket.socket | None = None
@@ -157,21 +177,31 @@ class ArenaRegistry:
         return self._path
 
     # -- control plane ------------------------------------------------------------------------------
-    async def issue(self, principal: Principal | None, size: int = 0) -> tuple[str, bytes, str, int]:
+    async def issue(self, principal: Principal | None, size: int = 0, *,
+                    caller: str = "") -> tuple[str, bytes, str, int]:
         """A new arena id and ticket for ``principal``: ``(arena_id, ticket, socket_path, size)``.
 
-        :raises CapacityExceeded: when :data:`MAX_ARENAS` arenas are open or promised.
+        :param caller: whom the arena counts against (``max_per_caller``).
+        :raises QuotaExceeded: when :data:`MAX_ARENAS` arenas are open or promised, or ``caller`` holds
+            ``max_per_caller`` of them.
         :raises OSError: if the socket cannot be created.
         """
         await self._listen()
         now = time.monotonic()
         self._tickets = {t: v for t, v in self._tickets.items() if v.expires > now}
         if len(self._arenas) + len(self._tickets) >= MAX_ARENAS:
-            raise CapacityExceeded(f"{MAX_ARENAS} shared-memory arenas are open; use the gRPC streams")
+            raise QuotaExceeded(f"{MAX_ARENAS} shared-memory arenas are open; use the gRPC streams",
+                                subject="server:arenas")
+        held = sum(a.caller == caller for a in self._arenas.values()) + sum(
+            t.caller == caller for t in self._tickets.values())
+        if self.max_per_caller and held >= self.max_per_caller:
+            raise QuotaExceeded(f"this caller holds {held} shared-memory arenas, the most allowed "
+                                "(server.shm_arenas_per_caller); close one, or use the gRPC streams",
+                                subject="caller:arenas")
         size = min(self.arena_bytes, size or self.arena_bytes)
         size = max(ALIGNMENT, -(-size // ALIGNMENT) * ALIGNMENT)
         arena_id, ticket = secrets.token_hex(16), secrets.token_bytes(TICKET_BYTES)
-        self._tickets[ticket] = _Ticket(arena_id, principal, size, now + TICKET_S)
+        self._tickets[ticket] = _Ticket(arena_id, principal, size, now + TICKET_S, caller)
         return arena_id, ticket, self._path, size
 
     @contextlib.contextmanager
@@ -249,7 +279,7 @@ class ArenaRegistry:
                 socket.send_fds(conn, [b"\x01"], [fd])
             finally:
                 os.close(fd)  # the server keeps only the mapping
-            arena = ServerArena(promised.arena_id, promised.principal, mapped, pid)
+            arena = ServerArena(promised.arena_id, promised.principal, mapped, pid, promised.caller)
             self._arenas[arena.arena_id] = arena
             self.counters["arenas_opened"] += 1
             log.debug("arena %s… (%d bytes) handed to pid %d", arena.arena_id[:8], promised.size, pid)

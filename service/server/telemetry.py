@@ -126,8 +126,8 @@ class Telemetry:
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Interceptors for ``grpc.aio.server``: one that opens the RPC's server span (continuing the
-        caller's ``traceparent``) and observes ``kvtier_rpc_duration_seconds``. Put it first so the
-        span covers the error-mapping interceptor's work.
+        caller's ``traceparent``) and observes ``kvtier_rpc_duration_seconds``. The server runs it
+        around its error boundary (``service/server/errors.py``), so it sees every mapped status.
         """
         return [ServerTelemetryInterceptor(self.tracer if self.tracing else None, self.metrics)]
 
@@ -223,15 +223,15 @@ def setup_telemetry(settings: Any | None = None, *, span_exporter=None, set_glob
 # ----------------------------------------------------------------------------------------------------
 # server interceptor
 def _status_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status the RPC ended with, as the context holds it. Errors are mapped once, by the error
+    boundary inside this interceptor (``service/server/errors.py``), which sets the code of every
+    error it answers; an error that arrives here without a code is the RPC's cancellation."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
     if isinstance(code, int):  # grpc.aio reports the cython enum's integer value
         return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    if error is None:
-        return grpc.StatusCode.OK
-    return grpc.StatusCode.CANCELLED if isinstance(error, BaseException) and context.cancelled() \
-        else grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.OK if error is None else grpc.StatusCode.CANCELLED
 
 
 class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):

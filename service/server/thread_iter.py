@@ -1,5 +1,7 @@
 """ThreadedIterator: consume a blocking generator from asyncio without blocking the event loop.
 
+May import the standard library only.
+
 ``TieredStore.iter_blocks`` is a plain generator that waits on disk reads and holds a lease until its
 ``finally`` runs. Each step runs on a worker thread via ``asyncio.to_thread``; :meth:`aclose` closes
 the generator on a worker thread too, *after* any step still running there (a lock orders them, since

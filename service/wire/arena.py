@@ -27,20 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvtier.tiering.errors import KVTierError
-
 #: Every slot starts on a multiple of this (a cache line is enough; a page keeps copies page aligned).
 ALIGNMENT = 4096
-
-
-class ShmUnavailable(KVTierError):
-    """Shared memory is off on this server, or the arena named is not the caller's (or is gone):
-    ``FAILED_PRECONDITION``; the client falls back to the gRPC streams."""
-
-
-class LeaseExpired(KVTierError):
-    """The next piece of a multi-piece Put came after the lease time (the pieces held were dropped):
-    ``DEADLINE_EXCEEDED``."""
 
 
 def create_memfd(size: int, name: str = "kvtier-arena") -> int:

@@ -10,7 +10,8 @@ import pytest
 from google.rpc import error_details_pb2
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
-from kvtier.service.server.quota import Limits, QuotaExceeded
+from kvtier.service.server.errors import QuotaExceeded
+from kvtier.service.server.quota import Limits
 from kvtier.service.server.errors import status_for
 from tests.fixtures import wire
 from tests.fixtures.server import KVTierProcess

@@ -15,7 +15,10 @@ import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
-from kvtier.service.server.errors import status_for
+from google.protobuf.message import DecodeError
+
+from kvtier.service.server.errors import (IpcUnavailable, LeaseNotFound, PermissionDenied, QuotaExceeded,
+                                          ShmUnavailable, StreamIdle, Unauthenticated, UploadNotFound, status_for)
 from tests.fixtures.wire import collect_get, details, namespace, put_stream, random_blocks, stub, tokens
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, LayoutMismatch, SessionNotFound,
@@ -175,6 +178,14 @@ def test_full_cold_tier_is_resource_exhausted_with_quota_failure(kvtier_process)
     (LayoutMismatch("float32 block in a float16 namespace"), code_pb2.FAILED_PRECONDITION),
     (CapacityExceeded("full"), code_pb2.RESOURCE_EXHAUSTED),
     (TierUnavailable("closed"), code_pb2.UNAVAILABLE),
+    (QuotaExceeded("too many", subject="tenant:a:open_puts"), code_pb2.RESOURCE_EXHAUSTED),
+    (Unauthenticated("who"), code_pb2.UNAUTHENTICATED),
+    (PermissionDenied("admin only"), code_pb2.PERMISSION_DENIED),
+    (ShmUnavailable("no arena"), code_pb2.FAILED_PRECONDITION),
+    (IpcUnavailable("no cuda"), code_pb2.FAILED_PRECONDITION),
+    (UploadNotFound("no upload"), code_pb2.NOT_FOUND),
+    (LeaseNotFound("no lease"), code_pb2.NOT_FOUND),
+    (StreamIdle("silent"), code_pb2.DEADLINE_EXCEEDED),
     (RuntimeError("secret internals"), code_pb2.INTERNAL),
 ])
 def test_status_mapping(exc, code):
@@ -191,3 +202,53 @@ def test_status_mapping(exc, code):
         bad = error_details_pb2.BadRequest()
         rpc.details[0].Unpack(bad)
         assert bad.field_violations[0].field == "header.token_ids"
+    if code == code_pb2.RESOURCE_EXHAUSTED:
+        quota = error_details_pb2.QuotaFailure()
+        rpc.details[0].Unpack(quota)
+        assert quota.violations[0].subject == getattr(exc, "subject", "kvtier:capacity")
+
+
+def test_service_errors_are_one_hierarchy_apart_from_the_engine():
+    from kvtier.service.server.errors import ServiceError
+    from kvtier.tiering.errors import KVTierError
+
+    for cls in (QuotaExceeded, Unauthenticated, PermissionDenied, ShmUnavailable, IpcUnavailable, UploadNotFound,
+                LeaseNotFound, StreamIdle):
+        assert issubclass(cls, ServiceError) and not issubclass(cls, KVTierError)
+
+
+@pytest.mark.parametrize("method,kind,raw", [
+    ("Lookup", "unary", b"\x0a\x05\x01"),
+    ("Get", "server_stream", b"\x12\xff\x01"),
+    ("Put", "client_stream", b"\xff\xff\xff\xff"),
+])
+def test_unparseable_requests_get_bad_request_details(shared_server, method, kind, raw):
+    ident = lambda b: b  # noqa: E731
+    path = f"/kvtier.v1.KVCache/{method}"
+    with grpc.insecure_channel(shared_server.target) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            if kind == "unary":
+                ch.unary_unary(path, request_serializer=ident, response_deserializer=ident)(raw, timeout=T)
+            elif kind == "server_stream":
+                list(ch.unary_stream(path, request_serializer=ident, response_deserializer=ident)(raw, timeout=T))
+            else:
+                ch.stream_unary(path, request_serializer=ident, response_deserializer=ident)(iter([raw]), timeout=T)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [bad] = details(err.value)
+    assert [v.field for v in bad.field_violations] == ["request"]
+
+
+def test_decode_error_maps_to_bad_request():
+    status = status_for(DecodeError("truncated"))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request message" in status.details
+
+
+def test_a_client_error_is_logged_once_without_traceback(shared_server, kv):
+    marker = "marker-dtype-31337"
+    with pytest.raises(grpc.RpcError) as err:
+        kv.Put(iter([pb.PutRequest(header=_header(namespace=namespace(dtype=marker)))]), timeout=T)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    lines = [line for line in shared_server.log_text().splitlines() if marker in line]
+    assert len(lines) == 1 and " INFO " in lines[0] and "INVALID_ARGUMENT" in lines[0], lines
+    assert "Traceback" not in shared_server.log_text()

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from unittest import mock
 
 import grpc
@@ -33,6 +32,7 @@ from kvtier.tiering.keys import Namespace
 from kvtier.tiering.layout import BlockLayout
 
 from tests.fixtures.server import ROOT, KVTierProcess
+from tests.fixtures.wire import wait_for
 
 #: 1 MiB arenas: every session below is larger, so it moves in several pieces.
 SMALL_ARENA = {"KVTIER_SERVER__SHM_ARENA_BYTES": "1MiB", "KVTIER_STORE__LEASE_S": "2"}
@@ -63,15 +63,6 @@ def same_bytes(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def shm_counters(target: str, token: str | None = None) -> dict[str, int]:
     with KVTierClient(target, data_path="grpc", token=token, timeout=10) as c:
         return {k: v for k, v in c.stats().counters.items() if k.startswith("shm_")}
-
-
-def wait_for(pred, timeout: float = 15.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 @pytest.fixture(scope="module")
@@ -380,13 +371,18 @@ def test_unfinished_upload_expires_and_stores_nothing(small_arena):
         req.checksums.append(checksum(link.arena.array[:layout.block_bytes()]))
         upload = kv._stub.PutShm(req, timeout=10).upload_id
         assert shm_counters(small_arena.target)["shm_uploads_open"] == base["shm_uploads_open"] + 1
+        # parked, it is an open Put: its declared bytes count against the server's Put budget
+        held = kv.stats().counters
+        assert held["puts_open"] == 1 and held["put_pending_bytes"] == 2 * layout.block_bytes()
+        assert held["put_received_bytes"] == layout.block_bytes()
         assert wait_for(lambda: shm_counters(small_arena.target).get("shm_uploads_expired", 0)
                         == base.get("shm_uploads_expired", 0) + 1, 10)
+        assert kv.stats().counters["puts_open"] == 0 and kv.stats().counters["put_pending_bytes"] == 0
         last = pb.PutShmRequest(arena_id=link.arena_id, upload_id=upload)
         last.slots.add(offset=0, length=layout.block_bytes())
         last.checksums.append(0)
         with pytest.raises(grpc.RpcError) as err:
             kv._stub.PutShm(last, timeout=10)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert kv.lookup(ns, list(range(32))).cached_blocks == 0
         assert shm_counters(small_arena.target)["shm_uploads_open"] == base["shm_uploads_open"]

@@ -28,10 +28,11 @@ from kvtier.service.server.auth import Principal
 from kvtier.service.client.client import KVTierClient
 from kvtier.service.client.types import GetResult, KVTierClientError
 from kvtier.service.server.servicer import KVCacheServicer
+from kvtier.service.server.core import Caller, ServerCore
 from kvtier.service.wire import cuda_ipc
 from kvtier.service.server import ipc
 from kvtier.service.client import ipc as ipc_client
-from kvtier.service.wire.arena import ShmUnavailable
+from kvtier.service.server.errors import IpcUnavailable, LeaseNotFound, ShmUnavailable
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import BlockKey, chain_keys
@@ -155,7 +156,7 @@ def test_a_refused_get_ipc_falls_back_to_the_usual_path(cpu_server, stored):
 
 # -- the server's side, in process, over a CPU "hot" tier ---------------------------------------------
 class FakeRegistry:
-    """An :class:`~service.shm.broker.ArenaRegistry` with one arena, ``"a" * 32``, of this process."""
+    """An :class:`~service.server.shm_broker.ArenaRegistry` with one arena, ``"a" * 32``, of this process."""
 
     def __init__(self) -> None:
         self.arena = SimpleNamespace(alive=True, peer_pid=os.getpid())
@@ -174,6 +175,9 @@ class FakeContext:
     def invocation_metadata(self):
         return ()
 
+    def time_remaining(self):
+        return None
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -181,7 +185,7 @@ def served(tmp_path):
     (and the references given back unopened) are recorded."""
     store = TieredStore(StoreConfig(data_dir=str(tmp_path), hot_device="cpu", hot_capacity=4 * LAYOUT.block_bytes(),
                                     warm_capacity=16 * LAYOUT.block_bytes(), cold_enabled=False))
-    servicer = KVCacheServicer(store, shm=FakeRegistry())
+    servicer = KVCacheServicer(ServerCore(store), shm=FakeRegistry())
     shared, released = [], []
 
     def share(buffer):
@@ -210,7 +214,7 @@ def run_get(served, keys=None, *, uuid_=UUID, session_id=None, **req):
     request = pb.GetIpcRequest(arena_id="a" * 32, request=pb.GetRequest(**target, **req), device_uuid=uuid_)
 
     async def go():
-        return await ipc.get_ipc(served.servicer, request, FakeContext(), None)
+        return await served.servicer.GetIpc(request, FakeContext())
     return asyncio.run(go())
 
 
@@ -262,7 +266,7 @@ def test_misses_foreign_blocks_and_max_blocks(served):
     assert len(resp.blocks) == 1 and resp.end.reason == "miss"
     resp = run_get(served, keys, max_blocks=2)
     assert len(resp.blocks) == 2 and (resp.end.reason, resp.end.complete) == ("max_blocks", False)
-    with pytest.raises(ipc.IpcUnavailable, match="not this server's hot-tier GPU"):
+    with pytest.raises(IpcUnavailable, match="not this server's hot-tier GPU"):
         run_get(served, keys, uuid_=str(uuid.uuid4()))
     served.servicer.shm.arena.alive = False
     with pytest.raises(ShmUnavailable):
@@ -293,16 +297,16 @@ def test_leases_belong_to_their_principal_and_end_once(served):
     async def scenario():
         staged = await asyncio.to_thread(ipc.stage, served.store, leases, torch.device("cpu"), keys, "default", None)
         lease = leases.add(alice, served.servicer.shm.arena, staged)
-        with pytest.raises(ipc.LeaseNotFound):
+        with pytest.raises(LeaseNotFound):
             leases.release(lease, bob)
         leases.release(lease, alice)
-        with pytest.raises(ipc.LeaseNotFound):
+        with pytest.raises(LeaseNotFound):
             leases.release(lease, alice)
         leases.lease_s = 0.05
         expiring = leases.add(alice, served.servicer.shm.arena, await asyncio.to_thread(
             ipc.stage, served.store, leases, torch.device("cpu"), keys, "default", None))
         await asyncio.sleep(0.2)
-        with pytest.raises(ipc.LeaseNotFound):
+        with pytest.raises(LeaseNotFound):
             leases.release(expiring, alice)
         leases.lease_s = 60
         leases.add(alice, served.servicer.shm.arena, await asyncio.to_thread(
@@ -322,9 +326,9 @@ def test_release_ipc_rpc_checks_the_caller(served):
     wrong = SimpleNamespace(invocation_metadata=lambda: ())
 
     async def release(lease_id):
-        return await ipc.release_ipc(served.servicer, pb.ReleaseIpcRequest(lease_id=lease_id), wrong)
-    with mock.patch.object(served.servicer, "_caller", return_value=(Principal("mallory"), "mallory")), \
-            pytest.raises(ipc.LeaseNotFound):
+        return await served.servicer.ReleaseIpc(pb.ReleaseIpcRequest(lease_id=lease_id), wrong)
+    with mock.patch.object(served.servicer.core, "caller", return_value=Caller(Principal("mallory"), "mallory")), \
+            pytest.raises(LeaseNotFound):
         asyncio.run(release(resp.lease_id))
     asyncio.run(release(resp.lease_id))
     with pytest.raises(InvalidBlock):
@@ -341,9 +345,9 @@ def test_a_cancelled_get_gives_its_buffer_back(served):
         return slow(*args)
 
     async def scenario():
-        task = asyncio.ensure_future(ipc.get_ipc(served.servicer, pb.GetIpcRequest(
+        task = asyncio.ensure_future(served.servicer.GetIpc(pb.GetIpcRequest(
             arena_id="a" * 32, request=pb.GetRequest(keys=pb.KeyList(keys=[k.digest for k in keys])),
-            device_uuid=UUID), FakeContext(), None))
+            device_uuid=UUID), FakeContext()))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
