@@ -156,10 +156,15 @@ def _state_dict_hash(model) -> str:
     return h.hexdigest()
 
 
+def _name_of(model) -> str:
+    """The model's ``name_or_path`` (its config's, which transformers keeps current; else the model's)."""
+    return str(getattr(getattr(model, "config", None), "name_or_path", "") or getattr(model, "name_or_path", "") or "")
+
+
 def _weights_parts(model) -> list[str]:
     """``["hub:<commit>", "files:<hash>"]``, ``["hub:<commit>"]`` or ``["state:<hash>"]`` for a model."""
     cfg = getattr(model, "config", None)
-    name = str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or "")
+    name = _name_of(model)
     commit = getattr(cfg, "_commit_hash", None)
     parts = [f"hub:{commit}"] if commit else []
     folder = Path(name) if name and os.path.isdir(name) else (_hub_snapshot(name, commit) if name and commit else None)
@@ -191,7 +196,7 @@ def model_fingerprint(model=None, *, model_id: str | None = None, weights_path: 
     :param model: a loaded model (transformers or any ``torch.nn.Module`` with a ``config``); may be
         ``None`` with ``weights_path`` or ``revision``.
     :param model_id: overrides the model id (default: what the loader recorded, else ``name_or_path``,
-        else the weights file's name).
+        else the weights file's name, else the model's class name).
     :param weights_path: the file to hash instead of what the model says it was loaded from.
     :param revision: the caller's own revision of the weights (nothing is hashed for them).
     :returns: a fingerprint whose revision fits a namespace (at most 256 bytes; longer ones are hashed).
@@ -210,9 +215,7 @@ def model_fingerprint(model=None, *, model_id: str | None = None, weights_path: 
     if model is not None and getattr(model, "config", None) is not None:
         parts.append(f"kv:{kv_config_hash(model)}")
     model_id = (model_id or (loaded.model_id if loaded is not None and not weights_path else None)
-                or str(getattr(model, "name_or_path", "") or "") or (os.path.basename(path) if path else ""))
-    if not model_id:
-        raise ValueError("the model has no name_or_path: pass model_id=")
+                or _name_of(model) or (os.path.basename(path) if path else "") or type(model).__name__)
     text = "+".join(parts)
     if len(text.encode()) > MAX_ID_BYTES:
         text = "blake2b:" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
