@@ -150,7 +150,7 @@ def run_demo(target: str | None = None, data_dir: str | None = None, turns: int 
         restarted for the cold measurement, which is skipped for an external server).
     :param data_dir: store directory of the child server (a temporary one when omitted).
     :raises RuntimeError: if the child server cannot start.
-    :raises service.client_types.KVTierClientError: if the server cannot be reached.
+    :raises kvtier.service.client.types.KVTierClientError: if the server cannot be reached.
     """
     console = console or Console()
     with contextlib.ExitStack() as stack:
@@ -196,9 +196,9 @@ def run_demo(target: str | None = None, data_dir: str | None = None, turns: int 
             if turns:  # the last turn's cache, never sent anywhere, cut to what the new prompt shares
                 same = next((i for i, (a, b) in enumerate(zip(kept_ids, ids)) if a != b), min(len(kept_ids), len(ids)))
                 hf.crop_cache(kept, min(same, len(ids) - 1))
+                kept_tokens = hf.cache_length(kept)  # the last generated token has no K/V yet
                 mem_ttft, mem = _answer(model, ids, kept, max_new_tokens, eos)
-                rows.append(DemoRow("cache kept in process memory", min(same, len(ids) - 1), len(ids), mem_ttft,
-                                    mem == ref))
+                rows.append(DemoRow("cache kept in process memory", kept_tokens, len(ids), mem_ttft, mem == ref))
             tier = "/".join(sorted(set(kv.lookup(ns, ids).tiers))) or "nothing cached"
             cached, ttft, tokens = _timed_restore(model, kv, session if turns else ns, ids, ns, max_new_tokens,
                                                   eos)

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +119,11 @@ def _first_rows(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
                 sl = fh.get_slice(name)
                 out[name] = sl[0:1] if len(sl.get_shape()) else fh.get_tensor(name)
     else:
-        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-        out = {k: v[0:1] if v.dim() else v for k, v in state.items() if k in names}
+        try:
+            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError):
+            return {}  # not a tensor archive we can read: compares nothing, so the state dict is hashed
+        out = {k: v[0:1] if v.dim() else v for k, v in state.items() if isinstance(v, torch.Tensor) and k in names}
     return out
 
 

@@ -3,10 +3,11 @@
 May import torch, transformers (the ``hf`` extra), the client types and local client, and tiering; never the apps.
 The bridge between a causal LM's attention cache and kvtier's block format
 ``[2, layers, kv_heads, tokens, head_dim]``. :func:`save_cache` and :func:`restore_cache` work with
-any kvtier client: :class:`service.client.KVTierClient` (gRPC), :class:`service.local_client.LocalKVTierClient`,
-or a bare :class:`tiering.TieredStore` (wrapped on the fly). Typical turn of a chat server::
+any kvtier client: :class:`kvtier.service.client.client.KVTierClient` (gRPC),
+:class:`kvtier.service.client.local.LocalKVTierClient`, or a bare :class:`kvtier.tiering.store.TieredStore`
+(wrapped on the fly). Typical turn of a chat server::
 
-    cache, cached = restore_cache(client, namespace, ids)          # cached < len(ids), always
+    cache, cached = restore_cache(client, "conv-42", ids, namespace=namespace)  # cached < len(ids), always
     out = model.generate(torch.tensor([ids]), cache=cache or DynamicCache(), ...)  # transformers 5: `cache`
     save_cache(client, namespace, "conv-42", out_ids, cache_after)   # sends only the new blocks
 
@@ -157,7 +158,7 @@ def save_cache(client, namespace: Namespace, session_id: str | None, token_ids: 
 
     :param client: a kvtier client, a :class:`LocalKVTierClient`, or a :class:`TieredStore`.
     :param durable: return once blocks and session are on disk (survive SIGKILL).
-    :raises service.client_types.KVTierClientError: if the store refuses the put.
+    :raises kvtier.service.client.types.KVTierClientError: if the store refuses the put.
     """
     client = _as_client(client)
     ids = [int(t) for t in token_ids]
@@ -209,7 +210,7 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
         a session of another namespace gives a miss. With a namespace target, ignored.
     :param dtype, device, config: passed to :func:`blocks_to_cache`.
     :returns: ``(None, 0)`` on a miss.
-    :raises service.client_types.KVTierClientError: on transport errors, a block failing its
+    :raises kvtier.service.client.types.KVTierClientError: on transport errors, a block failing its
         checksum, or a session that does not exist (``NOT_FOUND``).
     :raises ValueError: if the blocks' dtype or shape disagree with the namespace's layout.
     """
