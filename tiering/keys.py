@@ -8,13 +8,16 @@ it is specified here exactly and pinned by test vectors in ``tests/tiering/test_
 * A string field is encoded as its UTF-8 length, a 4-byte little-endian unsigned integer, then its
   UTF-8 bytes. The namespace root is
   ``key_0 = H(b"kvtier-ns-v1" ‖ str(tenant) ‖ str(model) ‖ str(revision) ‖ str(layout.describe()))``.
+  A namespace with a shard (one rank's heads of a sharded model) appends ``str(shard.describe())``,
+  i.e. ``str("shard:{rank}/{world_size}:{h0},{h1},…")`` with the head indices in decimal, in block
+  order, joined by commas; a namespace without a shard hashes exactly the bytes above.
 * Token ids are encoded as 4-byte little-endian unsigned integers (0 ≤ id < 2**32).
 * ``key_i = H(key_{i-1} ‖ tokens of block i)``, where block i covers tokens
   ``[i*block_tokens, (i+1)*block_tokens)``; the last block may be shorter (partial).
 
 A partial block's key never becomes the parent of another key: when the sequence grows, the full
 block gets its own key from the same parent, so partial blocks cannot poison later keys. Two tenants,
-two model revisions or two layouts never share a key because the root differs.
+two model revisions, two layouts or two shards never share a key because the root differs.
 """
 
 from __future__ import annotations
@@ -70,26 +73,69 @@ class BlockKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Shard:
+    """One rank's part of a sharded (tensor-parallel) model's KV: which ranks exist and which heads it holds.
+
+    :ivar rank: this rank, ``0 <= rank < world_size``.
+    :ivar world_size: how many ranks the model is split over (at least 1).
+    :ivar heads: the model's KV head indices this rank's blocks hold, in the order of the blocks' head
+        axis (as many as the layout's ``kv_heads``; distinct). Ranks that replicate a head list it too.
+    :raises InvalidBlock: on a rank outside the world, an empty or repeated head list, or a description
+        longer than 256 UTF-8 bytes.
+    """
+
+    rank: int
+    world_size: int
+    heads: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        if not 0 <= self.rank < self.world_size or self.world_size >= 2**32:
+            raise InvalidBlock(f"shard rank {self.rank} is not in a world of {self.world_size}",
+                               field="namespace.shard.rank")
+        if not self.heads or len(set(self.heads)) != len(self.heads) or min(self.heads) < 0 \
+                or max(self.heads) >= 2**32:
+            raise InvalidBlock("shard heads must be distinct head indices in 0..2**32-1, at least one",
+                               field="namespace.shard.heads")
+        _field(self.describe(), "namespace.shard")
+
+    def describe(self) -> str:
+        """The shard's key text: ``"shard:{rank}/{world_size}:{h0},{h1},…"``, e.g. ``"shard:1/2:2,3"``."""
+        return f"shard:{self.rank}/{self.world_size}:{','.join(map(str, self.heads))}"
+
+
+@dataclass(frozen=True, slots=True)
 class Namespace:
-    """Where keys live: one tenant, one model at one weights revision, one block layout.
+    """Where keys live: one tenant, one model at one weights revision, one block layout, and for a
+    sharded model one rank's shard (``None``: the whole model).
 
     Changing any field changes every key (automatic invalidation); two tenants never share a key.
+
+    :raises InvalidBlock: on an empty model, a field over 256 UTF-8 bytes, or a shard whose head count
+        is not the layout's ``kv_heads``.
     """
 
     tenant: str
     model: str
     revision: str
     layout: BlockLayout
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
             raise InvalidBlock("namespace.model must name the model", field="namespace.model")
+        if self.shard is not None and len(self.shard.heads) != self.layout.kv_heads:
+            raise InvalidBlock(f"the shard holds {len(self.shard.heads)} heads but the layout has "
+                               f"{self.layout.kv_heads} kv_heads", field="namespace.shard.heads")
         self.root()  # validates field lengths
 
     def root(self) -> BlockKey:
         """``key_0``: the hash of the namespace, parent of the first block."""
-        return BlockKey(_h(_NS_MAGIC + _field(self.tenant, "namespace.tenant") + _field(self.model, "namespace.model")
-                           + _field(self.revision, "namespace.revision") + _field(self.layout.describe(), "layout")))
+        text = (_NS_MAGIC + _field(self.tenant, "namespace.tenant") + _field(self.model, "namespace.model")
+                + _field(self.revision, "namespace.revision") + _field(self.layout.describe(), "layout"))
+        if self.shard is not None:
+            text += _field(self.shard.describe(), "namespace.shard")
+        return BlockKey(_h(text))
 
     @property
     def ns_id(self) -> bytes:

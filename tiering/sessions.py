@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import InvalidBlock
-from .keys import MAX_ID_BYTES, BlockKey, Namespace
+from .keys import MAX_ID_BYTES, BlockKey, Namespace, Shard
 from .layout import BlockLayout
 
 
@@ -75,11 +75,18 @@ class Session:
 
 
 def namespace_to_dict(ns: Namespace) -> dict:
+    """A namespace as the JSON of session and namespace records (an unsharded one exactly as before shards)."""
     lay = ns.layout
-    return {"tenant": ns.tenant, "model": ns.model, "revision": ns.revision,
-            "layout": {"dtype": lay.dtype, "layers": lay.layers, "kv_heads": lay.kv_heads,
-                       "head_dim": lay.head_dim, "block_tokens": lay.block_tokens}}
+    d = {"tenant": ns.tenant, "model": ns.model, "revision": ns.revision,
+         "layout": {"dtype": lay.dtype, "layers": lay.layers, "kv_heads": lay.kv_heads,
+                    "head_dim": lay.head_dim, "block_tokens": lay.block_tokens}}
+    if ns.shard is not None:  # absent for unsharded namespaces: their records stay byte-identical
+        d["shard"] = {"rank": ns.shard.rank, "world_size": ns.shard.world_size, "heads": list(ns.shard.heads)}
+    return d
 
 
 def namespace_from_dict(d: dict) -> Namespace:
-    return Namespace(d["tenant"], d["model"], d["revision"], BlockLayout(**d["layout"]))
+    """Inverse of :func:`namespace_to_dict`."""
+    sh = d.get("shard")
+    shard = Shard(sh["rank"], sh["world_size"], tuple(sh["heads"])) if sh is not None else None
+    return Namespace(d["tenant"], d["model"], d["revision"], BlockLayout(**d["layout"]), shard)

@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kvtier.service.apps import model as lm
 from kvtier.service.integrations import hf
 from kvtier.service.client.client import KVTierClient
 
@@ -44,7 +45,7 @@ FINAL_QUESTION = "Summarise your advice as a short checklist."
 
 
 class ServerProcess:
-    """A ``python -m service serve`` child on 127.0.0.1 with a free port; every wait is bounded.
+    """A ``python -m kvtier.service serve`` child on 127.0.0.1 with a free port; every wait is bounded.
 
     :param data_dir: the store directory (kept across :meth:`restart`).
     :param workdir: holds the port file and ``server.log``.
@@ -64,7 +65,7 @@ class ServerProcess:
         :raises RuntimeError: if the server exits or does not listen in time (its log tail included).
         """
         self.port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "kvtier.service", "serve", "--host", "127.0.0.1", "--port", "0",
                "--port-file", str(self.port_file), "--data-dir", self.data_dir]
         env = {**os.environ, "KVTIER_LOG_LEVEL": os.environ.get("KVTIER_LOG_LEVEL", "WARNING")}
         with open(self.log_path, "ab") as out:
@@ -113,14 +114,14 @@ class DemoRow:
 def _load_model(console: Console):
     with console.status("Loading SmolLM2-135M-Instruct (GGUF, fp32, CPU)…"):
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' own progress bars
-            return hf.load_smollm2()
+            return lm.load_smollm2()
 
 
 def _first_token_s(model, ids, cache, repeats: int = 3) -> float:
     """Best-of-``repeats`` time to the first token from (a copy of) ``cache``: the shared CPU is noisy."""
     best = float("inf")
     for _ in range(repeats):
-        gen = hf.greedy_generate(model, ids, copy.deepcopy(cache) if cache is not None else None, max_new_tokens=1)
+        gen = lm.greedy_generate(model, ids, copy.deepcopy(cache) if cache is not None else None, max_new_tokens=1)
         best = min(best, gen.ttft_s)
     return best
 
@@ -128,7 +129,7 @@ def _first_token_s(model, ids, cache, repeats: int = 3) -> float:
 def _answer(model, ids, cache, max_new_tokens, eos, restore_s: float = 0.0) -> tuple[float, list[int]]:
     """(TTFT = restore time + best prefill, tokens of a full greedy answer) from ``cache``."""
     ttft = restore_s + _first_token_s(model, ids, cache)
-    tokens = hf.greedy_generate(model, ids, cache, max_new_tokens=max_new_tokens, eos_token_id=eos).tokens
+    tokens = lm.greedy_generate(model, ids, cache, max_new_tokens=max_new_tokens, eos_token_id=eos).tokens
     return ttft, tokens
 
 
@@ -149,7 +150,7 @@ def run_demo(target: str | None = None, data_dir: str | None = None, turns: int 
         restarted for the cold measurement, which is skipped for an external server).
     :param data_dir: store directory of the child server (a temporary one when omitted).
     :raises RuntimeError: if the child server cannot start.
-    :raises service.client_types.KVTierClientError: if the server cannot be reached.
+    :raises kvtier.service.client.types.KVTierClientError: if the server cannot be reached.
     """
     console = console or Console()
     with contextlib.ExitStack() as stack:
@@ -164,7 +165,7 @@ def run_demo(target: str | None = None, data_dir: str | None = None, turns: int 
         model, tok = _load_model(console)
         eos = tok.eos_token_id
         # the first forward passes of a process are slow (allocator, kernel selection): keep them out of the timings
-        hf.greedy_generate(model, hf.chat_ids(tok, [{"role": "user", "content": QUESTIONS[0]}]), max_new_tokens=2)
+        lm.greedy_generate(model, lm.chat_ids(tok, [{"role": "user", "content": QUESTIONS[0]}]), max_new_tokens=2)
         ns = hf.namespace_for(model)
         session = f"demo-{uuid.uuid4().hex[:8]}"
         kv = stack.enter_context(KVTierClient(target))
@@ -173,9 +174,10 @@ def run_demo(target: str | None = None, data_dir: str | None = None, turns: int 
         messages = [{"role": "system", "content": SYSTEM}]
         for turn in range(turns):
             messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
-            ids = hf.chat_ids(tok, messages)
-            cache, cached = hf.restore_cache(kv, ns, ids)
-            gen = hf.greedy_generate(model, ids, cache, max_new_tokens=max_new_tokens, eos_token_id=eos)
+            ids = lm.chat_ids(tok, messages)
+            # the session's chain, its last partial block included, once the first turn parked it
+            cache, cached = hf.restore_cache(kv, session if turn else ns, ids, namespace=ns)
+            gen = lm.greedy_generate(model, ids, cache, max_new_tokens=max_new_tokens, eos_token_id=eos)
             put = hf.save_cache(kv, ns, session, ids + gen.tokens, gen.cache, durable=turn == turns - 1)
             kept, kept_ids = gen.cache, ids + gen.tokens
             answer = tok.decode(gen.tokens, skip_special_tokens=True)
@@ -186,7 +188,7 @@ def run_demo(target: str | None = None, data_dir: str | None = None, turns: int 
                           f"{gen.ttft_s * 1000:.0f} ms; {len(put.stored)} new blocks parked[/dim]")
 
         messages.append({"role": "user", "content": FINAL_QUESTION})
-        ids = hf.chat_ids(tok, messages)
+        ids = lm.chat_ids(tok, messages)
         rows: list[DemoRow] = []
         with console.status("Timing the next turn…"):
             ref_ttft, ref = _answer(model, ids, None, max_new_tokens, eos)
@@ -194,11 +196,12 @@ def run_demo(target: str | None = None, data_dir: str | None = None, turns: int 
             if turns:  # the last turn's cache, never sent anywhere, cut to what the new prompt shares
                 same = next((i for i, (a, b) in enumerate(zip(kept_ids, ids)) if a != b), min(len(kept_ids), len(ids)))
                 hf.crop_cache(kept, min(same, len(ids) - 1))
+                kept_tokens = hf.cache_length(kept)  # the last generated token has no K/V yet
                 mem_ttft, mem = _answer(model, ids, kept, max_new_tokens, eos)
-                rows.append(DemoRow("cache kept in process memory", min(same, len(ids) - 1), len(ids), mem_ttft,
-                                    mem == ref))
+                rows.append(DemoRow("cache kept in process memory", kept_tokens, len(ids), mem_ttft, mem == ref))
             tier = "/".join(sorted(set(kv.lookup(ns, ids).tiers))) or "nothing cached"
-            cached, ttft, tokens = _timed_restore(model, kv, ns, ids, ns, max_new_tokens, eos)
+            cached, ttft, tokens = _timed_restore(model, kv, session if turns else ns, ids, ns, max_new_tokens,
+                                                  eos)
             rows.append(DemoRow(f"restore from {tier}", cached, len(ids), ttft, tokens == ref))
             if server is not None:
                 kv.close()

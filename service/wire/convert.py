@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering.errors import InvalidBlock
-from kvtier.tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace
+from kvtier.tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace, Shard
 from kvtier.tiering.layout import BlockLayout
 
 TIER_TO_PROTO = {"hot": pb.TIER_HOT, "warm": pb.TIER_WARM, "cold": pb.TIER_COLD, None: pb.TIER_UNSPECIFIED,
@@ -65,11 +65,27 @@ def namespace_from_proto(msg: pb.Namespace, field: str = "namespace", *, tenant:
     if not msg.HasField("layout"):
         raise InvalidBlock(f"{field}.layout is required", field=f"{field}.layout")
     layout = layout_from_proto(msg.layout, f"{field}.layout")
-    return Namespace(tenant if tenant is not None else tenant_of(msg.tenant), msg.model, msg.revision, layout)
+    shard = shard_from_proto(msg.shard, layout, f"{field}.shard") if msg.HasField("shard") else None
+    return Namespace(tenant if tenant is not None else tenant_of(msg.tenant), msg.model, msg.revision, layout, shard)
+
+
+def shard_from_proto(msg: pb.Shard, layout: BlockLayout, field: str = "namespace.shard") -> Shard:
+    """A validated Shard whose head count matches ``layout`` (errors name ``field``'s sub-field)."""
+    if len(msg.heads) != layout.kv_heads:
+        raise InvalidBlock(f"{field}.heads lists {len(msg.heads)} heads but the layout has {layout.kv_heads} "
+                           "kv_heads", field=f"{field}.heads")
+    try:
+        return Shard(msg.rank, msg.world_size, tuple(msg.heads))
+    except InvalidBlock as exc:
+        sub = (exc.field or "namespace.shard").removeprefix("namespace.shard")
+        raise InvalidBlock(str(exc), field=f"{field}{sub}") from None
 
 
 def namespace_to_proto(ns: Namespace) -> pb.Namespace:
-    return pb.Namespace(model=ns.model, revision=ns.revision, layout=layout_to_proto(ns.layout), tenant=ns.tenant)
+    msg = pb.Namespace(model=ns.model, revision=ns.revision, layout=layout_to_proto(ns.layout), tenant=ns.tenant)
+    if ns.shard is not None:
+        msg.shard.CopyFrom(pb.Shard(rank=ns.shard.rank, world_size=ns.shard.world_size, heads=ns.shard.heads))
+    return msg
 
 
 def keys_from_proto(raw: list[bytes] | tuple[bytes, ...], field: str = "keys") -> list[BlockKey]:

@@ -3,8 +3,9 @@
 One conversation (system + user turn, ~130 tokens, 16 greedy tokens) is saved; its second turn is
 generated from a full recompute, from the cache that never left memory, and from the cache restored
 from warm, from cold after a restart, and after a SIGKILL following a durable save: every variant
-yields the same tokens, and restored K/V are bit-identical to what was saved. Changing an earlier
-turn or the model revision must not produce a false hit. fp32 on CPU, one model load per session.
+yields the same tokens, and restored K/V are bit-identical to what was saved. A session whose last block
+is partial is resumed through that block. Changing an earlier turn or the model revision must not produce
+a false hit. fp32 on CPU, one model load per session.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import signal
 import pytest
 import torch
 
+from kvtier.service.apps import model as lm
 from kvtier.service.integrations import hf
+from kvtier.service.integrations.fingerprint import model_fingerprint
 from kvtier.service.client.client import KVTierClient
 from tests.fixtures.server import KVTierProcess
 from kvtier.tiering import Namespace, StoreConfig, TieredStore
@@ -39,18 +42,18 @@ class Conversation:
         self.model, self.tok = model, tok
         self.ns = hf.namespace_for(model)
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURN1}]
-        self.ids1 = hf.chat_ids(tok, msgs)
+        self.ids1 = lm.chat_ids(tok, msgs)
         first = self.generate(self.ids1)
         self.full1 = self.ids1 + first.tokens
         self.cache1 = first.cache  # never leaves memory; only ever deep-copied
         self.saved = hf.cache_to_blocks(self.cache1, self.ns.layout)
         msgs += [{"role": "assistant", "content": tok.decode(first.tokens, skip_special_tokens=True)},
                  {"role": "user", "content": TURN2}]
-        self.ids2 = hf.chat_ids(tok, msgs)
+        self.ids2 = lm.chat_ids(tok, msgs)
         self.reference = self.generate(self.ids2).tokens
 
-    def generate(self, ids, cache=None) -> hf.Generation:
-        return hf.greedy_generate(self.model, ids, cache, max_new_tokens=NEW_TOKENS, eos_token_id=self.tok.eos_token_id)
+    def generate(self, ids, cache=None, max_new_tokens: int = NEW_TOKENS) -> lm.Generation:
+        return lm.greedy_generate(self.model, ids, cache, max_new_tokens=max_new_tokens, eos_token_id=self.tok.eos_token_id)
 
     def in_memory(self, tokens: int):
         cache = copy.deepcopy(self.cache1)
@@ -127,6 +130,25 @@ def test_durable_save_survives_sigkill(conv, server):
         conv.check_restored(cache, tokens)
 
 
+def test_session_resumes_through_its_partial_last_block(conv, server):
+    """A session of m tokens (m not a multiple of the block size) that the next prompt extends gives back all
+    m tokens, not the m // 16 * 16 of its full blocks; generating from them is token-exact."""
+    bt = conv.ns.layout.block_tokens
+    m = len(conv.ids1) + 5  # a few tokens into the assistant's answer, inside a block
+    m += 0 if m % bt else 1
+    assert m % bt and m < len(conv.ids2) - 1 and conv.ids2[:len(conv.ids1)] == conv.ids1
+    saved = conv.generate(conv.ids2[:m], max_new_tokens=1).cache  # covers exactly ids2[:m]
+    assert hf.cache_length(saved) == m
+    with _client(server) as kv:
+        hf.save_cache(kv, conv.ns, "chat-partial", conv.ids2[:m], saved)
+        cache, tokens = hf.restore_cache(kv, "chat-partial", conv.ids2, namespace=conv.ns)
+        assert tokens == m
+        assert torch.equal(torch.cat(hf.cache_to_blocks(cache, conv.ns.layout), dim=3).view(torch.int32),
+                           torch.cat(hf.cache_to_blocks(saved, conv.ns.layout), dim=3).view(torch.int32))
+        assert conv.generate(conv.ids2, cache).tokens == conv.reference
+        assert hf.restore_cache(kv, conv.ns, conv.ids2)[1] % bt == 0  # a namespace lookup reuses full blocks only
+
+
 def test_changed_earlier_turn_is_no_false_hit(conv, server):
     with _client(server) as kv:
         hf.save_cache(kv, conv.ns, "chat", conv.full1, conv.cache1)
@@ -153,8 +175,10 @@ def test_changed_model_revision_gives_zero_blocks(conv, server, tmp_path):
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     a.write_bytes(b"weights v1")
     b.write_bytes(b"weights v2")
-    fa, fb = hf.model_fingerprint(weights_path=str(a)), hf.model_fingerprint(weights_path=str(b))
-    assert fa.revision != fb.revision and fa == hf.model_fingerprint(weights_path=str(a))
+    fa, fb = model_fingerprint(weights_path=str(a)), model_fingerprint(weights_path=str(b))
+    assert fa.revision != fb.revision and fa == model_fingerprint(weights_path=str(a))
+    assert model_fingerprint(conv.model).model == lm.SMOLLM2_ID  # the loader recorded its GGUF file
+    assert conv.ns.revision == model_fingerprint(conv.model).revision != fa.revision
 
 
 def test_engine_without_grpc_cold_only(conv, tmp_path):

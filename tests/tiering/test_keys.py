@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvtier.tiering import BlockKey, BlockLayout, InvalidBlock, Namespace, chain_keys
-from kvtier.tiering.keys import iter_keys
+from kvtier.tiering.keys import Shard, iter_keys
 
 LAYOUT = BlockLayout("float16", layers=30, kv_heads=3, head_dim=64, block_tokens=16)
 NS = Namespace("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", LAYOUT)
@@ -23,7 +23,19 @@ VECTORS = ["399bcce2e8846288e4e9922a0307685a",
 FULL_THIRD = "1b1ee78f3d12a54e4b3e549622752379"
 
 
-def _spec_keys(tenant: str, model: str, revision: str, layout: str, tokens: list[int], bt: int) -> list[str]:
+#: rank 1 of 3 holding KV head 1, one head per block: layout float16:30x1x64/16, shard text "shard:1/3:1".
+SHARD_NS = Namespace("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", BlockLayout("float16", 30, 1, 64, 16),
+                     Shard(1, 3, (1,)))
+SHARD_ROOT = "91a1d47f2bc944bf1d6f68c70ff9adf9"
+SHARD_VECTORS = ["554b3d7f1584daa994857819fe117837",
+                 "c76806754a34ba12bd673ae8dfaf23c2",
+                 "104a070c9559aa50e81d4319d5131490"]
+#: the same namespace without its shard.
+UNSHARDED_ROOT = "9b449e738a462b72a8df661ac1f95440"
+
+
+def _spec_keys(tenant: str, model: str, revision: str, layout: str, tokens: list[int], bt: int,
+               shard: str | None = None) -> list[str]:
     """The spec of the keys.py docstring, written out again with hashlib only."""
     def field(s: str) -> bytes:
         raw = s.encode("utf-8")
@@ -32,7 +44,8 @@ def _spec_keys(tenant: str, model: str, revision: str, layout: str, tokens: list
     def h(x: bytes) -> bytes:
         return hashlib.blake2b(x, digest_size=16).digest()
 
-    parent = h(b"kvtier-ns-v1" + field(tenant) + field(model) + field(revision) + field(layout))
+    parent = h(b"kvtier-ns-v1" + field(tenant) + field(model) + field(revision) + field(layout)
+               + (field(shard) if shard is not None else b""))
     out = []
     for start in range(0, len(tokens), bt):
         parent = h(parent + b"".join(struct.pack("<I", t) for t in tokens[start:start + bt]))
@@ -52,6 +65,23 @@ def test_vectors_match_the_written_spec():
     assert spec == VECTORS
     assert _spec_keys("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", "float16:30x3x64/16",
                       list(range(48)), 16)[2] == FULL_THIRD
+
+
+def test_shard_vectors_are_pinned_and_match_the_written_spec():
+    assert SHARD_NS.shard.describe() == "shard:1/3:1"
+    assert SHARD_NS.root().hex() == SHARD_ROOT
+    assert [k.hex() for k in chain_keys(SHARD_NS, list(range(40)))] == SHARD_VECTORS
+    assert _spec_keys("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", "float16:30x1x64/16", list(range(40)),
+                      16, "shard:1/3:1") == SHARD_VECTORS
+    unsharded = Namespace(SHARD_NS.tenant, SHARD_NS.model, SHARD_NS.revision, SHARD_NS.layout)
+    assert unsharded.root().hex() == UNSHARDED_ROOT != SHARD_ROOT
+    assert Namespace(NS.tenant, NS.model, NS.revision, NS.layout, None).root().hex() == ROOT
+
+
+@pytest.mark.parametrize("shard", [Shard(0, 3, (1,)), Shard(1, 2, (1,)), Shard(1, 3, (0,))])
+def test_any_shard_change_changes_every_key(shard):
+    other = Namespace(SHARD_NS.tenant, SHARD_NS.model, SHARD_NS.revision, SHARD_NS.layout, shard)
+    assert not set(chain_keys(other, list(range(40)))) & set(chain_keys(SHARD_NS, list(range(40))))
 
 
 def test_partial_block_does_not_poison_the_full_one():

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvtier.service.integrations.hf import ModelFingerprint, load_smollm2, model_fingerprint
+from kvtier.service.apps.model import load_smollm2
+from kvtier.service.integrations.fingerprint import ModelFingerprint, model_fingerprint
 
 from kvtier.service.apps.bench.context import BenchContext
 
 
 @dataclass
 class BenchModel:
-    """A causal LM ready for ``service.hf``: the model, its fingerprint and a short name."""
+    """A causal LM ready for ``kvtier.service.integrations.hf``: the model, its fingerprint and a short name."""
 
     model: object
     fingerprint: ModelFingerprint

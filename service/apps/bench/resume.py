@@ -1,8 +1,8 @@
 """Scenario 2, resume: time to the first new token of a resumed conversation, recompute vs restore.
 
 A conversation of N tokens (512 and 2048; quick: 512) gets a new 16-token user turn. *Recompute*
-prefills all N + 16 tokens with :func:`service.hf.greedy_generate` and no cache. *Restore* parks the
-history's KV in a kvtier server first (:func:`service.hf.save_cache`, fp32 blocks: token-exact), then
+prefills all N + 16 tokens with :func:`kvtier.service.apps.model.greedy_generate` and no cache. *Restore* parks the
+history's KV in a kvtier server first (:func:`kvtier.service.integrations.hf.save_cache`, fp32 blocks: token-exact), then
 times ``restore_cache`` (Resume RPC + Get of the session's blocks + building the ``DynamicCache``)
 plus the prefill of the 16 new tokens over it. Sources: a ``warm`` server, a ``cold`` server (memory
 tiers off: every block read from LMDB and decoded), and ``restart`` (a warm server stopped and
@@ -16,7 +16,8 @@ import statistics
 import time
 
 from kvtier.service.client.client import KVTierClient
-from kvtier.service.integrations.hf import greedy_generate, namespace_for, restore_cache, save_cache
+from kvtier.service.apps.model import greedy_generate
+from kvtier.service.integrations.hf import namespace_for, restore_cache, save_cache
 
 from kvtier.service.apps.bench import tiers
 from kvtier.service.apps.bench.context import BenchContext, ratio

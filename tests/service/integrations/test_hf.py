@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from kvtier.service.integrations import hf
+from kvtier.service.integrations.fingerprint import model_fingerprint
 from kvtier.service.client.local import LocalKVTierClient
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 
@@ -74,6 +75,18 @@ def test_save_sends_only_new_blocks_and_restore_leaves_a_token(store):
     assert hf.restore_cache(store, NS, ids[:1]) == (None, 0)
 
 
+def test_restore_by_session_reuses_its_partial_last_block(store):
+    ids = list(range(700, 760))
+    cache = random_cache(60)
+    hf.save_cache(store, NS, "p", ids[:45], cache)  # 2 full blocks + a partial one of 13 tokens
+    restored, n = hf.restore_cache(store, "p", ids, namespace=NS)
+    assert n == 45 and same_cache(cache, restored, 45)
+    assert hf.restore_cache(store, NS, ids)[1] == 32  # a namespace cannot know the partial block's length
+    changed = ids[:40] + [1] + ids[41:]  # differs inside the partial block: only the full blocks are reused
+    assert hf.restore_cache(store, "p", changed, namespace=NS)[1] == 32
+    assert hf.restore_cache(store, "p", ids[:45], namespace=NS)[1] == 44  # the prompt ends with the session
+
+
 def test_restore_by_session_checks_tokens_and_namespace(store):
     ids = list(range(48))
     cache = random_cache(48)
@@ -92,7 +105,7 @@ def test_restore_by_session_checks_tokens_and_namespace(store):
 def test_fingerprint_is_cached_and_follows_the_file(tmp_path):
     f = tmp_path / "w.gguf"
     f.write_bytes(b"a" * 1000)
-    first = hf.model_fingerprint(weights_path=str(f), model_id="m")
-    assert first == hf.model_fingerprint(weights_path=str(f), model_id="m") and first.model == "m"
+    first = model_fingerprint(weights_path=str(f), model_id="m")
+    assert first == model_fingerprint(weights_path=str(f), model_id="m") and first.model == "m"
     f.write_bytes(b"b" * 1001)
-    assert hf.model_fingerprint(weights_path=str(f), model_id="m").revision != first.revision
+    assert model_fingerprint(weights_path=str(f), model_id="m").revision != first.revision

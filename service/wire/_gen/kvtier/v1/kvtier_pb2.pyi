@@ -32,17 +32,29 @@ class BlockLayout(_message.Message):
     block_tokens: int
     def __init__(self, dtype: _Optional[str] = ..., layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
+class Shard(_message.Message):
+    __slots__ = ("rank", "world_size", "heads")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    world_size: int
+    heads: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., heads: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class Namespace(_message.Message):
-    __slots__ = ("model", "revision", "layout", "tenant")
+    __slots__ = ("model", "revision", "layout", "tenant", "shard")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     layout: BlockLayout
     tenant: str
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    shard: Shard
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., tenant: _Optional[str] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ...) -> None: ...
 
 class KeyList(_message.Message):
     __slots__ = ("keys",)
