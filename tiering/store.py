@@ -104,14 +104,15 @@ class TieredStore:
             durable.on_commit(self.session_records.committed)
             durable.on_commit(self._count_commit)
         # Block loads (LMDB read, decode, staging) run on the fetch pool, which copy-out's decoding shares.
-        self._pool = ThreadPoolExecutor(max(2, cfg.prefetch_threads * 2), thread_name_prefix="kvtier-fetch")
+        fetch_threads = max(2, cfg.prefetch_threads * 2)
+        self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="kvtier-fetch")
         shared = dict(lock=lock, stats=self.stats, tombstones=tombstones)
         self.placement = Placement(self.tiers, leases=self.leases, write_back=cfg.write_policy == "write_back",
                                    **shared)
         self.loader = Loader(self.tiers, self.placement, pool=self._pool, tracer=self.tracer, leases=self.leases,
                              config=cfg, **shared)
         self.copyouts = CopyOuts(self.tiers, self.placement, leases=self.leases, pool=self._pool,
-                                 tracer=self.tracer, lease_s=cfg.lease_s, **shared)
+                                 pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
                              sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer)
         self._maint = Maintenance(self.leases, self.expire_sessions, self.config.maintenance_s)
