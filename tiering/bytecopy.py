@@ -60,19 +60,23 @@ def copy_checksum(dst, src) -> int:
     return xxhash.xxh3_64_intdigest(d)
 
 
+#: threads of the copy pool
+COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
 def _copy_pool() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                                           thread_name_prefix="kvtier-copy")
+                _pool = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kvtier-copy")
     return _pool
 
 
-def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int, pool: ThreadPoolExecutor | None = None) -> list[R]:
-    """``[fn(item) for item in items]``, shared out over the threads of ``pool`` (default: the copy
-    threads; the calling thread takes one share) when the items move at least
+def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int, pool: ThreadPoolExecutor | None = None,
+           workers: int = COPY_THREADS) -> list[R]:
+    """``[fn(item) for item in items]``, shared out over ``workers`` threads of ``pool`` (default: the
+    copy threads; the calling thread takes one share) when the items move at least
     :data:`PARALLEL_MIN_BYTES` together (``nbytes``).
 
     Work that allocates (decoding) belongs on a pool whose threads already do such work: each thread
@@ -82,7 +86,7 @@ def spread(fn: Callable[[T], R], items: Sequence[T], nbytes: int, pool: ThreadPo
     :raises: the first exception of a share, once every share has ended.
     """
     pool = pool or _copy_pool()
-    workers = pool._max_workers if len(items) > 1 and nbytes >= PARALLEL_MIN_BYTES else 1
+    workers = workers if len(items) > 1 and nbytes >= PARALLEL_MIN_BYTES else 1
     if workers == 1:
         return [fn(item) for item in items]
     out: list = [None] * len(items)

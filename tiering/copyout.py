@@ -73,11 +73,11 @@ class _Planned:
 class CopyOuts:
     """:meth:`copy_out` over ``tiers``; its collaborators are the store's (see :class:`~tiering.loader.Loader`).
 
-    :param pool: the fetch threads (they decode: their freed memory is reused for decoding).
+    :param pool: the fetch threads (they decode: their freed memory is reused for decoding), ``pool_threads`` of them.
     """
 
     def __init__(self, tiers: TierList, placement: Placement, *, lock: threading.RLock, leases: LeaseTable,
-                 stats: StoreStats, tombstones: Tombstones, pool: ThreadPoolExecutor, tracer,
+                 stats: StoreStats, tombstones: Tombstones, pool: ThreadPoolExecutor, pool_threads: int, tracer,
                  lease_s: float) -> None:
         self.tiers = tiers
         self.placement = placement
@@ -86,6 +86,7 @@ class CopyOuts:
         self.stats = stats
         self.tombstones = tombstones
         self.pool = pool
+        self.pool_threads = pool_threads
         self.tracer = tracer
         self.lease_s = lease_s
 
@@ -192,7 +193,7 @@ class CopyOuts:
             p.decoded = p.found.decode_into(region[p.offset:p.offset + p.found.nbytes], ops)
             return p.decoded is not None
 
-        decoded = spread(decode, coded, sum(p.found.nbytes for p in coded), self.pool)
+        decoded = spread(decode, coded, sum(p.found.nbytes for p in coded), self.pool, self.pool_threads)
         good |= {id(p) for p, ok in zip(coded, decoded) if ok}
         with self.lock:
             for p, ok in zip(coded, decoded):

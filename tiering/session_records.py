@@ -85,12 +85,9 @@ class SessionRecords:
             if self.durable is None:
                 return sum(1 for sid in self._memory if sid.startswith(prefix))
             pending = {sid: rec for sid, rec in self._pending.items() if sid.startswith(prefix)}
-        stored = self.durable.session_count(prefix)
+        stored, on_disk = self.durable.session_census(prefix, list(pending))
         # queued records change the count: a new session adds one, a queued deletion removes one
-        for sid, rec in pending.items():
-            on_disk = self.durable.session_get(sid) is not None
-            stored += (rec is not None) - on_disk
-        return stored
+        return stored + sum((rec is not None) - here for rec, here in zip(pending.values(), on_disk))
 
     def queued(self) -> int:
         """Sessions with records queued and not yet committed."""

@@ -18,9 +18,8 @@ Concurrency. One re-entrant lock (shared with the collaborators, passed to them)
 the policies, stats, tombstones and the single-flight table; it is never held across LMDB I/O,
 decompression or a host→device copy. Reads and prefetches pin their blocks with expiring leases.
 
-Copies per path (bytes of one block): put → top tier 1 (stage); write to disk 2 (shuffle, compress);
-hit in top tier 0; warm → hot promotion 1; cold → top tier 3 (LMDB read, decompress+unshuffle,
-stage onto the tier's device).
+Copies per block: put → top tier 1; to disk 2 (shuffle, compress); top-tier hit 0; warm → hot 1;
+cold → top tier 3 (LMDB read, decompress+unshuffle, stage onto the tier's device).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -105,14 +104,15 @@ class TieredStore:
             durable.on_commit(self.session_records.committed)
             durable.on_commit(self._count_commit)
         # Block loads (LMDB read, decode, staging) run on the fetch pool, which copy-out's decoding shares.
-        self._pool = ThreadPoolExecutor(max(2, cfg.prefetch_threads * 2), thread_name_prefix="kvtier-fetch")
+        fetch_threads = max(2, cfg.prefetch_threads * 2)
+        self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="kvtier-fetch")
         shared = dict(lock=lock, stats=self.stats, tombstones=tombstones)
         self.placement = Placement(self.tiers, leases=self.leases, write_back=cfg.write_policy == "write_back",
                                    **shared)
         self.loader = Loader(self.tiers, self.placement, pool=self._pool, tracer=self.tracer, leases=self.leases,
                              config=cfg, **shared)
         self.copyouts = CopyOuts(self.tiers, self.placement, leases=self.leases, pool=self._pool,
-                                 tracer=self.tracer, lease_s=cfg.lease_s, **shared)
+                                 pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
                              sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer)
         self._maint = Maintenance(self.leases, self.expire_sessions, self.config.maintenance_s)
@@ -167,13 +167,15 @@ class TieredStore:
         return self.tiers.caches
 
     # -- blocks in ------------------------------------------------------------------------------------------
-    def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload],
-            **kw) -> PutResult:
-        """Store the KV blocks of ``token_ids``; the keywords and their contract are
-        :meth:`Ingest.put <tiering.ingest.Ingest.put>`'s (``first_block``, ``session_id``, ``durable``,
-        ``priority``, ``ttl_s``, ``checksums``, ``owned``). :raises TierUnavailable: if the store is closed."""
+    def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload], *,
+            first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
+            ttl_s: float | None = None, checksums: Sequence[int] | None = None, owned: bool = False) -> PutResult:
+        """Store the KV blocks of ``token_ids`` (and, with ``session_id``, the session's chain); every
+        parameter, the result and the errors are :meth:`Ingest.put <tiering.ingest.Ingest.put>`'s.
+        :raises TierUnavailable: also if the store is closed."""
         self._check_open()
-        return self.ingest.put(namespace, token_ids, blocks, **kw)
+        return self.ingest.put(namespace, token_ids, blocks, first_block=first_block, session_id=session_id,
+                               durable=durable, priority=priority, ttl_s=ttl_s, checksums=checksums, owned=owned)
 
     # -- blocks out -----------------------------------------------------------------------------------------
     def get(self, key: BlockKey, *, promote: bool = True) -> tuple[Block, str] | None:
@@ -195,12 +197,13 @@ class TieredStore:
         self._check_open()
         return self.loader.iter_blocks(keys, window=window, deadline=deadline)
 
-    def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, **kw) -> CopyOut:
-        """Write the blocks of ``keys`` into ``region``: :meth:`CopyOuts.copy_out
-        <tiering.copyout.CopyOuts.copy_out>` (``align``, ``accept``, ``deadline``, ``promote``).
-        :raises TierUnavailable: if the store is closed."""
+    def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, *, align: int = 4096,
+                 accept: Callable[[bytes], bool] | None = None, deadline: float | None = None,
+                 promote: bool = True) -> CopyOut:
+        """Write the blocks of ``keys`` (prefix order) into ``region``: :meth:`CopyOuts.copy_out
+        <tiering.copyout.CopyOuts.copy_out>`. :raises TierUnavailable: if the store is closed."""
         self._check_open()
-        return self.copyouts.copy_out(keys, region, **kw)
+        return self.copyouts.copy_out(keys, region, align=align, accept=accept, deadline=deadline, promote=promote)
 
     def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None) -> PrefetchHandle:
         """Start moving ``keys`` up to the top tier, in order, and return at once: :meth:`Loader.prefetch

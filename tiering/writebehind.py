@@ -183,8 +183,8 @@ class WriteBehindTier(Tier):
     def session_items(self) -> list[tuple[bytes, bytes]]:
         return self.cold.session_items()
 
-    def session_count(self, prefix: bytes) -> int:
-        return self.cold.session_count(prefix)
+    def session_census(self, prefix: bytes, sids: list[bytes]) -> tuple[int, list[bool]]:
+        return self.cold.session_census(prefix, sids)
 
     def namespaces(self) -> dict[bytes, dict]:
         return self.cold.namespaces()

@@ -48,7 +48,8 @@ def test_records_commit_with_their_blocks_and_listeners_hear_them(cold):
     wb.on_commit(lambda jobs, ev, err: heard.append((len(jobs), err)))
     fut = wb.submit(WriteJob(blocks=[(K(1), B(1))], sessions={b"t\0s": b"{}"}, namespaces={b"n" * 16: b"{}"}))
     assert fut.result(5) == 1 and heard and heard[-1][1] is None
-    assert wb.session_get(b"t\0s") == b"{}" and wb.session_count(b"t\0") == 1 and b"n" * 16 in wb.namespaces()
+    assert wb.session_get(b"t\0s") == b"{}" and b"n" * 16 in wb.namespaces()
+    assert wb.session_census(b"t\0", [b"t\0s", b"t\0x"]) == (1, [True, False])
     assert wb.enqueue(K(2), B(2))
     wb.flush()
     assert wb.enqueue(K(2), B(2))  # committed, so queued again: a write-back demotion rewrites it

@@ -365,10 +365,12 @@ class ColdTier(Tier):
         with self.env.begin() as txn:
             return registry.session_items(txn, self.db)
 
-    def session_count(self, prefix: bytes) -> int:
-        """Session records whose key starts with ``prefix`` (a tenant's: ``tenant ‖ 0``); O(those)."""
+    def session_census(self, prefix: bytes, sids: list[bytes]) -> tuple[int, list[bool]]:
+        """Session records whose key starts with ``prefix`` (a tenant's: ``tenant ‖ 0``; O(those)), and
+        whether each of ``sids`` has one, read in one transaction (so a commit cannot fall between)."""
         with self.env.begin() as txn:
-            return registry.session_count(txn, self.db, prefix)
+            return (registry.session_count(txn, self.db, prefix),
+                    [registry.session_get(txn, self.db, sid) is not None for sid in sids])
 
     def namespaces(self) -> dict[bytes, dict]:
         with self.env.begin() as txn:
