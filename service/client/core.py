@@ -27,6 +27,7 @@ from kvtier.service.client.tenants import SessionTenants
 from kvtier.service.client.types import KVTierClientError
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering.keys import BlockKey, Namespace
+from kvtier.tiering.layout import blocks_for
 
 #: Values of ``data_path``: pick by target, shared memory only, gRPC streams only.
 DATA_PATHS = ("auto", "shm", "grpc")
@@ -159,7 +160,7 @@ class ClientCore:
             timeout: float | None) -> Steps:
         """Steps of :meth:`KVTierClient.put`: validated locally (payload views are taken before any call),
         then through the link if any, else as one Put stream."""
-        check_payload_count(blocks, -(-len(token_ids) // namespace.layout.block_tokens), first_block)
+        check_payload_count(blocks, blocks_for(len(token_ids), namespace.layout.block_tokens), first_block)
         views = [payload_view(b, namespace.layout.dtype, first_block + i) for i, b in enumerate(blocks)]
         header = cp.put_header(namespace, token_ids, first_block=first_block, block_count=len(views),
                                session_id=session_id, durable=durable, priority=priority, ttl_seconds=ttl_seconds)

@@ -25,6 +25,7 @@ from kvtier.service.wire.convert import DEFAULT_TENANT
 from kvtier.tiering import errors
 from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
 from kvtier.tiering.store import TieredStore
+from kvtier.tiering.layout import blocks_for
 
 #: Engine error -> the status code a server answers it with (most specific first: a SessionNotFound is a
 #: BlockNotFound). The server's error boundary keeps the same table for the errors both ends know.
@@ -85,7 +86,7 @@ class LocalKVTierClient:
             first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
             ttl_seconds: float = 0.0, checksums: bool = True) -> PutInfo:
         """See :meth:`kvtier.service.client.client.KVTierClient.put` (``checksums`` is accepted and unused)."""
-        n_keys = -(-len(token_ids) // namespace.layout.block_tokens)
+        n_keys = blocks_for(len(token_ids), namespace.layout.block_tokens)
         check_payload_count(blocks, n_keys, first_block)
         views = [payload_view(b, namespace.layout.dtype, first_block + i) for i, b in enumerate(blocks)]
         with engine_errors():

@@ -47,7 +47,7 @@ from kvtier.tiering.bytecopy import copy_many
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.keys import BlockKey
 
-from kvtier.service.wire.arena import ALIGNMENT, Arena, Slot, SlotAllocator
+from kvtier.service.wire.arena import ALIGNMENT, Arena, Slot, SlotAllocator, align_up
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class ShmLink:
         :raises KVTierClientError: as a call fails; ``INVALID_ARGUMENT`` for a block larger than the arena.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        sizes = [-(-max(len(v), 1) // ALIGNMENT) * ALIGNMENT for v in views]
+        sizes = [align_up(len(v)) for v in views]
         budget = self.arena.size // 2
         upload_id, i = "", 0
         while True:
@@ -250,7 +250,7 @@ class ShmLink:
             raise KVTierClientError(grpc.StatusCode.INTERNAL, f"block {base + head.index}: [{item.offset}, "
                                     f"+{head.size}) is not an aligned range of the one leased")
         view = self.arena.array[item.offset:item.offset + head.size]
-        cap = -(-max(head.size, 1) // ALIGNMENT) * ALIGNMENT
+        cap = align_up(head.size)
         with self._freed:
             alias = head.size > 0 and self._aliased + cap <= self.alias_budget
             if alias:

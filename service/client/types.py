@@ -13,14 +13,9 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from kvtier.tiering.dtypes import TORCH_DTYPES
 from kvtier.tiering.keys import BlockKey, Namespace
 
-#: Layout dtype name -> torch dtype (every dtype kvtier stores).
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
-    "uint8": torch.uint8, "int8": torch.int8,
-}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 

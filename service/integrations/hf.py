@@ -31,7 +31,7 @@ from kvtier.service.client.local import LocalKVTierClient
 from kvtier.service.integrations.fingerprint import ModelFingerprint, model_fingerprint
 from kvtier.service.wire.convert import DEFAULT_TENANT
 from kvtier.tiering.keys import BlockKey, Namespace, Shard, chain_keys
-from kvtier.tiering.layout import BlockLayout
+from kvtier.tiering.layout import BlockLayout, blocks_for
 from kvtier.tiering.store import TieredStore
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
             return None, 0
         keys, cached_tokens = _session_prefix(ns, info, ids)
     use = min(cached_tokens, limit)
-    need = -(-use // ns.layout.block_tokens)
+    need = blocks_for(use, ns.layout.block_tokens)
     if not need:
         return None, 0
     got = client.get(keys[:need])

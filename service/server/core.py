@@ -25,6 +25,7 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering.errors import SessionNotFound
 from kvtier.tiering.results import PutResult
 from kvtier.tiering.store import TieredStore
+from kvtier.tiering.layout import blocks_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,7 @@ class ServerCore:
         """
         plan = plan_from_header(header, caller.tenant(header.namespace.tenant), max_bytes=self.max_put_bytes,
                                 max_message_bytes=self.max_message_bytes)
-        self.limits.check_blocks(-(-len(plan.token_ids) // plan.namespace.layout.block_tokens), "Put")
+        self.limits.check_blocks(blocks_for(len(plan.token_ids), plan.namespace.layout.block_tokens), "Put")
         return plan
 
     async def next_message(self, stream):

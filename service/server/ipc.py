@@ -57,6 +57,7 @@ from kvtier.service.server.errors import IpcUnavailable, LeaseNotFound
 from kvtier.service.server.shm_broker import ArenaRegistry
 from kvtier.service.wire import convert, cuda_ipc
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.wire.arena import align_up
 from kvtier.tiering.errors import InvalidBlock
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def stage(store, leases: IpcLeases, device: torch.device, keys, tenant: str, dea
     Out of budget or of GPU memory, fewer blocks (maybe none) are staged, with reason ``"ipc_budget"``.
     """
     found, reason = _hot_prefix(store, keys, tenant, deadline)
-    sizes = [-(-block.nbytes // ALIGN) * ALIGN for _, block in found]
+    sizes = [align_up(block.nbytes, ALIGN) for _, block in found]
     n = leases.reserve(sizes)
     if n < len(found):
         found, sizes, reason = found[:n], sizes[:n], "ipc_budget"

@@ -45,6 +45,7 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.service.wire.fast import encode_get_data
 from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import chain_keys
+from kvtier.tiering.layout import blocks_for
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         if not request.token_ids and not request.keys:
             raise InvalidBlock("token_ids or keys is required", field="token_ids")
         n_tokens = len(request.token_ids) if request.token_ids else None
-        self.core.check_chain(len(request.keys) or -(-n_tokens // ns.layout.block_tokens), "Lookup")
+        self.core.check_chain(len(request.keys) or blocks_for(n_tokens, ns.layout.block_tokens), "Lookup")
         keys = convert.keys_from_proto(request.keys) if request.keys else None
         tokens = list(request.token_ids)
         store = self.store

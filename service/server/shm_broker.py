@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from kvtier.service.server.auth import Principal
 from kvtier.service.server.errors import QuotaExceeded, ShmUnavailable, UploadNotFound
-from kvtier.service.wire.arena import ALIGNMENT, Arena, create_memfd
+from kvtier.service.wire.arena import Arena, align_up, create_memfd
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class ArenaRegistry:
                                 "(server.shm_arenas_per_caller); close one, or use the gRPC streams",
                                 subject="caller:arenas")
         size = min(self.arena_bytes, size or self.arena_bytes)
-        size = max(ALIGNMENT, -(-size // ALIGNMENT) * ALIGNMENT)
+        size = align_up(size)
         arena_id, ticket = secrets.token_hex(16), secrets.token_bytes(TICKET_BYTES)
         self._tickets[ticket] = _Ticket(arena_id, principal, size, now + TICKET_S, caller)
         return arena_id, ticket, self._path, size

@@ -31,6 +31,11 @@ import torch
 ALIGNMENT = 4096
 
 
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    """``n`` rounded up to a multiple of ``alignment`` (at least one ``alignment``)."""
+    return max(-(-n // alignment) * alignment, alignment)
+
+
 def create_memfd(size: int, name: str = "kvtier-arena") -> int:
     """A close-on-exec memfd of exactly ``size`` bytes whose size can never change again.
 
@@ -101,7 +106,7 @@ class SlotAllocator:
 
     def alloc(self, length: int) -> Slot | None:
         """A slot of ``length`` bytes, or ``None`` when no free range is big enough (nothing changed)."""
-        need = max(-(-length // self.alignment) * self.alignment, self.alignment)
+        need = align_up(length, self.alignment)
         with self._lock:
             for i, (off, free) in enumerate(self._free):
                 if free >= need:
@@ -118,7 +123,7 @@ class SlotAllocator:
         """A slot of at least ``need`` and at most ``want`` bytes (``length`` = what it got), from the
         largest free range; ``None`` when no free range holds ``need`` bytes (nothing changed)."""
         a = self.alignment
-        need = max(-(-need // a) * a, a)
+        need = align_up(need, a)
         with self._lock:
             if not self._free:
                 return None
@@ -169,4 +174,4 @@ class SlotAllocator:
 
     def fits_ever(self, length: int) -> bool:
         """Whether a slot of ``length`` bytes fits an empty arena."""
-        return max(-(-length // self.alignment) * self.alignment, self.alignment) <= self.size
+        return align_up(length, self.alignment) <= self.size

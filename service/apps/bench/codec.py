@@ -16,11 +16,11 @@ import torch
 from kvtier.service.integrations.hf import cache_to_blocks, layout_for
 from kvtier.tiering.codec import Codec, CodecId
 from kvtier.tiering.config import StoreConfig
+from kvtier.tiering.dtypes import TORCH_DTYPES as DTYPES
 
 from kvtier.service.apps.bench.context import BenchContext
 from kvtier.service.apps.bench.model import get_model, kv_sample
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CODECS = {"shuffle_zstd": CodecId.SHUFFLE_ZSTD, "zstd": CodecId.ZSTD}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.tiering.keys import Namespace, chain_keys
-from kvtier.tiering.layout import BlockLayout
+from kvtier.tiering.layout import BlockLayout, blocks_for
 
 from kvtier.service.apps.bench.context import BenchContext, percentile
 
@@ -110,7 +110,7 @@ def run(ctx: BenchContext) -> dict:
     rows = []
     done = 0
     for n in sizes:
-        want = -(-n // SEQ_BLOCKS)
+        want = blocks_for(n, SEQ_BLOCKS)
         ctx.step(f"writing {want * SEQ_BLOCKS:,} blocks")
         t0 = time.perf_counter()
         populate(data_dir, done, want)

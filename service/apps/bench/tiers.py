@@ -18,6 +18,7 @@ import torch
 
 from kvtier.service.server.config import StoreSettings
 from kvtier.tiering.config import StoreConfig
+from kvtier.tiering.dtypes import torch_dtype
 from kvtier.tiering.layout import BlockLayout
 
 _COMMON = {"cold_capacity": "16GiB", "durable_sync": "false", "prefetch_threads": "2"}
@@ -44,7 +45,7 @@ def payload(layout: BlockLayout, seed: int = 0) -> np.ndarray:
     (as compressible as real activations roughly are; every path moves these same bytes)."""
     n = layout.block_bytes() // layout.itemsize
     values = torch.from_numpy(np.random.default_rng(seed).standard_normal(n, dtype=np.float32))
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[layout.dtype]
+    dtype = torch_dtype(layout.dtype)
     return values.to(dtype).view(torch.uint8).numpy().copy()
 
 
