@@ -141,6 +141,9 @@ def stats(
                       f"{t.hits / looked:.1%}" if looked else "-", str(t.promotions), str(t.demotions),
                       str(t.evictions), str(t.checksum_failures))
     console.print(tiers)
+    for t in (t for t in resp.tiers if t.state):  # the remote tier: its breaker state and failures
+        console.print(f"{pb.Tier.Name(t.tier).removeprefix('TIER_').lower()}: {t.state}, hits {t.hits}, "
+                      f"misses {t.misses}, errors {t.errors}, dropped writes {t.dropped_writes}", highlight=False)
     summary = Table(show_header=False, title="store")
     summary.add_column("name")
     summary.add_column("value", justify="right")

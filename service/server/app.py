@@ -163,7 +163,7 @@ async def serve(settings: Settings) -> int:
     telemetry = setup_telemetry(settings, set_global=True)
     tune_malloc()  # before the first block is allocated: see service/wire/memtune.py
     key = load_key(settings.security.cold_key_file)
-    store = await asyncio.to_thread(TieredStore, settings.store.to_store_config(), tracer=telemetry.tracer,
+    store = await asyncio.to_thread(TieredStore, settings.store_config(), tracer=telemetry.tracer,
                                     sealer=RecordSealer(key) if key is not None else None)
     try:
         health_servicer = health.aio.HealthServicer()
