@@ -9,6 +9,8 @@ the cluster. Faults of the cluster itself: ``test_fleet_faults``.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -23,6 +25,7 @@ from tests.e2e.test_resume_smollm2 import Conversation
 from tests.fixtures.fleet import (LAYOUT, NS, PREFIX, block_names, client, fetch, fleet, lookup, park,  # noqa: F401
                                   remote_tier_stats, session_data)
 from tests.fixtures.redis_cluster import HOST
+from tests.fixtures.server import ROOT
 
 
 def raw_cluster(cluster):
@@ -84,7 +87,10 @@ def test_damaged_or_missing_remote_parts_resume_the_verified_prefix(fleet, redis
         assert fetch(kb, "damaged") == blocks[:2]  # the verified prefix, never wrong bytes
         assert fetch(kb, "damaged") == blocks[:2]
     stats = remote_tier_stats(b)
-    assert stats.misses >= 1
+    assert stats.misses >= 1 and stats.checksum_failures >= 1 and stats.state == "closed"
+    shown = subprocess.run([sys.executable, "-m", "service", "stats", "--target", b.target], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "remote: closed" in shown.stdout and "dropped writes 0" in shown.stdout
 
 
 def test_a_value_under_another_tenants_names_is_never_served(fleet, redis_cluster):
@@ -127,3 +133,32 @@ def test_delete_session_and_invalidate_reach_the_remote_tier(fleet):
             assert err.value.code == grpc.StatusCode.NOT_FOUND
     for seq, ns in ((40, NS), (41, other)):
         assert lookup(b, ns, session_data(seq, 4)[0]).cached_tokens == 0
+
+
+def test_remote_settings_and_metrics(redis_cluster, tmp_path, monkeypatch):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvtier.service.server.config import Settings
+    from kvtier.service.server.metrics import StoreCollector
+    from kvtier.tiering import TieredStore
+
+    assert Settings.load().store_config().remote is None  # no seeds: no remote tier
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("KVTIER_REMOTE__SEEDS", f'["{redis_cluster.seeds[0]}"]')
+    monkeypatch.setenv("KVTIER_REMOTE__PASSWORD", "from-env")
+    monkeypatch.setenv("KVTIER_REMOTE__WRITE", "all")
+    settings = Settings.load(store={"data_dir": str(tmp_path / "d"), "hot_device": "off"})
+    remote = settings.store_config().remote
+    assert remote.seeds == (redis_cluster.seeds[0],) and remote.write == "all" and remote.password == "from-env"
+    assert "from-env" not in repr(settings) and "from-env" not in repr(remote)
+    monkeypatch.setenv("KVTIER_REMOTE__PASSWORD_FILE", str(secret))
+    assert Settings.load().store_config().remote.password == "from-file"
+    monkeypatch.delenv("KVTIER_REMOTE__PASSWORD")
+    monkeypatch.delenv("KVTIER_REMOTE__PASSWORD_FILE")
+    with TieredStore(Settings.load(store={"data_dir": str(tmp_path / "d"), "hot_device": "off"}).store_config()) as st:
+        registry = CollectorRegistry()
+        registry.register(StoreCollector(st))
+        text = generate_latest(registry).decode()
+    assert 'kvtier_remote_up{tier="remote"} 1.0' in text and 'kvtier_tier_hits_total{tier="remote"}' in text
+    assert 'kvtier_remote_dropped_writes_total{tier="remote"} 0.0' in text
