@@ -106,6 +106,15 @@ class Fleet:
         """Delete the shared record. :raises TierUnavailable: if the shared tier cannot be reached."""
         self.shared.session_delete(sid)
 
+    def found(self, namespace: Namespace, keys: Sequence[BlockKey], tiers: list[str], tokens: int) -> int:
+        """A lookup found ``tiers`` (the prefix's, of ``tokens`` tokens): learns the blocks only the
+        shared tier holds (so reads are served from there) and returns their tokens."""
+        bt = namespace.layout.block_tokens
+        remote = [i for i, t in enumerate(tiers) if t == self.shared.name]
+        if remote:
+            self.learn(namespace, [keys[i] for i in remote])
+        return sum(min(bt, tokens - i * bt) for i in remote)
+
     def learn(self, namespace: Namespace, keys: Sequence[BlockKey]) -> None:
         """Keys chained under ``namespace`` (and found in the shared tier): the shared tier may serve
         them, and ``namespace`` is registered (so its blocks pass the tenant checks)."""

@@ -260,11 +260,7 @@ class TieredStore:
             bt = namespace.layout.block_tokens
             tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
             span.set_attribute("kvtier.blocks", len(tiers))
-        shared = self.tiers.shared
-        remote = [i for i, t in enumerate(tiers) if shared is not None and t == shared.name]
-        if remote:
-            self.fleet.learn(namespace, [keys[i] for i in remote])
-        remote_tokens = sum(min(bt, tokens - i * bt) for i in remote)
+        remote_tokens = self.fleet.found(namespace, keys, tiers, tokens) if self.fleet is not None else 0
         return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens)
 
     def namespace_of(self, ns_id: bytes) -> Namespace | None:
