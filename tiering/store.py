@@ -39,6 +39,7 @@ from .copyout import CopyOut, CopyOuts
 from .crypto import RecordSealer
 from .datadir import lock_data_dir
 from .errors import InvalidBlock, SessionNotFound, TierUnavailable
+from .fleet import Fleet
 from .ingest import Ingest, Payload
 from .keys import BlockKey, Namespace, chain_keys
 from .leases import LeaseTable
@@ -100,6 +101,7 @@ class TieredStore:
         tombstones = Tombstones()  # erased blocks no earlier read may put back (tiering/tombstones.py)
         self.namespaces = NamespaceRegistry(durable.namespaces() if durable is not None else None)
         self.session_records = SessionRecords(durable)
+        self.fleet = Fleet(self.tiers, self.namespaces)  # what is shared with other hosts (tiering/fleet.py)
         if durable is not None:
             durable.on_commit(self.session_records.committed)
             durable.on_commit(self._count_commit)
@@ -114,7 +116,8 @@ class TieredStore:
         self.copyouts = CopyOuts(self.tiers, self.placement, leases=self.leases, pool=self._pool,
                                  pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
-                             sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer)
+                             sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer,
+                             after_durable=self.fleet.durable_put)
         self._maint = Maintenance(self.leases, self.expire_sessions, self.config.maintenance_s)
         log.info("tiered store open: tiers %s, data dir %s, write policy %s",
                  ", ".join(f"{t.name}={t.device or 'disk'}:{t.capacity_bytes}B" for t in self.tiers.all),
@@ -235,6 +238,7 @@ class TieredStore:
         """The longest cached prefix of ``token_ids`` (or of ``keys``) and the tier of each block.
 
         Moves no data and changes no recency. A partial last block counts its own tokens only.
+        ``remote_tokens``: those only the shared tier holds (:meth:`Fleet.found <tiering.fleet.Fleet.found>`).
         """
         self._check_open()
         if keys is None:
@@ -254,7 +258,8 @@ class TieredStore:
             bt = namespace.layout.block_tokens
             tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
             span.set_attribute("kvtier.blocks", len(tiers))
-        return LookupResult(list(keys[:len(tiers)]), tiers, tokens)
+        remote_tokens = self.fleet.found(namespace, keys, tiers, tokens)
+        return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens)
 
     def namespace_of(self, ns_id: bytes) -> Namespace | None:
         """The namespace registered under ``ns_id`` (a :attr:`Block.ns_id`), or ``None`` if unknown.
@@ -282,14 +287,14 @@ class TieredStore:
 
     # -- sessions ---------------------------------------------------------------------------------------------
     def get_session(self, tenant: str, session_id: str) -> Session:
-        """The session's record.
+        """The session's record (the shared tier's when newer: :meth:`Fleet.session <tiering.fleet.Fleet.session>`).
 
         :raises SessionNotFound: if there is none for this tenant, or it expired.
         """
         self._check_open()
         sid = session_id_key(tenant, session_id)
         trace.get_current_span().set_attribute("kvtier.session", session_hash(sid))
-        session = self.session_records.load(sid)
+        session = self.fleet.session(sid, self.session_records.load(sid))
         if session is None or session.expired():
             raise SessionNotFound(f"no session {session_id!r} for this tenant (never stored, deleted or expired)")
         return session
@@ -332,21 +337,23 @@ class TieredStore:
         other sessions of the tenant share them: they will miss and recompute — privacy first).
 
         :returns: blocks erased.
-        :raises SessionNotFound: if there is no such session.
+        :raises SessionNotFound: if there is no such session. :raises TierUnavailable: if the shared tier
+            (which loses its copies too) cannot be reached; the local copies are gone.
         """
         session = self.get_session(tenant, session_id)
         return self._delete_session(session, erase_blocks)
 
-    def _delete_session(self, session: Session, erase_blocks: bool) -> int:
-        erased = self.loader.erase(session.keys) if erase_blocks else 0
-        self._forget_sessions([session])
+    def _delete_session(self, session: Session, erase_blocks: bool, shared: bool = True) -> int:
+        erased = self.loader.erase(session.keys, shared=shared) if erase_blocks else 0
+        self._forget_sessions([session], shared)
         return erased
 
-    def _forget_sessions(self, sessions: list[Session]) -> None:
-        """Delete these session records, waiting until that is committed."""
+    def _forget_sessions(self, sessions: list[Session], shared: bool = True) -> None:
+        """Delete these session records (and the shared tier's, with ``shared``), waiting until committed."""
         fut = self.session_records.submit({s.id_key: None for s in sessions})
         if fut is not None:
             fut.result()
+        self.fleet.forget_sessions([s.id_key for s in sessions] if shared else [])
 
     def invalidate(self, tenant: str, *, model: str | None = None, revision: str | None = None,
                    namespace: Namespace | None = None) -> int:
@@ -376,8 +383,9 @@ class TieredStore:
         dead = [s for s in self.sessions() if s.expired(now)]
         for s in dead:
             # Not delete_session: get_session treats an expired session as absent, so it would
-            # raise SessionNotFound and the session and its blocks would stay forever.
-            self._delete_session(s, erase_blocks=True)
+            # raise SessionNotFound and the session and its blocks would stay forever. The shared
+            # tier keeps its copies: another host may still use them, and they have their own TTL.
+            self._delete_session(s, erase_blocks=True, shared=False)
         return len(dead)
 
     # -- stats ------------------------------------------------------------------------------------------------
@@ -401,6 +409,7 @@ class TieredStore:
         snap["write_queue_depth"] = jobs
         raw, rec = snap["cold_raw_bytes_written"], snap["cold_record_bytes_written"]
         snap["compression_ratio"] = raw / rec if rec else None
+        snap.update(self.fleet.snapshot())
         return snap
 
     def check(self) -> list[str]:

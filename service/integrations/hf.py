@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import grpc
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvtier.service.client.types import DTYPE_NAMES, TORCH_DTYPES, LookupInfo, PutInfo, ResumeInfo
+from kvtier.service.client.types import DTYPE_NAMES, TORCH_DTYPES, KVTierClientError, LookupInfo, PutInfo, ResumeInfo
 from kvtier.service.client.local import LocalKVTierClient
 from kvtier.service.integrations.fingerprint import ModelFingerprint, model_fingerprint
 from kvtier.service.wire.convert import DEFAULT_TENANT
@@ -210,8 +211,9 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
         a session of another namespace gives a miss. With a namespace target, ignored.
     :param dtype, device, config: passed to :func:`blocks_to_cache`.
     :returns: ``(None, 0)`` on a miss.
-    :raises kvtier.service.client.types.KVTierClientError: on transport errors, a block failing its
-        checksum, or a session that does not exist (``NOT_FOUND``).
+    :returns: ``(None, 0)`` also for a session that does not exist (yet): a new conversation is a miss.
+    :raises kvtier.service.client.types.KVTierClientError: on transport errors or a block failing its
+        checksum.
     :raises ValueError: if the blocks' dtype or shape disagree with the namespace's layout.
     """
     client = _as_client(client)
@@ -224,7 +226,13 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
         found: LookupInfo = client.lookup(ns, ids)
         keys, cached_tokens = found.keys[:found.cached_blocks], found.cached_tokens
     else:
-        info = client.resume(target, tenant=namespace.tenant if namespace is not None else None)
+        try:
+            info = client.resume(target, tenant=namespace.tenant if namespace is not None else None)
+        except KVTierClientError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.debug("session %r not found: nothing to restore", target)
+            return None, 0
         ns = info.namespace
         if namespace is not None and namespace != ns:
             log.info("session %r belongs to namespace %s/%s/%s, not the expected one: not reused", target,
@@ -235,7 +243,7 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
     need = blocks_for(use, ns.layout.block_tokens)
     if not need:
         return None, 0
-    got = client.get(keys[:need])
+    got = client.get(keys[:need], namespace=ns)  # act for the namespace's tenant
     lay = ns.layout
     for i, b in enumerate(got.blocks):
         if DTYPE_NAMES.get(b.dtype) != lay.dtype or (b.shape[1], b.shape[2], b.shape[4]) != (lay.layers, lay.kv_heads,
