@@ -109,6 +109,31 @@ def test_int4_packs_two_codes_per_byte_and_fp8_one():
     assert len(make("fp8_e4m3", zstd_level=None).encode(raw, "float32", shape)) == PAYLOAD_HEADER.size + exps + n
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_integer_decode_matches_the_table(dtype):
+    """fp32/bf16 outputs are built from the code bits; they equal E4M3 table value x 2**e, zeros and
+    subnormal codes included."""
+    shape = SHAPES["block"]
+    x = torch.from_numpy(values_of(_kv(shape, "float32"), "float32", shape))
+    x[0, 0, 0, :, 0] = 0
+    x[1, 1, 1, 3, :] = 1e-7  # E4M3 subnormals under a channel's scale
+    raw = x.to(TORCH[dtype]).contiguous().view(-1).view(torch.uint8).numpy()
+    payload = make("fp8_e4m3", zstd_level=None).encode(raw, dtype, shape)
+    ns = 2 * shape[1] * shape[2] * shape[4]
+    e = np.frombuffer(payload, np.int8, count=ns, offset=PAYLOAD_HEADER.size).reshape(2, shape[1], shape[2], 1, -1)
+    codes = np.frombuffer(payload, np.uint8, offset=PAYLOAD_HEADER.size + ns).reshape(shape)
+    table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    want = torch.from_numpy(table[codes] * np.ldexp(np.float32(1), e.astype(np.int32))).to(TORCH[dtype])
+    got = torch.from_numpy(by_name("fp8_e4m3").decode(payload, dtype, shape)).view(TORCH[dtype]).view(shape)
+    assert torch.equal(got, want)
+
+
+def test_fp8_tiny_channels_take_the_table_path_within_bound():
+    shape = SHAPES["partial"]
+    x = torch.from_numpy(values_of(_kv(shape, "float32"), "float32", shape)) * 1e-35  # exponents near -126
+    _check(by_name("fp8_e4m3"), x.contiguous().view(-1).view(torch.uint8).numpy(), "float32", shape)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_constant_and_zero_blocks_decode_exactly(name):
     shape = SHAPES["partial"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .payload import (FLAG_ZSTD, PAYLOAD_VERSION, PayloadHeader, ZstdStage, as_float32, check_shape,
+from .payload import (FLAG_ZSTD, PAYLOAD_VERSION, PayloadHeader, ZstdStage, as_float32, check_shape, destination,
                       output_rounding, read_header, require_finite, write_out)
 
 CODEC_ID = 16
@@ -71,6 +71,26 @@ def _to_e4m3(y: np.ndarray) -> np.ndarray:
     return code.astype(np.uint8)
 
 
+#: Channel exponents for which every decoded value is a normal float32/bf16 (E4M3 spans 2**-9 .. 2**8.75).
+_SAFE_EXP = (-117, 118)
+
+
+def _scaled_bits(codes: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """float32 bits of ``E4M3(codes) * 2**e`` by integer arithmetic (``e`` broadcast per channel, within
+    :data:`_SAFE_EXP`): a normal code's exponent and mantissa move into float32's fields, rebiased
+    (7 -> 127) and shifted by ``e``; the rare subnormal codes (and zeros) are converted by value."""
+    bits = (codes & np.uint8(0x7F)).astype(np.uint32)
+    bits <<= 20
+    bits += ((e.astype(np.int32) + (127 - 7)).astype(np.uint32) << 23)
+    bits |= (codes & np.uint8(0x80)).astype(np.uint32) << 24
+    sub = np.flatnonzero((codes & np.uint8(0x78)) == 0)
+    if sub.size:
+        flat = bits.reshape(-1)
+        scale = np.broadcast_to(np.ldexp(np.float32(1), e.astype(np.int32)), codes.shape).reshape(-1)[sub]
+        flat[sub] = (_LUT[codes.reshape(-1)[sub]] * scale).view(np.uint32)
+    return bits
+
+
 class Fp8E4M3Codec:
     """fp8_e4m3 lossy codec. Stateless but for per-thread zstd contexts: thread-safe.
 
@@ -110,9 +130,18 @@ class Fp8E4M3Codec:
         ns = two * layers * heads * dim
         body = self._zstd.unpack(stored, bool(header.flags & FLAG_ZSTD), ns + n)
         e = np.frombuffer(body, dtype=np.int8, count=ns).reshape(two, layers, heads, 1, dim)
-        values = np.take(_LUT, np.frombuffer(body, dtype=np.uint8, count=n, offset=ns)).reshape(shape)
-        values *= np.ldexp(np.float32(1), e.astype(np.int32))
-        return write_out(values, dtype, out)
+        codes = np.frombuffer(body, dtype=np.uint8, count=n, offset=ns).reshape(shape)
+        if dtype == "float16" or not _SAFE_EXP[0] <= int(e.min()) <= int(e.max()) <= _SAFE_EXP[1]:
+            values = np.take(_LUT, codes)
+            values *= np.ldexp(np.float32(1), e.astype(np.int32))
+            return write_out(values, dtype, out)
+        bits = _scaled_bits(codes, e)
+        if dtype == "float32":
+            return write_out(bits.view(np.float32), dtype, out)
+        # bf16 holds every E4M3 value times a power of two exactly: its bits are the float32's high half.
+        half = destination(out, n * 2)
+        np.right_shift(bits.reshape(-1), 16, out=half.view(np.uint16), casting="unsafe")
+        return half
 
     @staticmethod
     def max_abs_error_bound(values: np.ndarray, dtype: str) -> np.ndarray:

@@ -106,17 +106,25 @@ def require_finite(*reductions: np.ndarray) -> None:
             raise InvalidBlock("block holds NaN or infinite values; lossy codecs cannot scale them", field="payload")
 
 
+def destination(out: np.ndarray | None, nbytes: int) -> np.ndarray:
+    """``out`` checked to be ``nbytes`` writable contiguous uint8 bytes, or a fresh such array.
+
+    :raises InvalidBlock: if it is not.
+    """
+    if out is None:
+        return np.empty(nbytes, dtype=np.uint8)
+    if out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous or not out.flags.writeable:
+        raise InvalidBlock(f"destination must be {nbytes} writable contiguous uint8 bytes", field="out")
+    return out
+
+
 def write_out(values: np.ndarray, dtype: str, out: np.ndarray | None) -> np.ndarray:
     """Cast float32 ``values`` to ``dtype`` (round to nearest even) into ``out`` (uint8, exactly the
     block's bytes) or a fresh uint8 array; returns that array.
 
     :raises InvalidBlock: if ``out`` has the wrong size or type, or is not writable and contiguous.
     """
-    nbytes = values.size * FLOAT_DTYPES[dtype]
-    if out is None:
-        out = np.empty(nbytes, dtype=np.uint8)
-    elif out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous or not out.flags.writeable:
-        raise InvalidBlock(f"destination must be {nbytes} writable contiguous uint8 bytes", field="out")
+    out = destination(out, values.size * FLOAT_DTYPES[dtype])
     flat = values.reshape(-1)
     if dtype == "float32":
         np.copyto(out.reshape(-1).view(np.float32), flat)
