@@ -75,22 +75,6 @@ def _to_e4m3(y: np.ndarray) -> np.ndarray:
 _SAFE_EXP = (-117, 118)
 
 
-def _scaled_bits(codes: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """float32 bits of ``E4M3(codes) * 2**e`` by integer arithmetic (``e`` broadcast per channel, within
-    :data:`_SAFE_EXP`): a normal code's exponent and mantissa move into float32's fields, rebiased
-    (7 -> 127) and shifted by ``e``; the rare subnormal codes (and zeros) are converted by value."""
-    bits = (codes & np.uint8(0x7F)).astype(np.uint32)
-    bits <<= 20
-    bits += ((e.astype(np.int32) + (127 - 7)).astype(np.uint32) << 23)
-    bits |= (codes & np.uint8(0x80)).astype(np.uint32) << 24
-    sub = np.flatnonzero((codes & np.uint8(0x78)) == 0)
-    if sub.size:
-        flat = bits.reshape(-1)
-        scale = np.broadcast_to(np.ldexp(np.float32(1), e.astype(np.int32)), codes.shape).reshape(-1)[sub]
-        flat[sub] = (_LUT[codes.reshape(-1)[sub]] * scale).view(np.uint32)
-    return bits
-
-
 class Fp8E4M3Codec:
     """fp8_e4m3 lossy codec. Stateless but for per-thread zstd contexts: thread-safe.
 
@@ -120,7 +104,8 @@ class Fp8E4M3Codec:
     def decode(self, payload, dtype: str, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
         """Decode a payload into ``out`` (uint8, exactly the block's bytes) or a fresh uint8 array.
 
-        :returns: the block's bytes in ``dtype``. A table lookup, a scale and the output cast.
+        :returns: the block's bytes in ``dtype``: a table lookup, a power-of-two scale and the output cast
+            (for bf16 a shift: no rounding is needed).
         :raises LossyPayloadError: on a damaged payload. :raises InvalidBlock: on a bad ``out``.
         """
         shape = tuple(int(s) for s in shape)
@@ -130,17 +115,13 @@ class Fp8E4M3Codec:
         ns = two * layers * heads * dim
         body = self._zstd.unpack(stored, bool(header.flags & FLAG_ZSTD), ns + n)
         e = np.frombuffer(body, dtype=np.int8, count=ns).reshape(two, layers, heads, 1, dim)
-        codes = np.frombuffer(body, dtype=np.uint8, count=n, offset=ns).reshape(shape)
-        if dtype == "float16" or not _SAFE_EXP[0] <= int(e.min()) <= int(e.max()) <= _SAFE_EXP[1]:
-            values = np.take(_LUT, codes)
-            values *= np.ldexp(np.float32(1), e.astype(np.int32))
+        values = np.take(_LUT, np.frombuffer(body, dtype=np.uint8, count=n, offset=ns)).reshape(shape)
+        values *= np.ldexp(np.float32(1), e.astype(np.int32))  # a power of two per channel: exact
+        if dtype != "bfloat16" or not _SAFE_EXP[0] <= int(e.min()) <= int(e.max()) <= _SAFE_EXP[1]:
             return write_out(values, dtype, out)
-        bits = _scaled_bits(codes, e)
-        if dtype == "float32":
-            return write_out(bits.view(np.float32), dtype, out)
         # bf16 holds every E4M3 value times a power of two exactly: its bits are the float32's high half.
         half = destination(out, n * 2)
-        np.right_shift(bits.reshape(-1), 16, out=half.view(np.uint16), casting="unsafe")
+        np.right_shift(values.reshape(-1).view(np.uint32), 16, out=half.view(np.uint16), casting="unsafe")
         return half
 
     @staticmethod

@@ -56,12 +56,18 @@ def group_ranges(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.
     return kg.min(3), kg.max(3), vg.min(4), vg.max(4)
 
 
-def _spread(stat: np.ndarray, axis: int, group: int, n: int) -> np.ndarray:
-    """Per-group statistics of K (``axis`` 2, tokens) or V (``axis`` 3, channels) made broadcastable
-    against ``[L, H, T, D]``: as they are when one group spans the axis, else repeated ``group`` times."""
+def _inplace(op, half: np.ndarray, stat: np.ndarray, axis: int, group: int) -> None:
+    """``half = op(half, stat spread over its groups)`` in place, for K (``axis`` 2: groups of tokens)
+    or V (``axis`` 3: groups of channels) of one contiguous ``[L, H, T, D]`` half. Groups are broadcast
+    through a reshaped view where the axis divides evenly; only a short last group costs a repeat."""
+    n = half.shape[axis]
     if stat.shape[axis] == 1:
-        return stat
-    return np.take(np.repeat(stat, group, axis=axis), np.arange(n), axis=axis)
+        op(half, stat, out=half)
+    elif n % group == 0:
+        view = half.reshape(half.shape[:axis] + (n // group, group) + half.shape[axis + 1:])
+        op(view, np.expand_dims(stat, axis + 1), out=view)
+    else:
+        op(half, np.repeat(stat, group, axis=axis)[(slice(None),) * axis + (slice(0, n),)], out=half)
 
 
 def _directed_fp16(a: np.ndarray, up: bool) -> np.ndarray:
@@ -114,7 +120,6 @@ class KiviCodec:
         """
         shape = tuple(int(s) for s in shape)
         x = as_float32(raw, dtype, shape)
-        _, layers, heads, tokens, dim = shape
         kmn, kmx, vmn, vmx = group_ranges(x, self.group)
         require_finite(kmn, kmx, vmn, vmx)
         flags = 0
@@ -122,11 +127,10 @@ class KiviCodec:
         if k_fit is None or v_fit is None:
             flags |= FLAG_FP32_SCALES
             k_fit, v_fit = fit_scales(kmn, kmx, self._levels, False), fit_scales(vmn, vmx, self._levels, False)
-        for i, (mn, st) in enumerate((k_fit, v_fit)):  # K, then V
-            axis, n = (2, tokens) if i == 0 else (3, dim)
+        for i, (mn, st) in enumerate((k_fit, v_fit)):  # K (groups of tokens: axis 2), then V (of channels: 3)
             st = np.where(st == 0, 1, st).astype(np.float32)  # a constant group: every code is 0
-            x[i] -= _spread(mn.astype(np.float32), axis, self.group, n)
-            x[i] /= _spread(st, axis, self.group, n)
+            _inplace(np.subtract, x[i], mn.astype(np.float32), 2 + i, self.group)
+            _inplace(np.divide, x[i], st, 2 + i, self.group)
         np.rint(x, out=x)
         np.clip(x, 0, self._levels, out=x)
         codes = x.astype(np.uint8).reshape(-1)
@@ -169,9 +173,9 @@ class KiviCodec:
             codes[1::2] = packed >> 4
             values = codes.astype(np.float32).reshape(shape)
         for i, (mn, st) in enumerate(((k_min, k_step), (v_min, v_step))):
-            axis, size, stat_shape = (2, tokens, kshape) if i == 0 else (3, dim, vshape)
-            values[i] *= _spread(st.reshape(stat_shape), axis, group, size)
-            values[i] += _spread(mn.reshape(stat_shape), axis, group, size)
+            stat_shape = kshape if i == 0 else vshape
+            _inplace(np.multiply, values[i], st.reshape(stat_shape), 2 + i, group)
+            _inplace(np.add, values[i], mn.reshape(stat_shape), 2 + i, group)
         return write_out(values, dtype, out)
 
     def max_abs_error_bound(self, values: np.ndarray, dtype: str) -> np.ndarray:
@@ -181,9 +185,9 @@ class KiviCodec:
         _, _, _, tokens, dim = values.shape
         kmn, kmx, vmn, vmx = group_ranges(values, self.group)
         levels = np.float32(self._levels)
-        quant = np.empty_like(values)
+        quant = np.zeros_like(values)
         for i, (mn, mx) in enumerate(((kmn, kmx), (vmn, vmx))):
-            axis, n = (2, tokens) if i == 0 else (3, dim)
             half = (mx - mn) / levels * np.float32((1 + MAX_STEP_INFLATION) / 2)
-            quant[i] = _spread(half + np.maximum(np.abs(mn), np.abs(mx)) * np.float32(2.0 ** -20), axis, self.group, n)
+            slack = np.maximum(np.abs(mn), np.abs(mx)) * np.float32(2.0 ** -20)
+            _inplace(np.add, quant[i], half + slack, 2 if i == 0 else 3, self.group)
         return quant + output_rounding(np.abs(values) + quant, dtype)

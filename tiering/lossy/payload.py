@@ -132,7 +132,10 @@ def write_out(values: np.ndarray, dtype: str, out: np.ndarray | None) -> np.ndar
         np.copyto(out.reshape(-1).view(np.float16), flat, casting="same_kind")
     else:  # bf16: keep the high half of the fp32 bits, rounded to nearest even (values are finite)
         bits = flat.view(np.uint32)
-        rounded = bits + (((bits >> 16) & 1) + 0x7FFF).astype(np.uint32)
+        rounded = bits >> 16
+        rounded &= 1
+        rounded += np.uint32(0x7FFF)
+        rounded += bits
         rounded >>= 16
         np.copyto(out.reshape(-1).view(np.uint16), rounded, casting="unsafe")
     return out
