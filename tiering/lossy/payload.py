@@ -1,6 +1,6 @@
 """What every lossy codec shares: the payload header, float views of a block's bytes, the zstd stage.
 
-Imports numpy, zstandard and ``tiering.errors``/``tiering.layout`` only (never the store or a tier).
+Imports numpy, zstandard and ``tiering.errors`` only (never the store or a tier).
 
 A lossy payload is ``header ‖ body`` (the cold record's own header, codec-id byte and checksum sit
 outside it). The header (little-endian, :data:`PAYLOAD_HEADER`, 8 bytes):
@@ -16,8 +16,10 @@ group size     2       KIVI group size (0 for fp8)
 reserved       2       0
 =============  ======  =======================================================================
 
-The body's layout is the codec's (see its module). A payload that fails any structural check raises
-:class:`LossyPayloadError`; the record checksum (of the *decoded* bytes) catches the rest.
+The body's layout is the codec's (see its module); a compressed body is one zstd frame with its
+content size and checksum. A payload that fails any structural check (header, lengths, frame) raises
+:class:`LossyPayloadError`; damage inside a plain body cannot be seen here, so the record checksum (of
+the *decoded* bytes) catches the rest.
 """
 
 from __future__ import annotations
