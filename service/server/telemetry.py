@@ -49,6 +49,7 @@ Client side: :func:`client_interceptors` for ``grpc.aio.insecure_channel(..., in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -298,37 +299,35 @@ class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
         span.end()
         otel_context.detach(token)
 
+    @contextlib.contextmanager
+    def _observed(self, context, full: str, method: str):
+        """One server span, duration and status for the call run inside (unary or streaming alike)."""
+        t0 = time.perf_counter()
+        span, token = self._start(context, full, method)
+        error = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(span, token, context, method, t0, error)
+
     def _wrap_unary(self, behavior: Callable, full: str, method: str):
         async def wrapper(request, context):
-            t0 = time.perf_counter()
-            span, token = self._start(context, full, method)
-            error = None
-            try:
+            with self._observed(context, full, method):
                 response = await behavior(request, context)
                 if method == "Lookup" and getattr(request, "token_ids", None):
                     self._metrics.observe_lookup(len(request.token_ids), response.cached_tokens)
                 return response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(span, token, context, method, t0, error)
 
         return wrapper
 
     def _wrap_stream(self, behavior: Callable, full: str, method: str):
         async def wrapper(request, context):
-            t0 = time.perf_counter()
-            span, token = self._start(context, full, method)
-            error = None
-            try:
+            with self._observed(context, full, method):
                 async for item in behavior(request, context):
                     yield item
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(span, token, context, method, t0, error)
 
         return wrapper
 
