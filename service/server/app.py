@@ -40,7 +40,7 @@ from kvtier.service.server.servicer import KVCacheServicer
 from kvtier.service.server.shm_broker import ArenaRegistry
 from kvtier.service.server.telemetry import setup_telemetry
 from kvtier.service.server.tls import check_exposure, server_credentials
-from kvtier.tiering.crypto import RecordSealer, load_key
+from kvtier.tiering.crypto import RecordSealer, load_keys
 from kvtier.tiering.store import TieredStore
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     telemetry = setup_telemetry(settings, set_global=True)
     tune_malloc()  # before the first block is allocated: see service/wire/memtune.py
-    key = load_key(settings.security.cold_key_file)
+    keys = load_keys(settings.security.cold_key_file)
     store = await asyncio.to_thread(TieredStore, settings.store.to_store_config(), tracer=telemetry.tracer,
-                                    sealer=RecordSealer(key) if key is not None else None)
+                                    sealer=RecordSealer(keys) if keys is not None else None)
     try:
         # Metrics first: a taken metrics port then fails before a gRPC server exists (a started one
         # left unstopped would be torn down after the loop closed, with a traceback).
@@ -177,7 +177,7 @@ async def serve(settings: Settings) -> int:
         log.info("kvtier listening on %s (pid %d, %s): tiers %s; data dir %s; write policy %s; cold tier %s",
                  _address(settings.server.host, port), os.getpid(), _describe_security(settings),
                  _describe_tiers(store), os.path.abspath(settings.store.data_dir), settings.store.write_policy,
-                 "encrypted" if key is not None else "not encrypted")
+                 "encrypted" if keys is not None else "not encrypted")
 
         await stop.wait()
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..codec import Codec, RecordHeader
-from ..crypto import RecordSealer, is_sealed
+from ..crypto import MAX_KEY_ID, RecordSealer, UnknownKeyId, is_sealed
 from ..errors import CapacityExceeded, ChecksumError, TierUnavailable
 from ..keys import BlockKey
 from ..policies import OldestWrittenPolicy
@@ -37,7 +37,7 @@ from ..tier import Block, Fetched, Tier
 from . import footprint as fp
 from . import records, registry
 from .records import ColdWrite
-from .schema import DATABASES, DUPSORT, KEY_ID, USED, read_u64
+from .schema import DATABASES, DUPSORT, USED, key_id_key, read_u64
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class ColdTier(Tier):
                 "writable by this user, and holds a kvtier LMDB store (or is empty)") from exc
         self._page = self.env.stat()["psize"]
         self.checksum_failures = 0
+        self._unknown_ids_seen: set[int] = set()
         try:
             self._check_key(readonly)
             if not readonly:
@@ -121,22 +122,30 @@ class ColdTier(Tier):
                 f"backup, or move the {self.path!r} directory away to start with an empty cold tier")
 
     def _check_key(self, readonly: bool) -> None:
-        """Refuse a missing or wrong key for an encrypted store, or a key for a store of plain records."""
+        """Refuse a missing key for an encrypted store, a key whose id sealed this store's records with
+        another key, or a key for a store of plain records; remember the fingerprints of new key ids."""
         with self.env.begin(db=self.db["info"]) as txn:
-            stored = txn.get(KEY_ID)
-        if stored is not None and self.sealer is None and not readonly:
+            stored = {i: txn.get(key_id_key(i)) for i in range(MAX_KEY_ID + 1)}
+        stored = {i: bytes(f) for i, f in stored.items() if f is not None}
+        if stored and self.sealer is None and not readonly:
             raise TierUnavailable(
                 f"the cold tier at {self.path!r} is encrypted: configure its key (security.cold_key_file "
                 "or the KVTIER_COLD_KEY environment variable)")
-        if stored is not None and self.sealer is not None and bytes(stored) != self.sealer.key_id:
-            raise TierUnavailable(f"the cold tier at {self.path!r} was encrypted with another key")
-        if stored is None and self.sealer is not None and not readonly:
-            if self.block_count():
-                raise TierUnavailable(
-                    f"the cold tier at {self.path!r} holds unencrypted blocks; encryption can only be "
-                    "switched on for an empty data directory")
+        if self.sealer is None:
+            return
+        wrong = sorted(i for i, f in self.sealer.fingerprints.items() if stored.get(i, f) != f)
+        if wrong:
+            raise TierUnavailable(f"the cold tier at {self.path!r} was encrypted with another key under key "
+                                  f"id {', '.join(map(str, wrong))}")
+        if not stored and not readonly and self.block_count():
+            raise TierUnavailable(
+                f"the cold tier at {self.path!r} holds unencrypted blocks; encryption can only be "
+                "switched on for an empty data directory")
+        new = {i: f for i, f in self.sealer.fingerprints.items() if i not in stored}
+        if new and not readonly:
             with self.env.begin(write=True, db=self.db["info"]) as txn:
-                txn.put(KEY_ID, self.sealer.key_id)
+                for i, f in new.items():
+                    txn.put(key_id_key(i), f)
 
     # -- reads ----------------------------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
@@ -167,6 +176,15 @@ class ColdTier(Tier):
             elif is_sealed(record):
                 raise ChecksumError("record is encrypted and no key is configured")
             return self.codec.read_header(record), record
+        except UnknownKeyId as exc:
+            # Its key was removed from the key file: unreadable for good, so it goes (a put of the same
+            # key can store it again). Not damage: one WARN per key id, the rest at DEBUG.
+            level = logging.DEBUG if exc.key_id in self._unknown_ids_seen else logging.WARNING
+            self._unknown_ids_seen.add(exc.key_id)
+            log.log(level, "cold tier: block %s: %s; dropped (further blocks of key id %d are logged at DEBUG)",
+                    key, exc, exc.key_id)
+            self.delete(key)
+            return None
         except ChecksumError as exc:
             self._drop(key, exc)
             return None
