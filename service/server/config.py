@@ -125,6 +125,7 @@ class StoreSettings(BaseModel):
     durable_sync: bool = True
     session_ttl_s: float | None = Field(None, gt=0)
     maintenance_s: float = Field(1.0, gt=0)
+    verify_on_start: bool = False
 
     def to_store_config(self) -> StoreConfig:
         """The validated :class:`StoreConfig` these settings describe.

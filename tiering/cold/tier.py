@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
@@ -35,9 +36,10 @@ from ..policies import OldestWrittenPolicy
 from ..spans import TierOps, now_ns
 from ..tier import Block, Fetched, Tier
 from . import footprint as fp
-from . import records, registry
+from . import records, registry, verify
 from .records import ColdWrite
 from .schema import DATABASES, DUPSORT, USED, key_id_key, read_u64
+from .verify import Report
 
 log = logging.getLogger(__name__)
 
@@ -410,10 +412,38 @@ class ColdTier(Tier):
             return fp.stored_raw_bytes(txn, self.db)
 
     def check(self) -> list[str]:
-        """Verify that the indexes agree with each other and with ``used``; returns problems, [] if none.
-        O(blocks): for tests and ``kvtier check``, not the data path."""
+        """Verify every record (decoded against its checksum, opened when sealed), every session's chain,
+        the namespaces, the indexes and ``used`` (``tiering/cold/verify.py``); returns problems, [] if
+        none. Read-only. O(stored bytes): for tests and ``kvtier check``, not the data path."""
+        return self.walk().problems
+
+    def walk(self, progress: Callable[[int, int], None] | None = None) -> Report:
+        """The full verification report (``tiering/cold/verify.py``), in one read transaction."""
         with self.env.begin() as txn:
-            return fp.check(txn, self.db, self.capacity_bytes)
+            return verify.walk(txn, self.db, self.codec, self.sealer, self.capacity_bytes, progress)
+
+    def verify(self) -> Report:
+        """Startup verification: :meth:`walk`, logging progress on large stores, then delete the damaged
+        records (so they are misses, never served) and count them in :attr:`checksum_failures`; one
+        WARN line for the damage and one per damaged record (at most 20). Call it before any writer runs."""
+        started = time.monotonic()
+        last = [started]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last[0] >= 5.0:
+                last[0] = time.monotonic()
+                log.info("cold tier: verifying records, %d of %d done", done, total)
+
+        report = self.walk(progress)
+        if report.damaged:
+            self.delete_many([key for key, _why in report.damaged])
+            self.checksum_failures += len(report.damaged)
+        level = logging.WARNING if report.problems else logging.INFO
+        log.log(level, "cold tier verified in %.1f s: %s%s", time.monotonic() - started, report.summary(),
+                "; damaged records dropped (they are misses)" if report.damaged else "")
+        for line in report.problems[:20]:
+            log.warning("cold tier verification: %s", line)
+        return report
 
     def sync(self) -> None:
         self.env.sync(True)
