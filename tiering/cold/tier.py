@@ -73,6 +73,7 @@ class ColdTier(Tier):
         try:
             if not readonly:
                 os.makedirs(path, exist_ok=True)
+            self._check_not_empty()
             self.env = lmdb.open(path, map_size=self._capacity, max_dbs=8, subdir=True, readonly=readonly,
                                  sync=durable_sync, metasync=durable_sync, readahead=False, max_readers=512,
                                  lock=not readonly)
@@ -104,6 +105,20 @@ class ColdTier(Tier):
             self.env.close()
             raise
 
+    def _check_not_empty(self) -> None:
+        """Refuse a 0-byte ``data.mdb``: LMDB would take it for a new file and start an empty store over
+        it, silently. LMDB writes its meta pages when it creates the file, so an empty one lost its
+        contents (a copy cut short, a full disk, a restore that truncated it).
+
+        :raises TierUnavailable: naming the file and what to do.
+        """
+        data = os.path.join(self.path, "data.mdb")
+        if os.path.isfile(data) and os.path.getsize(data) == 0:
+            raise TierUnavailable(
+                f"the cold tier file {data!r} is empty (0 bytes): its contents were lost (a copy cut short, a "
+                f"full disk, a restore that truncated it). Restore it from a backup, or delete it (or move the "
+                f"{self.path!r} directory away) to start with an empty cold tier")
+
     def _check_file_size(self) -> None:
         """Refuse a truncated ``data.mdb`` before any page beyond its meta pages is touched.
 
@@ -123,12 +138,20 @@ class ColdTier(Tier):
                 f"to byte {need} (a damaged disk, a copy cut short, or a full file system). Restore it from a "
                 f"backup, or move the {self.path!r} directory away to start with an empty cold tier")
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether records of this store were ever sealed (a key fingerprint is stored)."""
+        return bool(self._fingerprints())
+
+    def _fingerprints(self) -> dict[int, bytes]:
+        with self.env.begin(db=self.db["info"]) as txn:
+            stored = {i: txn.get(key_id_key(i)) for i in range(MAX_KEY_ID + 1)}
+        return {i: bytes(f) for i, f in stored.items() if f is not None}
+
     def _check_key(self, readonly: bool) -> None:
         """Refuse a missing key for an encrypted store, a key whose id sealed this store's records with
         another key, or a key for a store of plain records; remember the fingerprints of new key ids."""
-        with self.env.begin(db=self.db["info"]) as txn:
-            stored = {i: txn.get(key_id_key(i)) for i in range(MAX_KEY_ID + 1)}
-        stored = {i: bytes(f) for i, f in stored.items() if f is not None}
+        stored = self._fingerprints()
         if stored and self.sealer is None and not readonly:
             raise TierUnavailable(
                 f"the cold tier at {self.path!r} is encrypted: configure its key (security.cold_key_file "
