@@ -152,7 +152,8 @@ def build_tiers(config, *, protected: Callable[[BlockKey], bool], tracer, sealer
     if cfg.cold_enabled:
         codec = Codec(cfg.zstd_level, CodecId[cfg.codec.upper()])
         cold = ColdTier(os.path.join(cfg.data_dir, "cold"), cfg.cold_capacity, codec,
-                        durable_sync=cfg.durable_sync, sealer=sealer)
+                        durable_sync=cfg.durable_sync, sealer=sealer,
+                        sessions_complete=cfg.write_policy == "write_through")
         if cfg.verify_on_start:
             cold.verify()  # before the writer starts: damaged records become misses, never served
         # a queued block is in host RAM: named warm when there is a warm tier, else cold (its destination)

@@ -232,6 +232,9 @@ def check(
     data_dir: Annotated[Path, typer.Argument(help="a kvtier data directory (holds cold/)")],
     cold_key_file: Annotated[Optional[Path], typer.Option(
         help="the server's security.cold_key_file, for an encrypted store (else $KVTIER_COLD_KEY)")] = None,
+    write_back: Annotated[bool, typer.Option(
+        "--write-back", help="the store was served with write_policy=write_back (sessions may name blocks "
+                             "that never reached disk: not damage)")] = False,
 ) -> None:
     """Verify a data directory offline and read-only: every record decoded against its checksum, every
     session's chain, the accounting. Prints a summary line and each problem; exit 0 clean, 1 damage, 2
@@ -242,7 +245,7 @@ def check(
 
     try:
         keys = load_keys(cold_key_file)
-        report = check_dir(data_dir, RecordSealer(keys) if keys is not None else None)
+        report = check_dir(data_dir, RecordSealer(keys) if keys is not None else None, write_back=write_back)
     except (FileNotFoundError, OSError, TierUnavailable, ValueError) as exc:
         raise _fail(f"cannot check {data_dir}: {exc}", 2) from None
     typer.echo(f"{data_dir}: {report.summary()}")

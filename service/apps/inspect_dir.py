@@ -23,9 +23,10 @@ from kvtier.tiering.errors import TierUnavailable
 from kvtier.tiering.sessions import Session, namespace_from_dict
 
 
-def open_readonly(data_dir: str | os.PathLike, sealer: RecordSealer | None = None) -> ColdTier:
+def open_readonly(data_dir: str | os.PathLike, sealer: RecordSealer | None = None, *,
+                  sessions_complete: bool = True) -> ColdTier:
     """The cold tier of ``data_dir``, opened read-only without LMDB's lock file writes (safe beside a
-    running server). The caller closes it.
+    running server). The caller closes it. ``sessions_complete``: see :class:`ColdTier`.
 
     :raises FileNotFoundError: if ``data_dir`` holds no cold tier.
     :raises TierUnavailable: if the LMDB environment cannot be opened, or ``sealer`` holds another key.
@@ -35,17 +36,18 @@ def open_readonly(data_dir: str | os.PathLike, sealer: RecordSealer | None = Non
         raise FileNotFoundError(f"no kvtier store in {str(data_dir)!r} (missing {data_file})")
     # Read-only: LMDB grows the map to the file's size, so the capacity given here only has to be positive.
     return ColdTier(str(data_file.parent), max(data_file.stat().st_size, 1 << 20), Codec(), readonly=True,
-                    sealer=sealer)
+                    sealer=sealer, sessions_complete=sessions_complete)
 
 
-def check_dir(data_dir: str | os.PathLike, sealer: RecordSealer | None = None) -> Report:
+def check_dir(data_dir: str | os.PathLike, sealer: RecordSealer | None = None, *, write_back: bool = False) -> Report:
     """Verify every record, session and counter of the store in ``data_dir`` (``tiering/cold/verify.py``),
-    read-only. O(stored bytes).
+    read-only. O(stored bytes). ``write_back``: the store was served with ``write_policy=write_back``
+    (its sessions may name blocks that never reached disk: a hole in a chain is not damage).
 
     :raises FileNotFoundError: if ``data_dir`` holds no cold tier.
     :raises TierUnavailable: if it cannot be opened, or is encrypted and ``sealer`` is ``None``.
     """
-    cold = open_readonly(data_dir, sealer)
+    cold = open_readonly(data_dir, sealer, sessions_complete=not write_back)
     try:
         if cold.encrypted and sealer is None:
             raise TierUnavailable(f"the store in {str(data_dir)!r} is encrypted: give its key "

@@ -1,7 +1,7 @@
 """ColdTier: zstd-compressed block records in LMDB on local disk; LMDB is also its index.
 
-Imports lmdb, ``codec``, ``crypto``, the cold schema/records/registry/footprint modules and the
-oldest-written policy. Nothing about cold blocks is held in Python memory: contains/get are B-tree
+Imports lmdb, ``codec``, ``crypto``, the cold schema/records/registry/footprint/opening/verify modules
+and the oldest-written policy. Nothing about cold blocks is held in Python memory: contains/get are B-tree
 lookups in the memory-mapped file, so reopening a store of a million blocks costs only opening the file.
 The databases are described in ``tiering/cold/schema.py``; all are updated in the same transactions.
 
@@ -29,16 +29,16 @@ import numpy as np
 import torch
 
 from ..codec import Codec, RecordHeader
-from ..crypto import MAX_KEY_ID, RecordSealer, UnknownKeyId, is_sealed
+from ..crypto import RecordSealer, UnknownKeyId, is_sealed
 from ..errors import CapacityExceeded, ChecksumError, TierUnavailable
 from ..keys import BlockKey
 from ..policies import OldestWrittenPolicy
 from ..spans import TierOps, now_ns
 from ..tier import Block, Fetched, Tier
 from . import footprint as fp
-from . import records, registry, verify
+from . import opening, records, registry, verify
 from .records import ColdWrite
-from .schema import DATABASES, DUPSORT, USED, key_id_key, read_u64
+from .schema import DATABASES, DUPSORT, USED, read_u64
 from .verify import Report
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class ColdTier(Tier):
     :param durable_sync: fsync at every commit (True: a committed batch survives power loss; False:
         survives a process crash only).
     :param sealer: encrypt records at rest with this key (see ``tiering/crypto.py``).
+    :param sessions_complete: every block a session names is committed with its record or before
+        (write-through), so :meth:`check` takes a hole inside a session's chain for damage.
     :raises TierUnavailable: if the directory cannot be created, opened or written; if the store is
         encrypted and no sealer (or one with another key) is given; if a sealer is given for a store
         that already holds plain records.
@@ -64,21 +66,22 @@ class ColdTier(Tier):
     usage_group = "cold"
 
     def __init__(self, path: str, capacity: int, codec: Codec, *, durable_sync: bool = True,
-                 readonly: bool = False, sealer: RecordSealer | None = None) -> None:
+                 readonly: bool = False, sealer: RecordSealer | None = None, sessions_complete: bool = True) -> None:
         self.path = path
         self.codec = codec
         self.sealer = sealer
+        self.sessions_complete = sessions_complete
         self.policy = OldestWrittenPolicy()
         self._capacity = int(capacity)
         try:
             if not readonly:
                 os.makedirs(path, exist_ok=True)
-            self._check_not_empty()
+            opening.check_not_empty(path)
             self.env = lmdb.open(path, map_size=self._capacity, max_dbs=8, subdir=True, readonly=readonly,
                                  sync=durable_sync, metasync=durable_sync, readahead=False, max_readers=512,
                                  lock=not readonly)
             try:
-                self._check_file_size()
+                opening.check_file_size(self.env, path)
                 self.db = {name: self.env.open_db(name.encode(), dupsort=name in DUPSORT, create=not readonly)
                            for name in DATABASES}
             except BaseException:
@@ -97,7 +100,7 @@ class ColdTier(Tier):
         self.checksum_failures = 0
         self._unknown_ids_seen: set[int] = set()
         try:
-            self._check_key(readonly)
+            opening.check_key(self.env, self.db, path, sealer, readonly=readonly, block_count=self.block_count)
             if not readonly:
                 with self.env.begin(write=True) as txn:
                     fp.count_namespaces(txn, self.db)
@@ -105,72 +108,10 @@ class ColdTier(Tier):
             self.env.close()
             raise
 
-    def _check_not_empty(self) -> None:
-        """Refuse a 0-byte ``data.mdb``: LMDB would take it for a new file and start an empty store over
-        it, silently. LMDB writes its meta pages when it creates the file, so an empty one lost its
-        contents (a copy cut short, a full disk, a restore that truncated it).
-
-        :raises TierUnavailable: naming the file and what to do.
-        """
-        data = os.path.join(self.path, "data.mdb")
-        if os.path.isfile(data) and os.path.getsize(data) == 0:
-            raise TierUnavailable(
-                f"the cold tier file {data!r} is empty (0 bytes): its contents were lost (a copy cut short, a "
-                f"full disk, a restore that truncated it). Restore it from a backup, or delete it (or move the "
-                f"{self.path!r} directory away) to start with an empty cold tier")
-
-    def _check_file_size(self) -> None:
-        """Refuse a truncated ``data.mdb`` before any page beyond its meta pages is touched.
-
-        LMDB memory-maps the file and trusts its meta page: reading a page past the end of a truncated
-        file raises SIGBUS and kills the process, at every restart. A healthy file always reaches the
-        last page its newest meta page names (pages are written before the meta that names them).
-
-        :raises TierUnavailable: naming the file and what to do.
-        """
-        data = os.path.join(self.path, "data.mdb")
-        size = os.path.getsize(data)
-        psize = self.env.stat()["psize"]  # from the meta page: touches no other page
-        need = (self.env.info()["last_pgno"] + 1) * psize
-        if size < need:
-            raise TierUnavailable(
-                f"the cold tier file {data!r} is truncated: {size} bytes, but its LMDB header names pages up "
-                f"to byte {need} (a damaged disk, a copy cut short, or a full file system). Restore it from a "
-                f"backup, or move the {self.path!r} directory away to start with an empty cold tier")
-
     @property
     def encrypted(self) -> bool:
         """Whether records of this store were ever sealed (a key fingerprint is stored)."""
-        return bool(self._fingerprints())
-
-    def _fingerprints(self) -> dict[int, bytes]:
-        with self.env.begin(db=self.db["info"]) as txn:
-            stored = {i: txn.get(key_id_key(i)) for i in range(MAX_KEY_ID + 1)}
-        return {i: bytes(f) for i, f in stored.items() if f is not None}
-
-    def _check_key(self, readonly: bool) -> None:
-        """Refuse a missing key for an encrypted store, a key whose id sealed this store's records with
-        another key, or a key for a store of plain records; remember the fingerprints of new key ids."""
-        stored = self._fingerprints()
-        if stored and self.sealer is None and not readonly:
-            raise TierUnavailable(
-                f"the cold tier at {self.path!r} is encrypted: configure its key (security.cold_key_file "
-                "or the KVTIER_COLD_KEY environment variable)")
-        if self.sealer is None:
-            return
-        wrong = sorted(i for i, f in self.sealer.fingerprints.items() if stored.get(i, f) != f)
-        if wrong:
-            raise TierUnavailable(f"the cold tier at {self.path!r} was encrypted with another key under key "
-                                  f"id {', '.join(map(str, wrong))}")
-        if not stored and not readonly and self.block_count():
-            raise TierUnavailable(
-                f"the cold tier at {self.path!r} holds unencrypted blocks; encryption can only be "
-                "switched on for an empty data directory")
-        new = {i: f for i, f in self.sealer.fingerprints.items() if i not in stored}
-        if new and not readonly:
-            with self.env.begin(write=True, db=self.db["info"]) as txn:
-                for i, f in new.items():
-                    txn.put(key_id_key(i), f)
+        return bool(opening.fingerprints(self.env, self.db["info"]))
 
     # -- reads ----------------------------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
@@ -443,7 +384,8 @@ class ColdTier(Tier):
     def walk(self, progress: Callable[[int, int], None] | None = None) -> Report:
         """The full verification report (``tiering/cold/verify.py``), in one read transaction."""
         with self.env.begin() as txn:
-            return verify.walk(txn, self.db, self.codec, self.sealer, self.capacity_bytes, progress)
+            return verify.walk(txn, self.db, self.codec, self.sealer, self.capacity_bytes,
+                               sessions_complete=self.sessions_complete, progress=progress)
 
     def verify(self) -> Report:
         """Startup verification: :meth:`walk`, logging progress on large stores, then delete the damaged

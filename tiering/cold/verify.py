@@ -13,10 +13,12 @@ What counts as a problem (each one line of :attr:`Report.problems`):
 * a record sealed under a key id that is not configured, or sealed while no key is configured;
 * a session or namespace record that is not JSON; a session record with a chain (``keys``) that does
   not parse, or whose namespace is not registered;
-* a session chain with a *hole*: a block missing between two blocks that are stored. Eviction (oldest
-  written first) only takes blocks from the front of a chain, and write-back keeps the newest ones in
-  memory only, at its end; neither leaves a block missing in the middle, a lost or deleted one does.
-  Chains missing only their front or end are counted in :attr:`Report.partial_sessions`, not problems;
+* with ``sessions_complete`` (write-through stores: a session record is committed with every block
+  it names, or after them), a session chain with a *hole*: a block missing between two blocks that
+  are stored. Eviction (oldest written first) only takes blocks from the front of a chain; a lost or
+  deleted block leaves a hole. Chains missing only their front or end are counted in
+  :attr:`Report.partial_sessions`, not problems; so are chains with holes in a write-back store,
+  whose sessions may name blocks that were only ever in memory;
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class Report:
     :ivar records: records read. :ivar sessions: session records read. :ivar namespaces: namespaces read.
     :ivar damaged: ``(key, reason)`` of each record that failed to decode, its checksum or authentication.
     :ivar unknown_key: records sealed under a key id that is not configured, by id.
-    :ivar partial_sessions: sessions missing only the front or the end of their chain (evicted, or
-        write-back blocks that never reached disk): not problems.
+    :ivar partial_sessions: sessions missing blocks of their chain that are not problems: only its
+        front or end (evicted), or anywhere in a write-back store (blocks that never reached disk).
     :ivar problems: every problem, one line each (the damaged records included).
     """
 
@@ -83,10 +85,11 @@ def record_problem(codec: Codec, sealer: RecordSealer | None, key: bytes, record
     return None
 
 
-def walk(txn, db: dict, codec: Codec, sealer: RecordSealer | None, capacity: int,
+def walk(txn, db: dict, codec: Codec, sealer: RecordSealer | None, capacity: int, *, sessions_complete: bool,
          progress: Callable[[int, int], None] | None = None) -> Report:
     """Verify everything in ``txn`` (a read transaction of the cold tier). O(stored bytes).
 
+    :param sessions_complete: a hole inside a session's chain is damage (module docstring).
     :param progress: called ``(records done, records in all)`` every :data:`PROGRESS_EVERY` records.
     """
     rep = Report(problems=fp.check(txn, db, capacity))
@@ -109,7 +112,7 @@ def walk(txn, db: dict, codec: Codec, sealer: RecordSealer | None, capacity: int
     rep.problems += [f"cold: {n} records are sealed with key id {i}, which is not configured (they read as misses)"
                      for i, n in sorted(rep.unknown_key.items())]
     registered = _namespaces(txn, db, rep)
-    _sessions(txn, db, registered, rep)
+    _sessions(txn, db, registered, sessions_complete, rep)
     return rep
 
 
@@ -125,7 +128,7 @@ def _namespaces(txn, db: dict, rep: Report) -> set[bytes]:
     return ids
 
 
-def _sessions(txn, db: dict, registered: set[bytes], rep: Report) -> None:
+def _sessions(txn, db: dict, registered: set[bytes], complete: bool, rep: Report) -> None:
     meta = db["meta"]
     for k, v in txn.cursor(db=db["sessions"]).iternext():
         rep.sessions += 1
@@ -147,7 +150,7 @@ def _sessions(txn, db: dict, registered: set[bytes], rep: Report) -> None:
         stored = [txn.get(key.digest, db=meta) is not None for key in s.keys]
         present = [i for i, ok in enumerate(stored) if ok]
         holes = present[-1] - present[0] + 1 - len(present) if present else 0
-        if holes:
+        if holes and complete:
             rep.problems.append(f"cold: session {name} is missing {holes} block(s) inside its chain of "
                                 f"{len(stored)} (lost or deleted, not evicted)")
         elif len(present) < len(stored):
