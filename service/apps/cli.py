@@ -94,8 +94,8 @@ def serve(
     log_format: Annotated[Optional[str], typer.Option(help="text | json (JSON lines with trace ids)")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics port (0 = off)")] = None,
     otlp_endpoint: Annotated[Optional[str], typer.Option(help="OTLP collector; turns traces on")] = None,
-    verify_on_start: Annotated[Optional[bool], typer.Option(
-        "--verify-on-start", help="decode and checksum every cold record before serving (O(store))")] = None,
+    verify_on_start: Annotated[bool, typer.Option(
+        "--verify-on-start", help="decode and checksum every cold record before serving (O(store))")] = False,
 ) -> None:
     """Run the kvtier server until SIGTERM/SIGINT (then drain, flush to disk, exit 0)."""
     from kvtier.service.server.config import Settings, SettingsError
@@ -105,7 +105,7 @@ def serve(
         "server": {"host": host, "port": port, "port_file": port_file},
         "store": {"data_dir": data_dir, "hot_device": hot_device, "hot_capacity": hot_capacity,
                   "warm_capacity": warm_capacity, "cold_capacity": cold_capacity, "policy": policy,
-                  "write_policy": write_policy, "verify_on_start": verify_on_start},
+                  "write_policy": write_policy, "verify_on_start": True if verify_on_start else None},
         "telemetry": {"metrics_port": metrics_port, "otlp_endpoint": otlp_endpoint,
                       "traces": True if otlp_endpoint else None},
         "log_level": log_level, "log_format": log_format,

@@ -86,3 +86,21 @@ def test_zero_byte_data_file_is_refused_by_check_and_serve(tmp_path):
     assert last.startswith("kvtier: could not start: ") and str(data) in last and "empty (0 bytes)" in last
     assert "Restore it from a backup, or delete it" in last
     assert data.stat().st_size == 0  # nothing was written over it
+
+
+def test_serve_verify_on_start_drops_damage_and_says_so(tmp_path):
+    from kvtier.service.client.client import KVTierClient
+    from tests.fixtures.server import KVTierProcess
+
+    keys = _store(tmp_path / "data")
+    _flip(tmp_path / "data", keys[1])
+    proc = KVTierProcess(tmp_path, data_dir=tmp_path / "data", args=("--verify-on-start",)).start()
+    try:
+        with KVTierClient(proc.target, data_path="grpc", timeout=10) as kv:
+            cold = [t for t in kv.stats().tiers if t.tier == "cold"]
+            assert cold[0].checksum_failures == 1 and cold[0].blocks == 2
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
+    log = proc.log_text()
+    assert "WARNING" in log and "cold tier verified" in log and "1 damaged" in log and str(keys[1]) in log
