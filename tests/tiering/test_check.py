@@ -10,8 +10,9 @@ import logging
 import os
 
 import lmdb
-from tiering_helpers import NS, cold_of, payload, tokens_for
+from tiering_helpers import NS, cold_of, config, payload, tokens_for
 
+from kvtier.tiering import TieredStore
 from kvtier.tiering.codec import HEADER
 from kvtier.tiering.cold.schema import USED, U64
 from kvtier.tiering.crypto import RecordSealer
@@ -73,9 +74,6 @@ def test_corrupted_byte_counter_is_reported(make_store, data_dir):
 
 
 def test_sealed_record_damage_and_unknown_key_are_reported(tmp_path):
-    from kvtier.tiering import TieredStore
-    from tiering_helpers import config
-
     data_dir = str(tmp_path)
     a, b = bytes(range(32)), bytes(range(1, 33))
     with TieredStore(config(data_dir), sealer=RecordSealer(a)) as s:
