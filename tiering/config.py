@@ -35,6 +35,9 @@ class StoreConfig:
     :ivar durable_sync: fsync every commit (off: survives a process crash, not a power cut).
     :ivar session_ttl_s: default TTL of sessions (None: no expiry).
     :ivar maintenance_s: period of the lease/TTL sweeper.
+    :ivar verify_on_start: at open, decode every cold record against its checksum and check sessions
+        and accounting (``tiering/cold/verify.py``); damaged records are dropped (misses) and counted in
+        the cold tier's ``checksum_failures``. O(stored bytes): minutes for a large store.
     :ivar remote: a :class:`~tiering.remote.RemoteConfig`: a remote tier (Redis Cluster) below the cold
         tier, shared with other hosts (``tiering/fleet.py``); ``None``: none.
     """
@@ -58,6 +61,7 @@ class StoreConfig:
     durable_sync: bool = True
     session_ttl_s: float | None = None
     maintenance_s: float = 1.0
+    verify_on_start: bool = False
     remote: Any = None
 
     def validate(self) -> "StoreConfig":

@@ -98,6 +98,8 @@ class TieredStore:
         cfg, lock, durable = self.config, self._lock, self.tiers.durable
         for name in self.tiers.names():
             self.stats.tier(name)
+        if durable is not None:  # damaged records dropped by startup verification (config.verify_on_start)
+            self.stats.tier(durable.name).checksum_failures += durable.checksum_failures
         tombstones = Tombstones()  # erased blocks no earlier read may put back (tiering/tombstones.py)
         self.namespaces = NamespaceRegistry(durable.namespaces() if durable is not None else None)
         self.session_records = SessionRecords(durable)

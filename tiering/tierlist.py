@@ -166,7 +166,10 @@ def build_tiers(config, *, protected: Callable[[BlockKey], bool], tracer, sealer
     durable = None
     if cfg.cold_enabled:
         cold = ColdTier(os.path.join(cfg.data_dir, "cold"), cfg.cold_capacity, codec,
-                        durable_sync=cfg.durable_sync, sealer=sealer)
+                        durable_sync=cfg.durable_sync, sealer=sealer,
+                        sessions_complete=cfg.write_policy == "write_through")
+        if cfg.verify_on_start:
+            cold.verify()  # before the writer starts: damaged records become misses, never served
         # a queued block is in host RAM: named warm when there is a warm tier, else cold (its destination)
         queue_name = "warm" if any(t.name == "warm" for t in caches) else "cold"
         durable = WriteBehindTier(cold, batch=cfg.writer_batch, threads=cfg.compress_threads, protected=protected,

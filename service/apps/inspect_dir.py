@@ -1,4 +1,5 @@
-"""Offline, read-only summary of a kvtier data directory (``kvtier inspect DATA_DIR``).
+"""Offline, read-only summary and verification of a kvtier data directory (``kvtier inspect DATA_DIR``,
+``kvtier check DATA_DIR``).
 
 Opens the cold tier's LMDB read-only and without LMDB's lock file writes, so it works while a
 server holds the directory (it then sees the last committed transaction) and never changes it.
@@ -16,7 +17,44 @@ from pathlib import Path
 from kvtier.service.apps.tables import compression_ratio
 from kvtier.tiering.codec import Codec
 from kvtier.tiering.cold import ColdTier
+from kvtier.tiering.cold.verify import Report
+from kvtier.tiering.crypto import RecordSealer
+from kvtier.tiering.errors import TierUnavailable
 from kvtier.tiering.sessions import Session, namespace_from_dict
+
+
+def open_readonly(data_dir: str | os.PathLike, sealer: RecordSealer | None = None, *,
+                  sessions_complete: bool = True) -> ColdTier:
+    """The cold tier of ``data_dir``, opened read-only without LMDB's lock file writes (safe beside a
+    running server). The caller closes it. ``sessions_complete``: see :class:`ColdTier`.
+
+    :raises FileNotFoundError: if ``data_dir`` holds no cold tier.
+    :raises TierUnavailable: if the LMDB environment cannot be opened, or ``sealer`` holds another key.
+    """
+    data_file = Path(data_dir) / "cold" / "data.mdb"
+    if not data_file.is_file():
+        raise FileNotFoundError(f"no kvtier store in {str(data_dir)!r} (missing {data_file})")
+    # Read-only: LMDB grows the map to the file's size, so the capacity given here only has to be positive.
+    return ColdTier(str(data_file.parent), max(data_file.stat().st_size, 1 << 20), Codec(), readonly=True,
+                    sealer=sealer, sessions_complete=sessions_complete)
+
+
+def check_dir(data_dir: str | os.PathLike, sealer: RecordSealer | None = None, *, write_back: bool = False) -> Report:
+    """Verify every record, session and counter of the store in ``data_dir`` (``tiering/cold/verify.py``),
+    read-only. O(stored bytes). ``write_back``: the store was served with ``write_policy=write_back``
+    (its sessions may name blocks that never reached disk: a hole in a chain is not damage).
+
+    :raises FileNotFoundError: if ``data_dir`` holds no cold tier.
+    :raises TierUnavailable: if it cannot be opened, or is encrypted and ``sealer`` is ``None``.
+    """
+    cold = open_readonly(data_dir, sealer, sessions_complete=not write_back)
+    try:
+        if cold.encrypted and sealer is None:
+            raise TierUnavailable(f"the store in {str(data_dir)!r} is encrypted: give its key "
+                                  "(--cold-key-file, or the KVTIER_COLD_KEY environment variable) to verify it")
+        return cold.walk()
+    finally:
+        cold.close()
 
 
 def summarize(data_dir: str | os.PathLike) -> dict:
@@ -30,12 +68,8 @@ def summarize(data_dir: str | os.PathLike) -> dict:
     :raises FileNotFoundError: if ``data_dir`` holds no cold tier.
     :raises TierUnavailable: if the LMDB environment cannot be opened.
     """
-    cold_dir = Path(data_dir) / "cold"
-    data_file = cold_dir / "data.mdb"
-    if not data_file.is_file():
-        raise FileNotFoundError(f"no kvtier store in {str(data_dir)!r} (missing {data_file})")
-    # Read-only: LMDB grows the map to the file's size, so the capacity given here only has to be positive.
-    cold = ColdTier(str(cold_dir), max(data_file.stat().st_size, 1 << 20), Codec(), readonly=True)
+    cold = open_readonly(data_dir)
+    data_file = Path(data_dir) / "cold" / "data.mdb"
     try:
         namespaces = cold.namespaces()
         sessions = [Session.from_json(raw) for _sid, raw in cold.session_items()]

@@ -5,7 +5,8 @@ May import every ``service.server`` module, ``service.wire`` and ``tiering``; no
 :func:`create_server` assembles a ``grpc.aio`` server around an open store (KVCache service, standard
 ``grpc.health.v1`` health service, server reflection) and binds it; tests and embedders use it
 in-process. :func:`serve` is the process: open the store, start, write the port file, wait for
-SIGTERM/SIGINT, then shut down in this order:
+SIGTERM/SIGINT (SIGHUP re-reads ``security.tokens_file``: ``service/server/auth.py``), then shut down
+in this order:
 
 1. health says NOT_SERVING (load balancers stop sending; ``Watch`` streams see it at once);
 2. ``server.stop(grace_s)``: new RPCs are refused with UNAVAILABLE, in-flight ones get ``grace_s``
@@ -31,7 +32,7 @@ from kvtier.service.wire import fast as wire_fast
 from kvtier.service.wire.memtune import tune_malloc
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
-from kvtier.service.server.auth import authenticator_from_settings
+from kvtier.service.server.auth import Authenticator, authenticator_from_settings, reload_tokens
 from kvtier.service.server.config import Settings
 from kvtier.service.server.core import ServerCore
 from kvtier.service.server.errors import ErrorBoundary
@@ -40,7 +41,7 @@ from kvtier.service.server.servicer import KVCacheServicer
 from kvtier.service.server.shm_broker import ArenaRegistry
 from kvtier.service.server.telemetry import setup_telemetry
 from kvtier.service.server.tls import check_exposure, server_credentials
-from kvtier.tiering.crypto import RecordSealer, load_key
+from kvtier.tiering.crypto import RecordSealer, load_keys
 from kvtier.tiering.store import TieredStore
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _address(host: str, port: int) -> str:
 
 def create_server(settings: Settings, store: TieredStore, *, health_servicer: health.aio.HealthServicer | None = None,
                   interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                  shm: ArenaRegistry | None = None) -> tuple[grpc.aio.Server, int]:
+                  shm: ArenaRegistry | None = None, auth: Authenticator | None = None) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started ``grpc.aio`` server serving ``store``.
 
     :param settings: ``settings.server`` gives address, message size limit, concurrency and stream limits.
@@ -71,6 +72,8 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
         around the error boundary (so they see every mapped status).
     :param shm: the shared-memory arenas to offer (default: new ones per ``settings.server.shm_*``
         when ``shm_enabled``); whoever made them closes them (:func:`serve` does).
+    :param auth: who may call (default: from ``settings.security``); :func:`serve` keeps it to reload
+        its tokens on SIGHUP.
     :returns: the server and the bound port (the real one when ``settings.server.port`` is 0).
     :raises RuntimeError: if the address cannot be bound.
     :raises ValueError: on unusable ``settings.security`` (token file, TLS files), or no tokens and a
@@ -79,7 +82,7 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
     Call it with an event loop running; then ``await server.start()``.
     """
     cfg, sec = settings.server, settings.security
-    auth = authenticator_from_settings(sec)
+    auth = auth if auth is not None else authenticator_from_settings(sec)
     credentials = server_credentials(sec)
     check_exposure(cfg.host, authenticated=auth.enabled, allow_insecure_remote=sec.allow_insecure_remote)
     limits = Limits(sec.max_blocks_per_request, int(sec.tenant_memory_bytes), int(sec.tenant_cold_bytes),
@@ -159,17 +162,20 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     telemetry = setup_telemetry(settings, set_global=True)
     tune_malloc()  # before the first block is allocated: see service/wire/memtune.py
-    key = load_key(settings.security.cold_key_file)
+    keys = load_keys(settings.security.cold_key_file)
     store = await asyncio.to_thread(TieredStore, settings.store_config(), tracer=telemetry.tracer,
-                                    sealer=RecordSealer(key) if key is not None else None)
+                                    sealer=RecordSealer(keys) if keys is not None else None)
     try:
         # Metrics first: a taken metrics port then fails before a gRPC server exists (a started one
         # left unstopped would be torn down after the loop closed, with a traceback).
         telemetry.start_metrics(store)
         health_servicer = health.aio.HealthServicer()
         shm = shm_registry(settings, store)
+        auth = authenticator_from_settings(settings.security)
         server, port = create_server(settings, store, health_servicer=health_servicer,
-                                     interceptors=telemetry.server_interceptors(), shm=shm)
+                                     interceptors=telemetry.server_interceptors(), shm=shm, auth=auth)
+        # SIGHUP re-reads security.tokens_file (a small file: read on the loop, between RPCs' steps)
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens, auth, settings.security)
         await server.start()
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if settings.server.port_file is not None:
@@ -177,7 +183,7 @@ async def serve(settings: Settings) -> int:
         log.info("kvtier listening on %s (pid %d, %s): tiers %s; data dir %s; write policy %s; cold tier %s",
                  _address(settings.server.host, port), os.getpid(), _describe_security(settings),
                  _describe_tiers(store), os.path.abspath(settings.store.data_dir), settings.store.write_policy,
-                 "encrypted" if key is not None else "not encrypted")
+                 "encrypted" if keys is not None else "not encrypted")
 
         await stop.wait()
 

@@ -11,6 +11,10 @@ request acts for the tenant it names.
 
 Tokens are compared in constant time (``hmac.compare_digest`` over SHA-256 digests, against every
 configured token), and no token ever reaches a log line, an error message or a span.
+
+``kvtier serve`` re-reads ``security.tokens_file`` on SIGHUP (:func:`reload_tokens`): the whole token
+table is swapped at once, so a removed token stops working and an added one starts, without a
+restart; a file that does not load keeps the old table (one WARN line).
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvtier.service.server.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
 
 #: Metadata key gRPC carries the credentials in (lower case, as HTTP/2 headers are).
 AUTH_METADATA = "authorization"
@@ -68,8 +75,22 @@ def load_tokens_file(path: str | Path) -> tuple[dict[str, str], list[str]]:
     return dict(tokens), list(admins)
 
 
+def _entries(tokens: Mapping[str, str] | None, admin_tokens: Iterable[str]) -> tuple[tuple[bytes, Principal], ...]:
+    entries: list[tuple[bytes, Principal]] = []
+    for token, tenant in (tokens or {}).items():
+        if not token or not tenant or "\0" in tenant:
+            raise ValueError("security.tokens: tokens and tenants must be non-empty (and tenants free of NUL)")
+        entries.append((_digest(token), Principal(tenant)))
+    for token in admin_tokens:
+        if not token:
+            raise ValueError("security.admin_tokens: tokens must be non-empty")
+        entries.append((_digest(token), Principal(None, admin=True)))
+    return tuple(entries)
+
+
 class Authenticator:
-    """Maps bearer tokens to :class:`Principal` s. Immutable after construction; thread-safe.
+    """Maps bearer tokens to :class:`Principal` s. Thread-safe: the token table is an immutable tuple,
+    replaced whole by :meth:`replace` (one assignment), so a call sees the old table or the new one.
 
     :param tokens: token → tenant.
     :param admin_tokens: tokens allowed to call admin RPCs.
@@ -77,16 +98,14 @@ class Authenticator:
     """
 
     def __init__(self, tokens: Mapping[str, str] | None = None, admin_tokens: Iterable[str] = ()) -> None:
-        entries: list[tuple[bytes, Principal]] = []
-        for token, tenant in (tokens or {}).items():
-            if not token or not tenant or "\0" in tenant:
-                raise ValueError("security.tokens: tokens and tenants must be non-empty (and tenants free of NUL)")
-            entries.append((_digest(token), Principal(tenant)))
-        for token in admin_tokens:
-            if not token:
-                raise ValueError("security.admin_tokens: tokens must be non-empty")
-            entries.append((_digest(token), Principal(None, admin=True)))
-        self._entries = tuple(entries)
+        self._entries = _entries(tokens, admin_tokens)
+
+    def replace(self, tokens: Mapping[str, str] | None, admin_tokens: Iterable[str] = ()) -> None:
+        """Swap in a new token table (calls in flight finish under the one they started with).
+
+        :raises ValueError: as the constructor; the old table is kept then.
+        """
+        self._entries = _entries(tokens, admin_tokens)
 
     def __repr__(self) -> str:  # never the tokens
         return f"Authenticator({len(self._entries)} tokens)"
@@ -137,15 +156,43 @@ def require_admin(principal: Principal | None, rpc: str) -> None:
         raise PermissionDenied(f"{rpc} needs an admin token")
 
 
+def _configured_tokens(security) -> tuple[dict[str, str], list[str]]:
+    tokens, admins = dict(security.tokens), list(security.admin_tokens)
+    if security.tokens_file is not None:
+        more, more_admins = load_tokens_file(security.tokens_file)
+        tokens.update(more)
+        admins += more_admins
+    return tokens, admins
+
+
 def authenticator_from_settings(security) -> Authenticator:
     """The :class:`Authenticator` of the ``security`` settings (``tokens`` and ``admin_tokens``
     merged with ``tokens_file``).
 
     :raises ValueError: see :func:`load_tokens_file` and :class:`Authenticator`.
     """
-    tokens, admins = dict(security.tokens), list(security.admin_tokens)
-    if security.tokens_file is not None:
-        more, more_admins = load_tokens_file(security.tokens_file)
-        tokens.update(more)
-        admins += more_admins
-    return Authenticator(tokens, admins)
+    return Authenticator(*_configured_tokens(security))
+
+
+def reload_tokens(auth: Authenticator, security) -> bool:
+    """Re-read ``security.tokens_file`` (merged with ``tokens``/``admin_tokens`` as at start) into
+    ``auth`` (the SIGHUP handler). A file that does not load, or that would leave no token at all while
+    ``auth`` has some (authentication switched off by a bad edit), keeps the old tokens and logs one
+    WARN line, never a token.
+
+    :returns: whether the tokens were replaced.
+    """
+    if security.tokens_file is None:
+        log.warning("SIGHUP: no security.tokens_file to reload; tokens unchanged")
+        return False
+    try:
+        tokens, admins = _configured_tokens(security)
+        if auth.enabled and not (tokens or admins):
+            raise ValueError(f"security.tokens_file {str(security.tokens_file)!r} holds no token, which would "
+                             "switch authentication off")
+        auth.replace(tokens, admins)
+    except ValueError as exc:
+        log.warning("SIGHUP: tokens not reloaded, the old ones stay in force: %s", exc)
+        return False
+    log.info("SIGHUP: reloaded %d tenant and %d admin tokens from security.tokens_file", len(tokens), len(admins))
+    return True

@@ -126,6 +126,7 @@ class StoreSettings(BaseModel):
     durable_sync: bool = True
     session_ttl_s: float | None = Field(None, gt=0)
     maintenance_s: float = Field(1.0, gt=0)
+    verify_on_start: bool = False
 
     def to_store_config(self) -> StoreConfig:
         """The validated :class:`StoreConfig` these settings describe.
@@ -180,7 +181,9 @@ class SecuritySettings(BaseModel):
     :ivar tls_key: PEM private key of ``tls_cert``.
     :ivar tls_client_ca: PEM CA bundle; set: mutual TLS, clients must present a certificate it signed.
     :ivar cold_key_file: file with the 32-byte AES-256-GCM key (hex or base64) encrypting the cold
-        tier; else ``$KVTIER_COLD_KEY``; neither: no encryption.
+        tier; else ``$KVTIER_COLD_KEY``; neither: no encryption. To rotate, list several keys, one a
+        line as ``ID:KEY`` (ID 0..127; a bare KEY is id 0): the first seals new records, every one
+        listed opens its id's records (``tiering/crypto.py``).
     :ivar max_blocks_per_request: blocks one Put/Lookup/Get/Prefetch may name (0 = no limit).
     :ivar tenant_memory_bytes: bytes one tenant may hold in hot + warm (0 = no limit).
     :ivar tenant_cold_bytes: bytes one tenant may hold in the cold tier (0 = no limit).

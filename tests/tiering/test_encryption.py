@@ -13,7 +13,7 @@ from tiering_helpers import cold_of
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
 from kvtier.tiering.cold import ColdTier
 from kvtier.tiering.codec import HEADER, Codec
-from kvtier.tiering.crypto import FLAG_SEALED, FLAGS_OFFSET, RecordSealer, load_key, parse_key
+from kvtier.tiering.crypto import FLAG_SEALED, FLAGS_OFFSET, RecordSealer, load_keys, parse_key
 from kvtier.tiering.errors import TierUnavailable
 
 KEY = bytes(range(32))
@@ -135,9 +135,9 @@ def test_key_parsing(tmp_path):
         assert bad not in str(err.value)
     f = tmp_path / "k"
     f.write_text(KEY.hex())
-    assert load_key(f, env={}) == KEY
-    assert load_key(None, env={"KVTIER_COLD_KEY": base64.b64encode(KEY).decode()}) == KEY
-    assert load_key(None, env={}) is None
+    assert load_keys(f, env={}) == {0: KEY}
+    assert load_keys(None, env={"KVTIER_COLD_KEY": base64.b64encode(KEY).decode()}) == {0: KEY}
+    assert load_keys(None, env={}) is None
     assert KEY.hex() not in repr(RecordSealer(KEY))
 
 

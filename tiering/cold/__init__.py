@@ -1,5 +1,6 @@
 """The cold tier, split by job: ``schema`` (databases, structs, u64 helpers), ``records`` (block
-records), ``registry`` (sessions and namespaces), ``footprint`` (accounting and checks), ``tier``
+records), ``registry`` (sessions and namespaces), ``footprint`` (accounting and checks), ``opening``
+(checks at open: an empty or truncated file, the keys), ``verify`` (the verification walk), ``tier``
 (:class:`ColdTier`, the Tier over them). Importing this package imports lmdb.
 """
 

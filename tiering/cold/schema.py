@@ -12,7 +12,8 @@ database      key → value                                  purpose
 ``namespaces`` ns_id(16) → JSON namespace                  invalidate by model fingerprint
 ``sessions``  tenant ‖ 0 ‖ session id → JSON record        sessions (``tiering/sessions.py``)
 ``info``      name → value                                 ``used`` bytes, next ``seq``, ``ns:<ns_id>``
-                                                           bytes per namespace, encryption key id
+                                                           bytes per namespace, encryption key
+                                                           fingerprints (``cold_key_id``[``:``‖id])
 ============  ===========================================  ==========================================
 """
 
@@ -27,13 +28,19 @@ META = struct.Struct(">Q16sI")
 U64 = struct.Struct(">Q")
 
 #: ``info`` keys: bytes used, the next write sequence number, per-namespace byte counters
-#: (``ns:`` ‖ ns_id), the marker that those are maintained, and the id of the encryption key (absent:
-#: records are plain).
+#: (``ns:`` ‖ ns_id), the marker that those are maintained, and the fingerprint of each encryption key
+#: by key id (:func:`key_id_key`; none: records are plain).
 USED = b"used"
 SEQ = b"seq"
 NS_USED = b"ns:"
 NS_USED_MARK = b"ns_used_v1"
 KEY_ID = b"cold_key_id"
+
+
+def key_id_key(key_id: int) -> bytes:
+    """The ``info`` key of the fingerprint of key ``key_id``: :data:`KEY_ID` for id 0 (as written before
+    key rotation existed), ``KEY_ID ‖ ":" ‖ id`` (one byte) for the others."""
+    return KEY_ID if key_id == 0 else KEY_ID + b":" + bytes([key_id])
 
 
 def read_u64(txn, key: bytes, db) -> int:

@@ -1,7 +1,7 @@
 """ColdTier: zstd-compressed block records in LMDB on local disk; LMDB is also its index.
 
-Imports lmdb, ``codec``, ``crypto``, the cold schema/records/registry/footprint modules and the
-oldest-written policy. Nothing about cold blocks is held in Python memory: contains/get are B-tree
+Imports lmdb, ``codec``, ``crypto``, the cold schema/records/registry/footprint/opening/verify modules
+and the oldest-written policy. Nothing about cold blocks is held in Python memory: contains/get are B-tree
 lookups in the memory-mapped file, so reopening a store of a million blocks costs only opening the file.
 The databases are described in ``tiering/cold/schema.py``; all are updated in the same transactions.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
@@ -28,16 +29,17 @@ import numpy as np
 import torch
 
 from ..codec import Codec, RecordHeader
-from ..crypto import RecordSealer, is_sealed
+from ..crypto import RecordSealer, UnknownKeyId, is_sealed
 from ..errors import CapacityExceeded, ChecksumError, TierUnavailable
 from ..keys import BlockKey
 from ..policies import OldestWrittenPolicy
 from ..spans import TierOps, now_ns
 from ..tier import Block, Fetched, Tier
 from . import footprint as fp
-from . import records, registry
+from . import opening, records, registry, verify
 from .records import ColdWrite
-from .schema import DATABASES, DUPSORT, KEY_ID, USED, read_u64
+from .schema import DATABASES, DUPSORT, USED, read_u64
+from .verify import Report
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class ColdTier(Tier):
     :param durable_sync: fsync at every commit (True: a committed batch survives power loss; False:
         survives a process crash only).
     :param sealer: encrypt records at rest with this key (see ``tiering/crypto.py``).
+    :param sessions_complete: every block a session names is committed with its record or before
+        (write-through), so :meth:`check` takes a hole inside a session's chain for damage.
     :raises TierUnavailable: if the directory cannot be created, opened or written; if the store is
         encrypted and no sealer (or one with another key) is given; if a sealer is given for a store
         that already holds plain records.
@@ -62,20 +66,22 @@ class ColdTier(Tier):
     usage_group = "cold"
 
     def __init__(self, path: str, capacity: int, codec: Codec, *, durable_sync: bool = True,
-                 readonly: bool = False, sealer: RecordSealer | None = None) -> None:
+                 readonly: bool = False, sealer: RecordSealer | None = None, sessions_complete: bool = True) -> None:
         self.path = path
         self.codec = codec
         self.sealer = sealer
+        self.sessions_complete = sessions_complete
         self.policy = OldestWrittenPolicy()
         self._capacity = int(capacity)
         try:
             if not readonly:
                 os.makedirs(path, exist_ok=True)
+            opening.check_not_empty(path)
             self.env = lmdb.open(path, map_size=self._capacity, max_dbs=8, subdir=True, readonly=readonly,
                                  sync=durable_sync, metasync=durable_sync, readahead=False, max_readers=512,
                                  lock=not readonly)
             try:
-                self._check_file_size()
+                opening.check_file_size(self.env, path)
                 self.db = {name: self.env.open_db(name.encode(), dupsort=name in DUPSORT, create=not readonly)
                            for name in DATABASES}
             except BaseException:
@@ -92,8 +98,9 @@ class ColdTier(Tier):
                 "writable by this user, and holds a kvtier LMDB store (or is empty)") from exc
         self._page = self.env.stat()["psize"]
         self.checksum_failures = 0
+        self._unknown_ids_seen: set[int] = set()
         try:
-            self._check_key(readonly)
+            opening.check_key(self.env, self.db, path, sealer, readonly=readonly, block_count=self.block_count)
             if not readonly:
                 with self.env.begin(write=True) as txn:
                     fp.count_namespaces(txn, self.db)
@@ -101,42 +108,10 @@ class ColdTier(Tier):
             self.env.close()
             raise
 
-    def _check_file_size(self) -> None:
-        """Refuse a truncated ``data.mdb`` before any page beyond its meta pages is touched.
-
-        LMDB memory-maps the file and trusts its meta page: reading a page past the end of a truncated
-        file raises SIGBUS and kills the process, at every restart. A healthy file always reaches the
-        last page its newest meta page names (pages are written before the meta that names them).
-
-        :raises TierUnavailable: naming the file and what to do.
-        """
-        data = os.path.join(self.path, "data.mdb")
-        size = os.path.getsize(data)
-        psize = self.env.stat()["psize"]  # from the meta page: touches no other page
-        need = (self.env.info()["last_pgno"] + 1) * psize
-        if size < need:
-            raise TierUnavailable(
-                f"the cold tier file {data!r} is truncated: {size} bytes, but its LMDB header names pages up "
-                f"to byte {need} (a damaged disk, a copy cut short, or a full file system). Restore it from a "
-                f"backup, or move the {self.path!r} directory away to start with an empty cold tier")
-
-    def _check_key(self, readonly: bool) -> None:
-        """Refuse a missing or wrong key for an encrypted store, or a key for a store of plain records."""
-        with self.env.begin(db=self.db["info"]) as txn:
-            stored = txn.get(KEY_ID)
-        if stored is not None and self.sealer is None and not readonly:
-            raise TierUnavailable(
-                f"the cold tier at {self.path!r} is encrypted: configure its key (security.cold_key_file "
-                "or the KVTIER_COLD_KEY environment variable)")
-        if stored is not None and self.sealer is not None and bytes(stored) != self.sealer.key_id:
-            raise TierUnavailable(f"the cold tier at {self.path!r} was encrypted with another key")
-        if stored is None and self.sealer is not None and not readonly:
-            if self.block_count():
-                raise TierUnavailable(
-                    f"the cold tier at {self.path!r} holds unencrypted blocks; encryption can only be "
-                    "switched on for an empty data directory")
-            with self.env.begin(write=True, db=self.db["info"]) as txn:
-                txn.put(KEY_ID, self.sealer.key_id)
+    @property
+    def encrypted(self) -> bool:
+        """Whether records of this store were ever sealed (a key fingerprint is stored)."""
+        return bool(opening.fingerprints(self.env, self.db["info"]))
 
     # -- reads ----------------------------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
@@ -167,6 +142,15 @@ class ColdTier(Tier):
             elif is_sealed(record):
                 raise ChecksumError("record is encrypted and no key is configured")
             return self.codec.read_header(record), record
+        except UnknownKeyId as exc:
+            # Its key was removed from the key file: unreadable for good, so it goes (a put of the same
+            # key can store it again). Not damage: one WARN per key id, the rest at DEBUG.
+            level = logging.DEBUG if exc.key_id in self._unknown_ids_seen else logging.WARNING
+            self._unknown_ids_seen.add(exc.key_id)
+            log.log(level, "cold tier: block %s: %s; dropped (further blocks of key id %d are logged at DEBUG)",
+                    key, exc, exc.key_id)
+            self.delete(key)
+            return None
         except ChecksumError as exc:
             self._drop(key, exc)
             return None
@@ -392,10 +376,39 @@ class ColdTier(Tier):
             return fp.stored_raw_bytes(txn, self.db)
 
     def check(self) -> list[str]:
-        """Verify that the indexes agree with each other and with ``used``; returns problems, [] if none.
-        O(blocks): for tests and ``kvtier check``, not the data path."""
+        """Verify every record (decoded against its checksum, opened when sealed), every session's chain,
+        the namespaces, the indexes and ``used`` (``tiering/cold/verify.py``); returns problems, [] if
+        none. Read-only. O(stored bytes): for tests and ``kvtier check``, not the data path."""
+        return self.walk().problems
+
+    def walk(self, progress: Callable[[int, int], None] | None = None) -> Report:
+        """The full verification report (``tiering/cold/verify.py``), in one read transaction."""
         with self.env.begin() as txn:
-            return fp.check(txn, self.db, self.capacity_bytes)
+            return verify.walk(txn, self.db, self.codec, self.sealer, self.capacity_bytes,
+                               sessions_complete=self.sessions_complete, progress=progress)
+
+    def verify(self) -> Report:
+        """Startup verification: :meth:`walk`, logging progress on large stores, then delete the damaged
+        records (so they are misses, never served) and count them in :attr:`checksum_failures`; one
+        WARN line for the damage and one per damaged record (at most 20). Call it before any writer runs."""
+        started = time.monotonic()
+        last = [started]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last[0] >= 5.0:
+                last[0] = time.monotonic()
+                log.info("cold tier: verifying records, %d of %d done", done, total)
+
+        report = self.walk(progress)
+        if report.damaged:
+            self.delete_many([key for key, _why in report.damaged])
+            self.checksum_failures += len(report.damaged)
+        level = logging.WARNING if report.problems else logging.INFO
+        log.log(level, "cold tier verified in %.1f s: %s%s", time.monotonic() - started, report.summary(),
+                "; damaged records dropped (they are misses)" if report.damaged else "")
+        for line in report.problems[:20]:
+            log.warning("cold tier verification: %s", line)
+        return report
 
     def sync(self) -> None:
         self.env.sync(True)

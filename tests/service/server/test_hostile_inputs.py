@@ -10,6 +10,7 @@ every answer is OK or a client-error code, never INTERNAL or UNKNOWN, and the se
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import grpc
@@ -29,16 +30,19 @@ CASES = hostile.cases()
 #: Codes a client error may get; anything else (INTERNAL, UNKNOWN, UNAVAILABLE...) is a server bug.
 CLIENT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.RESOURCE_EXHAUSTED}
-#: Growth of the server's peak RSS allowed from three passes of the whole table to three more.
-#: Measured (VmRSS after each pass, MiB): 281, 295, 314, 317, 318, 314, 315, 320, 314, 320, 316, 320:
-#: glibc arenas and gRPC buffer pools settle over ~3 passes (a pass sends ~40 MiB: two 12 MiB
-#: over-size messages, a 2 MiB chunk, a 1M-token Lookup), then RSS wanders within ~6 MiB with no
-#: trend (RssFile constant; thread count constant). Peaks are compared, not single samples, because
-#: glibc returns memory to the OS at times. A leak of the big cases' buffers (24 MiB of rejected
-#: messages per pass) or of 16 KiB per case (88 cases x 3 passes = 4 MiB, plus noise) exceeds this.
-RSS_GROWTH_BOUND = 12 << 20
-WARMUP_PASSES = 3
-MEASURED_PASSES = 3
+#: What the allocator does (VmRSS after each pass, MiB: 281, 295, 314, 317, 318, 314, 315, 320, 314,
+#: 320, 316, 320): glibc arenas and gRPC buffer pools settle over ~3 passes (a pass sends ~40 MiB: two
+#: 12 MiB over-size messages, a 2 MiB chunk, a 1M-token Lookup), then RSS wanders within ~6 MiB with
+#: no trend, except for rare one-off steps (+17.7 MiB once in 8 runs) when an arena first reaches a
+#: new peak. A step happens once; a leak grows RSS at every pass. So the check is the MEDIAN growth
+#: from one measured pass to the next: up to two one-off steps among the six deltas leave it in the
+#: noise (the worst six-delta window of the series above: +2.5 MiB), while a leak puts every delta, so
+#: the median, above the bound: the big cases' buffers (24 MiB of rejected messages per pass), or
+#: 96 KiB per request (planted once to check: median +7.9 MiB a pass, failed). A leak under ~5 MiB a
+#: pass (50 KiB per request) passes: the noise is that large.
+PER_PASS_GROWTH_BOUND = 5 << 20
+WARMUP_PASSES = 4
+MEASURED_PASSES = 7
 
 
 def rss_bytes(pid: int) -> int:
@@ -121,10 +125,11 @@ def test_after_the_table_nothing_is_damaged_and_memory_is_stable(server, channel
 
     warm = [one_pass() for _ in range(WARMUP_PASSES)]
     measured = [one_pass() for _ in range(MEASURED_PASSES)]
-    log.warning("server RSS (MiB) after each pass of %d hostile requests: warm-up %s, measured %s; peak %+.1f MiB",
-                len(CASES), [round(r / 2**20, 1) for r in warm], [round(r / 2**20, 1) for r in measured],
-                (max(measured) - max(warm)) / 2**20)
-    assert max(measured) - max(warm) < RSS_GROWTH_BOUND
+    growth = statistics.median(b - a for a, b in zip(measured, measured[1:]))
+    log.warning("server RSS (MiB) after each pass of %d hostile requests: warm-up %s, measured %s; median growth "
+                "%+.1f MiB a pass", len(CASES), [round(r / 2**20, 1) for r in warm],
+                [round(r / 2**20, 1) for r in measured], growth / 2**20)
+    assert growth < PER_PASS_GROWTH_BOUND, "server memory grows at every pass of the table: a leak"
     _after_checks(server, kv)
 
 
