@@ -191,7 +191,7 @@ class Ingest:
             # Durable covers the whole chain the session names, not just the blocks sent: blocks before
             # first_block (sent by earlier, non-durable puts) may still be in memory only (write_back).
             to_disk += self.placement.held_only_in_caches(keys[:first_block] + result.skipped_present)
-        job = WriteJob(blocks=to_disk, namespaces=new_ns)
+        job = WriteJob(blocks=to_disk, namespaces=new_ns, acknowledged=not durable)
         if sid is not None:
             now = time.time()
             ttl_s = ttl_s if ttl_s is not None else self.config.session_ttl_s

@@ -45,6 +45,9 @@ class StoreStats:
     cold_raw_bytes_written: int = 0
     cold_record_bytes_written: int = 0
     write_errors: int = 0
+    #: failed cold writes of requests answered before the commit (non-durable puts, write-back
+    #: demotions): their blocks are not on disk (they stay served from memory until evicted)
+    background_write_failures: int = 0
 
     def tier(self, name: str) -> TierStats:
         t = self.tiers.get(name)
@@ -61,6 +64,7 @@ class StoreStats:
                 self.cold_record_bytes_written += job.record_bytes
         else:
             self.write_errors += 1
+            self.background_write_failures += sum(1 for job in jobs if job.acknowledged)
         self.tier(tier).evictions += len(evicted)
 
     def snapshot(self) -> dict:
