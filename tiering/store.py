@@ -328,19 +328,23 @@ class TieredStore:
         return session, tiers, handle
 
     def delete_session(self, tenant: str, session_id: str, *, erase_blocks: bool = False) -> int:
-        """Forget a session; with ``erase_blocks`` also delete its blocks from every tier (even if
-        other sessions of the tenant share them: they will miss and recompute — privacy first).
+        """Forget a session; with ``erase_blocks`` also delete from every tier the blocks no other live
+        session references (blocks it shares with another session of the tenant stay: that session
+        still names them).
 
         :returns: blocks erased.
         :raises SessionNotFound: if there is no such session.
         """
         session = self.get_session(tenant, session_id)
-        return self._delete_session(session, erase_blocks)
-
-    def _delete_session(self, session: Session, erase_blocks: bool) -> int:
-        erased = self.loader.erase(session.keys) if erase_blocks else 0
+        erased = self._erase_exclusive([session]) if erase_blocks else 0
         self._forget_sessions([session])
         return erased
+
+    def _erase_exclusive(self, sessions: list[Session]) -> int:
+        """Erase the blocks of ``sessions`` that no other live (unexpired) session references."""
+        now, leaving = time.time(), {s.id_key for s in sessions}
+        kept = {k for s in self.sessions() if s.id_key not in leaving and not s.expired(now) for k in s.keys}
+        return self.loader.erase([k for s in sessions for k in s.keys if k not in kept])
 
     def _forget_sessions(self, sessions: list[Session]) -> None:
         """Delete these session records, waiting until that is committed."""
@@ -371,13 +375,15 @@ class TieredStore:
         return n
 
     def expire_sessions(self) -> int:
-        """Delete sessions whose TTL has passed, with their blocks. Returns how many expired."""
+        """Delete sessions whose TTL has passed, with the blocks no live session references (a block
+        shared with an unexpired session outlives the expired one). Returns how many expired."""
         now = time.time()
         dead = [s for s in self.sessions() if s.expired(now)]
-        for s in dead:
+        if dead:
             # Not delete_session: get_session treats an expired session as absent, so it would
             # raise SessionNotFound and the session and its blocks would stay forever.
-            self._delete_session(s, erase_blocks=True)
+            self._erase_exclusive(dead)
+            self._forget_sessions(dead)
         return len(dead)
 
     # -- stats ------------------------------------------------------------------------------------------------

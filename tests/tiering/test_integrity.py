@@ -66,3 +66,39 @@ def test_one_unwritable_record_fails_only_its_own_request(make_store, caplog):
     for k, i in zip(good.keys, range(2)):
         assert data(s2.get(k)) == payload(1, i)
     assert data(s2.get(also.keys[0])) == payload(3)
+
+
+# -- item 3: blocks shared by sessions outlive the TTL of one of them ---------------------------------------
+def test_expiring_session_keeps_blocks_a_live_session_shares(make_store):
+    s = make_store(maintenance_s=3600)  # the test runs the sweep itself
+    toks = tokens_for(7, 3)
+    durable = s.put(NS, toks, [payload(7, i) for i in range(3)], session_id="durable", durable=True)
+    short = s.put(NS, toks[:8], [], session_id="short", ttl_s=0.01)  # shares the first two blocks
+    extra = s.put(NS, toks[:8] + [1, 2, 3, 4], [payload(8)], first_block=2, session_id="short2", ttl_s=0.01)
+    assert short.keys == durable.keys[:2]
+    threading.Event().wait(0.05)
+    assert s.expire_sessions() == 2
+    for i, k in enumerate(durable.keys):
+        assert data(s.get(k)) == payload(7, i)
+    assert s.get(extra.keys[2]) is None  # the expired session's own block is gone
+    s.close()
+    s2 = make_store(maintenance_s=3600)
+    assert s2.get_session("t", "durable").keys == durable.keys
+    for i, k in enumerate(durable.keys):
+        assert data(s2.get(k)) == payload(7, i)
+    try:
+        s2.get_session("t", "short")
+        raise AssertionError("the expired session is still there")
+    except SessionNotFound:
+        pass
+
+
+def test_delete_with_erase_blocks_erases_only_exclusive_blocks(make_store):
+    s = make_store()
+    toks = tokens_for(5, 3)
+    a = s.put(NS, toks, [payload(5, i) for i in range(3)], session_id="a")
+    s.put(NS, toks[:4], [], session_id="b")  # b names a's first block only
+    assert s.delete_session("t", "a", erase_blocks=True) == 2
+    assert data(s.get(a.keys[0])) == payload(5, 0)
+    assert s.get(a.keys[1]) is None and s.get(a.keys[2]) is None
+    assert s.get_session("t", "b").keys == a.keys[:1]
