@@ -77,18 +77,25 @@ class Placement:
     def _demote(self, i: int, key: BlockKey, block: Block) -> None:
         """Move a victim of cache ``i`` one level down (caller holds the lock)."""
         caches = self.tiers.caches
-        src = caches[i]
-        self.stats.tier(src.name).demotions += 1
+        src = self.stats.tier(caches[i].name)
+        # A demotion is counted only when a copy is made below now (the next cache, or the cold
+        # writer's queue in write-back); a block dropped (on disk already, or nowhere to go) is an eviction.
         if i + 1 < len(caches):
             dst = caches[i + 1]
-            if self._insert(i + 1, key, block if dst.contains(key) else dst.stage(block)):
-                self.stats.bytes_moved[f"{src.name}->{dst.name}"] += block.nbytes
+            held = dst.contains(key)
+            if self._insert(i + 1, key, block if held else dst.stage(block)):
+                if held:
+                    src.evictions += 1  # the next cache had it already: nothing was copied
+                else:
+                    src.demotions += 1
+                    self.stats.bytes_moved[f"{caches[i].name}->{dst.name}"] += block.nbytes
                 return
         durable = self.tiers.durable
         if self.write_back and durable is not None and durable.enqueue(key, block):
-            self.stats.bytes_moved[f"{src.name}->{durable.name}"] += block.nbytes
+            src.demotions += 1
+            self.stats.bytes_moved[f"{caches[i].name}->{durable.name}"] += block.nbytes
         else:
-            self.stats.tier(src.name).evictions += 1
+            src.evictions += 1
 
     def promote(self, key: BlockKey, block: Block, src: str, ops: TierOps | None = None,
                 since: int | None = None) -> Block:

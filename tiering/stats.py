@@ -26,8 +26,8 @@ class TierStats:
     hits: int = 0
     misses: int = 0
     promotions: int = 0  # blocks copied into this tier from a lower one
-    demotions: int = 0  # blocks moved out of this tier to a lower one
-    evictions: int = 0  # blocks dropped from this tier without a copy below being made now
+    demotions: int = 0  # blocks copied to a lower tier as they left this one (next cache, or write-back queue)
+    evictions: int = 0  # blocks that left this tier without a copy below being made now (not both)
     checksum_failures: int = 0
 
 

@@ -77,7 +77,10 @@ def test_per_tier_series_move_with_puts_hits_misses_evictions(scraped):
     assert tier(m1, "kvtier_tier_used_bytes", "hot") == 2 * BLOCK
     assert tier(m1, "kvtier_tier_blocks", "cold") == 6
     assert tier(m1, "kvtier_tier_demotions_total", "hot") == 4
+    assert tier(m1, "kvtier_tier_evictions_total", "hot") == 0
     assert tier(m1, "kvtier_tier_evictions_total", "warm") == 2  # write-through: dropped, on disk already
+    assert tier(m1, "kvtier_tier_demotions_total", "warm") == 0  # ... so not a demotion as well
+    assert ("kvtier_moved_bytes_total", (("from", "warm"), ("to", "cold"))) not in m1
     assert m1[("kvtier_moved_bytes_total", (("from", "hot"), ("to", "warm")))] == 4 * BLOCK
     assert m1[("kvtier_compression_ratio", ())] > 1.0
 
