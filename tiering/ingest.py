@@ -23,7 +23,7 @@ from .dtypes import torch_dtype
 from .errors import InvalidBlock, LayoutMismatch, TierUnavailable
 from .keys import BlockKey, Namespace, chain_keys
 from .namespaces import NamespaceRegistry
-from .placement import Placement
+from .placement import HELD, Placement
 from .results import PutResult
 from .session_records import SessionRecords
 from .sessions import Session, session_id_key
@@ -154,9 +154,9 @@ class Ingest:
         block_keys = keys[first_block:first_block + len(blocks)]
         admitted = n_tokens >= self.config.min_tokens
         present = self._present(block_keys) if admitted else [True] * len(block_keys)
-        # a block already stored (or not admitted) is not copied, only checked against its checksum if one came
-        built, sums = to_blocks(namespace, sources, tokens, [not here for here in present],
-                                      checksums is not None)
+        # A block already stored (or not admitted) is not copied, only checksummed: against the checksum
+        # sent, and against the block held (same key, other bytes: a conflict, counted; first writer wins).
+        built, sums = to_blocks(namespace, sources, tokens, [not here for here in present], True)
         if checksums is not None:
             bad = next((i for i, (got, want) in enumerate(zip(sums, checksums)) if got != want), None)
             if bad is not None:
@@ -171,13 +171,16 @@ class Ingest:
                 return result
         to_disk: list[tuple[BlockKey, Block]] = []
         seen: set[BlockKey] = set()
+        conflicts = 0
         with self.tracer.start_as_current_span("kvtier.store.put") as span:
-            for key, block, here in zip(block_keys, built, present):
-                if here or key in seen:
+            for key, block, here, csum in zip(block_keys, built, present, sums):
+                placed = HELD if here or key in seen else self.placement.place(key, block, 0, new=True)
+                if placed == HELD:  # first writer wins: this writer's bytes are dropped
                     result.skipped_present.append(key)
+                    held = self.placement.held(key)
+                    conflicts += held is not None and held.checksum != csum
                     continue
                 seen.add(key)
-                placed = self.placement.place(key, block, 0)
                 if self.config.write_policy == "write_through" or durable or placed < 0:
                     to_disk.append((key, block))
                 result.stored.append(key)
@@ -186,6 +189,7 @@ class Ingest:
         with self.lock:
             self.stats.blocks_stored += len(result.stored)
             self.stats.blocks_skipped_present += len(result.skipped_present)
+            self.stats.put_conflicts += conflicts
         new_ns = self.namespaces.register(namespace)
         if durable and (result.skipped_present or first_block):
             # Durable covers the whole chain the session names, not just the blocks sent: blocks before

@@ -22,6 +22,9 @@ from .tier import Block
 from .tierlist import TierList
 from .tombstones import Tombstones
 
+#: :meth:`Placement.place` of a put's block found the key held by a cache already (first writer wins)
+HELD = -2
+
 
 class Placement:
     """Insert, demote and promote over the caches of ``tiers``.
@@ -41,13 +44,17 @@ class Placement:
         self.tombstones = tombstones
         self.write_back = write_back
 
-    def place(self, key: BlockKey, block: Block, start: int = 0, since: int | None = None) -> int:
+    def place(self, key: BlockKey, block: Block, start: int = 0, since: int | None = None, *,
+              new: bool = False) -> int:
         """Put ``block`` into the first cache from ``start`` down that can make room.
 
         :param since: for a read's promotion, the tombstone generation the read began at: a block
             erased since is not put back (:mod:`tiering.tombstones`).
-        :returns: the index of the cache that took it, or -1 when none could (everything pinned, no
-            cache, or the block was erased meanwhile).
+        :param new: a put's block: if a cache holds the key already (another writer placed it since the
+            put looked), keep that block and return :data:`HELD` (first writer wins), checked under the
+            lock together with the insert.
+        :returns: the index of the cache that took it, :data:`HELD`, or -1 when none could (everything
+            pinned, no cache, or the block was erased meanwhile).
         """
         caches = self.tiers.caches
         for i in range(start, len(caches)):
@@ -55,6 +62,8 @@ class Placement:
             with self.lock:
                 if self.tombstones.refuses(since, key, block.ns_id):
                     return -1
+                if new and self.held(key) is not None:
+                    return HELD
                 if self._insert(i, key, staged):
                     return i
         return -1
@@ -117,6 +126,11 @@ class Placement:
                 self.stats.tier(dst.name).promotions += 1
                 self.stats.bytes_moved[f"{src}->{dst.name}"] += block.nbytes
             return dst.peek(key) or block
+
+    def held(self, key: BlockKey) -> Block | None:
+        """The block a cache holds for ``key`` (a peek: no recency change), or ``None``. Takes the lock."""
+        with self.lock:
+            return next((t.peek(key) for t in self.tiers.caches if t.contains(key)), None)
 
     def held_only_in_caches(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block]]:
         """Of ``keys``, the blocks held by a cache and not by the durable tier (nor queued for it):

@@ -40,6 +40,9 @@ class StoreStats:
     blocks_stored: int = 0
     blocks_skipped_present: int = 0
     blocks_skipped_admission: int = 0
+    #: blocks put under a key a cache held with other bytes (a nondeterministic producer): the first
+    #: writer's bytes stay, the later writer's are dropped (told skipped_present)
+    put_conflicts: int = 0
     gets: int = 0
     prefetches: int = 0
     cold_raw_bytes_written: int = 0

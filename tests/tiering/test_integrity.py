@@ -102,3 +102,61 @@ def test_delete_with_erase_blocks_erases_only_exclusive_blocks(make_store):
     assert data(s.get(a.keys[0])) == payload(5, 0)
     assert s.get(a.keys[1]) is None and s.get(a.keys[2]) is None
     assert s.get_session("t", "b").keys == a.keys[:1]
+
+
+# -- item 5: one answer per key ---------------------------------------------------------------------------
+def other_bytes(seq: int, i: int = 0) -> bytes:
+    return bytes(255 - b for b in payload(seq, i))
+
+
+def assert_one_answer(make_store, s, key, want: bytes) -> None:
+    """``key`` reads ``want`` from memory, from cold once pushed out of memory, and after a restart."""
+    assert data(s.get(key)) == want
+    for seq in range(100, 114):  # 14 other blocks push it out of hot (4) and warm (8)
+        s.put(NS, tokens_for(seq), [payload(seq)])
+    s.flush()
+    assert s.where(key) == "cold"
+    assert data(s.get(key)) == want
+    s.close()
+    s2 = make_store()
+    assert data(s2.get(key)) == want
+
+
+def test_first_writer_wins_and_a_conflict_is_counted(make_store):
+    s = make_store()
+    first = s.put(NS, tokens_for(1), [payload(1)])
+    second = s.put(NS, tokens_for(1), [other_bytes(1)])
+    assert first.stored == first.keys and second.skipped_present == first.keys and not second.stored
+    s.put(NS, tokens_for(1), [payload(1)])  # the same bytes again: no conflict
+    assert s.snapshot()["put_conflicts"] == 1
+    assert_one_answer(make_store, s, first.keys[0], payload(1))
+
+
+def test_racing_writers_of_one_key_one_is_stored_one_answer_everywhere(make_store, monkeypatch):
+    from kvtier.tiering.ingest import Ingest
+    s = make_store()
+    looked = threading.Barrier(2, timeout=5)
+    real = Ingest._present
+
+    def present_then_wait(self, keys):  # both writers look before either places: the race, forced
+        found = real(self, keys)
+        looked.wait()
+        return found
+
+    monkeypatch.setattr(Ingest, "_present", present_then_wait)
+    results = {}
+
+    def writer(name, body):
+        results[name] = (s.put(NS, tokens_for(2), [body]), body)
+
+    threads = [threading.Thread(target=writer, args=(n, b)) for n, b in (("a", payload(2)), ("b", other_bytes(2)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    monkeypatch.setattr(Ingest, "_present", real)
+    winners = [body for res, body in results.values() if res.stored]
+    losers = [res for res, _ in results.values() if res.skipped_present and not res.stored]
+    assert len(winners) == 1 and len(losers) == 1
+    assert s.snapshot()["put_conflicts"] == 1
+    assert_one_answer(make_store, s, chain_keys(NS, tokens_for(2))[0], winners[0])
