@@ -138,8 +138,10 @@ class ColdWriter:
             if ctx is not None and ctx.is_valid:
                 seen.setdefault((ctx.trace_id, ctx.span_id), ctx)
         links = [trace.Link(c) for c in list(seen.values())[:32]]
+        # A root with links, not a child: the commit outlives the requests (a non-durable put has
+        # answered already) and serves several of them; the attribute says so.
         return self._tracer.start_span("kvtier.lmdb.commit", context=trace.set_span_in_context(trace.INVALID_SPAN),
-                                       links=links)
+                                       links=links, attributes={"kvtier.outlives_rpc": True})
 
     def _commit(self, jobs: list[WriteJob]) -> None:
         """Commit ``jobs`` in one transaction; if that fails, commit each job in a transaction of its
