@@ -1,6 +1,7 @@
 """Ingest: a put, from payloads to placed blocks, queued writes and the session record.
 
-Imports ``placement``, ``session_records``, ``namespaces``, ``bytecopy``, ``checksum``, ``dtypes`` and
+Imports ``placement``, ``policies`` (priorities), ``session_records``, ``namespaces``, ``bytecopy``,
+``checksum``, ``dtypes`` and
 ``writer`` (the job type). :func:`source` checks a payload against the layout; :func:`to_blocks`
 copies and checksums the payloads to keep in one pass; :class:`Ingest` places them in the caches and
 queues what the write policy sends to the durable tier, with the session record in the same job.
@@ -24,6 +25,7 @@ from .errors import InvalidBlock, LayoutMismatch, TierUnavailable
 from .keys import BlockKey, Namespace, chain_keys
 from .namespaces import NamespaceRegistry
 from .placement import HELD, Placement
+from .policies import Priorities
 from .results import PutResult
 from .session_records import SessionRecords
 from .sessions import Session, session_id_key
@@ -92,7 +94,8 @@ class Ingest:
     """Puts over ``tiers``; collaborators are the store's (see :class:`~tiering.store.TieredStore`)."""
 
     def __init__(self, config: StoreConfig, tiers: TierList, placement: Placement, *, lock: threading.RLock,
-                 stats: StoreStats, sessions: SessionRecords, namespaces: NamespaceRegistry, tracer) -> None:
+                 stats: StoreStats, sessions: SessionRecords, namespaces: NamespaceRegistry, tracer,
+                 priorities: Priorities) -> None:
         self.config = config
         self.tiers = tiers
         self.placement = placement
@@ -101,6 +104,7 @@ class Ingest:
         self.sessions = sessions
         self.namespaces = namespaces
         self.tracer = tracer
+        self.priorities = priorities
 
     def _present(self, keys: list[BlockKey]) -> list[bool]:
         """Whether each key is held locally: by a cache or the durable tier (tiers below do not count:
@@ -165,6 +169,8 @@ class Ingest:
         result = PutResult(keys)
         with self.lock:
             self.stats.puts += 1
+            if sid is not None:  # before placing: this put's own demotions already respect it
+                self.priorities.raise_to(keys, priority)
             if not admitted:
                 result.skipped_not_admitted = list(block_keys)
                 self.stats.blocks_skipped_admission += len(block_keys)

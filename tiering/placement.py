@@ -1,4 +1,5 @@
-"""Placement: where a block goes in the tier list: insert, demote, promote. Imports ``tier``, ``spans``.
+"""Placement: where a block goes in the tier list: insert, demote, promote. Imports ``tier``, ``spans``,
+``writer`` (the job type).
 
 A put or a promotion inserts into the first cache (from ``start`` down) that can make room; a cache
 that needs room asks its policy for victims (:meth:`~tiering.tier.Tier.victims`: pinned keys are
@@ -12,6 +13,7 @@ copy-out); bytes are staged onto a cache's device before the lock is taken.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from .keys import BlockKey
@@ -21,6 +23,9 @@ from .stats import StoreStats
 from .tier import Block
 from .tierlist import TierList
 from .tombstones import Tombstones
+from .writer import WriteJob
+
+log = logging.getLogger(__name__)
 
 #: :meth:`Placement.place` of a put's block found the key held by a cache already (first writer wins)
 HELD = -2
@@ -147,3 +152,19 @@ class Placement:
                 if block is not None:
                     out.append((key, block))
         return out
+
+    def write_back_memory(self) -> None:
+        """In ``write_back``, commit the blocks held only by the caches (never demoted yet) and wait: a
+        clean close loses nothing. A failure is counted and logged by the writer like any failed
+        background write (``background_write_failures``)."""
+        durable = self.tiers.durable
+        if not self.write_back or durable is None:
+            return
+        with self.lock:
+            keys = [k for t in self.tiers.caches for k in t.keys()]
+        blocks = self.held_only_in_caches(keys)
+        if blocks:
+            try:
+                durable.submit(WriteJob(blocks=blocks, acknowledged=True)).result()
+            except Exception as exc:  # already counted and logged at WARN by the writer
+                log.debug("write-back of %d memory blocks failed: %s", len(blocks), exc)

@@ -11,7 +11,8 @@ The store is a small facade over ONE ordered tier list (``tiering/tierlist.py``,
 tier plugs in is described) and collaborators, each in its own file with its own state:
 :class:`~tiering.placement.Placement` (insert, demote, promote), :class:`~tiering.loader.Loader`
 (single-flight loads, tombstones, the read-ahead window, erases), :class:`~tiering.ingest.Ingest`
-(puts), :class:`~tiering.session_records.SessionRecords`, :class:`~tiering.namespaces.NamespaceRegistry`
+(puts), :class:`~tiering.session_records.SessionRecords`, :class:`~tiering.retention.Retention` (shared
+blocks, priorities), :class:`~tiering.namespaces.NamespaceRegistry`
 and :class:`~tiering.copyout.CopyOuts`. It never asks what kind a tier is.
 
 Concurrency. One re-entrant lock (shared with the collaborators, passed to them) guards the caches,
@@ -46,6 +47,7 @@ from .loader import Loader
 from .maintenance import Maintenance
 from .namespaces import NamespaceRegistry
 from .placement import Placement
+from .retention import Retention
 from .results import LookupResult, PrefetchHandle, PutResult
 from .session_records import SessionRecords
 from .sessions import Session, session_id_key
@@ -113,8 +115,10 @@ class TieredStore:
                              config=cfg, **shared)
         self.copyouts = CopyOuts(self.tiers, self.placement, leases=self.leases, pool=self._pool,
                                  pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
+        self.retention = Retention(self.tiers.caches, self.session_records.all, self.loader.erase, lock)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
-                             sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer)
+                             sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer,
+                             priorities=self.retention.priorities)
         self._maint = Maintenance(self.leases, self.expire_sessions, self.config.maintenance_s)
         log.info("tiered store open: tiers %s, data dir %s, write policy %s",
                  ", ".join(f"{t.name}={t.device or 'disk'}:{t.capacity_bytes}B" for t in self.tiers.all),
@@ -132,13 +136,15 @@ class TieredStore:
             self.tiers.durable.flush(timeout)
 
     def close(self) -> None:
-        """Flush the write queue to disk, stop background threads, close the tiers. Idempotent."""
+        """Write what only memory holds (``write_back``), flush the write queue to disk, stop background
+        threads, close the tiers. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._maint.stop()
         self.loader.close()
         self._pool.shutdown(wait=True)
+        self.placement.write_back_memory()
         self.tiers.close()
         if self._lockfile is not None:
             self._lockfile.close()
@@ -336,15 +342,9 @@ class TieredStore:
         :raises SessionNotFound: if there is no such session.
         """
         session = self.get_session(tenant, session_id)
-        erased = self._erase_exclusive([session]) if erase_blocks else 0
+        erased = self.retention.erase_exclusive([session]) if erase_blocks else 0
         self._forget_sessions([session])
         return erased
-
-    def _erase_exclusive(self, sessions: list[Session]) -> int:
-        """Erase the blocks of ``sessions`` that no other live (unexpired) session references."""
-        now, leaving = time.time(), {s.id_key for s in sessions}
-        kept = {k for s in self.sessions() if s.id_key not in leaving and not s.expired(now) for k in s.keys}
-        return self.loader.erase([k for s in sessions for k in s.keys if k not in kept])
 
     def _forget_sessions(self, sessions: list[Session]) -> None:
         """Delete these session records, waiting until that is committed."""
@@ -382,7 +382,7 @@ class TieredStore:
         if dead:
             # Not delete_session: get_session treats an expired session as absent, so it would
             # raise SessionNotFound and the session and its blocks would stay forever.
-            self._erase_exclusive(dead)
+            self.retention.erase_exclusive(dead)
             self._forget_sessions(dead)
         return len(dead)
 
