@@ -104,12 +104,39 @@ class Placement:
                     src.demotions += 1
                     self.stats.bytes_moved[f"{caches[i].name}->{dst.name}"] += block.nbytes
                 return
+        self._leave_memory(caches[i].name, key, block)
+
+    def _leave_memory(self, name: str, key: BlockKey, block: Block) -> None:
+        """A block left the caches from cache ``name``: queued for the durable tier in write-back (a
+        demotion), else dropped (an eviction: on disk already). Caller holds the lock."""
         durable = self.tiers.durable
         if self.write_back and durable is not None and durable.enqueue(key, block):
-            src.demotions += 1
-            self.stats.bytes_moved[f"{caches[i].name}->{durable.name}"] += block.nbytes
+            self.stats.tier(name).demotions += 1
+            self.stats.bytes_moved[f"{name}->{durable.name}"] += block.nbytes
         else:
-            src.evictions += 1
+            self.stats.tier(name).evictions += 1
+
+    def shed(self, ns_ids: set[bytes], nbytes: int) -> int:
+        """Free up to ``nbytes`` of memory from the blocks of ``ns_ids`` only (one tenant's): their least
+        valuable unpinned blocks (each cache's policy order, the last cache first) leave the caches as
+        its victims would (queued for disk in write-back, dropped in write-through).
+
+        :returns: bytes freed; less than ``nbytes`` when the rest is pinned or not theirs.
+        """
+        freed = 0
+        with self.lock:
+            self.leases.sweep()
+            for tier in reversed(self.tiers.caches):
+                chosen = []
+                for key in tier.policy.iter_order():
+                    if freed >= nbytes:
+                        break
+                    if tier.ns_of(key) in ns_ids and not self.leases.is_pinned(key):
+                        chosen.append(key)
+                        freed += tier.peek(key).nbytes
+                for key, block in tier.evict(chosen):
+                    self._leave_memory(tier.name, key, block)
+        return freed
 
     def promote(self, key: BlockKey, block: Block, src: str, ops: TierOps | None = None,
                 since: int | None = None) -> Block:

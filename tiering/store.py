@@ -286,6 +286,11 @@ class TieredStore:
             out[t.usage_group] = out.get(t.usage_group, 0) + (n or 0)
         return out
 
+    def shed(self, tenant: str, nbytes: int) -> int:
+        """Free up to ``nbytes`` of memory from ``tenant``'s own least valuable unpinned blocks (to disk in
+        write-back, dropped in write-through): :meth:`Placement.shed`. :returns: bytes freed."""
+        return self.placement.shed(self.namespaces.ids(tenant), nbytes)
+
     # -- sessions ---------------------------------------------------------------------------------------------
     def get_session(self, tenant: str, session_id: str) -> Session:
         """The session's record.
@@ -335,11 +340,9 @@ class TieredStore:
 
     def delete_session(self, tenant: str, session_id: str, *, erase_blocks: bool = False) -> int:
         """Forget a session; with ``erase_blocks`` also delete from every tier the blocks no other live
-        session references (blocks it shares with another session of the tenant stay: that session
-        still names them).
+        session names (:class:`~tiering.retention.Retention`: shared blocks stay).
 
-        :returns: blocks erased.
-        :raises SessionNotFound: if there is no such session.
+        :returns: blocks erased. :raises SessionNotFound: if there is no such session.
         """
         session = self.get_session(tenant, session_id)
         erased = self.retention.erase_exclusive([session]) if erase_blocks else 0

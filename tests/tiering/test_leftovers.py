@@ -54,3 +54,18 @@ def test_a_failed_write_back_is_retried_then_counted_and_logged(make_store, capl
     assert wb.call_count >= 2
     assert any(r.levelno == logging.WARNING and r.exc_info is None for r in caplog.records)
     assert s.get(chain_keys(NS, tokens_for(3))[0]) is not None  # what memory held stays served
+
+
+def test_shed_frees_only_the_tenants_own_unpinned_blocks(make_store):
+    from kvtier.tiering import Namespace
+
+    from tiering_helpers import LAYOUT
+    other = Namespace("u", "m", "r", LAYOUT)
+    s = make_store(hot_capacity=8 * BLOCK, warm_capacity=0)
+    mine = s.put(NS, tokens_for(1, 3), [payload(1, i) for i in range(3)]).keys
+    theirs = s.put(other, tokens_for(2, 2), [payload(2, i) for i in range(2)]).keys
+    lease = s.leases.acquire(mine[:1], 60)
+    assert s.shed("t", 10 * BLOCK) == 2 * BLOCK  # the pinned one stays
+    assert [s.where(k) for k in mine] == ["hot", "cold", "cold"] and [s.where(k) for k in theirs] == ["hot"] * 2
+    s.leases.release(lease)
+    assert s.tenant_usage("t")["memory"] == BLOCK and s.check() == []
