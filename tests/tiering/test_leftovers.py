@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from unittest import mock
 
+import pytest
+
 from kvtier.tiering import chain_keys
 
 from tiering_helpers import BLOCK, NS, cold_of, payload, tokens_for
@@ -69,3 +71,22 @@ def test_shed_frees_only_the_tenants_own_unpinned_blocks(make_store):
     assert [s.where(k) for k in mine] == ["hot", "cold", "cold"] and [s.where(k) for k in theirs] == ["hot"] * 2
     s.leases.release(lease)
     assert s.tenant_usage("t")["memory"] == BLOCK and s.check() == []
+
+
+@pytest.mark.parametrize("name", ["lru", "s3fifo"])
+def test_priority_policy_takes_victims_lowest_priority_first(name):
+    from kvtier.tiering.policies import Priorities, PriorityPolicy, make_policy
+    table = Priorities()
+    policy = PriorityPolicy(make_policy(name), table)
+    for k in range(6):
+        policy.insert(k)
+    table.raise_to([0, 1], 5)
+    table.raise_to([2], 1)
+    table.raise_to([0], 3)  # the highest priority naming a block wins
+    order = policy.order()
+    assert set(order[:3]) == {3, 4, 5} and order[3] == 2 and set(order[4:]) == {0, 1} and table.of(0) == 5
+    assert set(policy.victims(3, lambda k: 1, lambda k: k == 3)) == {4, 5, 2}  # pinned 3 skipped
+    table.raise_to([4], -1)  # a negative priority goes first of all
+    assert policy.order()[0] == 4 and len(policy) == 6
+    table.forget([0, 1, 2, 4])
+    assert policy.order() == policy.inner.order()
