@@ -179,6 +179,7 @@ class ColdWriter:
         except KVTierError as exc:
             error = exc
         except Exception as exc:  # an LMDB or disk error (MDB_BAD_VALSIZE…) must not kill the writer thread
+            log.debug("cold writer: transaction failed", exc_info=True)  # the WARN line carries no traceback
             error = TierUnavailable(f"cold tier write failed: {type(exc).__name__}: {exc}")
         if span is not None:
             raw = sum(b.nbytes for _, b in items)
