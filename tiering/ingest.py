@@ -1,6 +1,7 @@
 """Ingest: a put, from payloads to placed blocks, queued writes and the session record.
 
-Imports ``placement``, ``session_records``, ``namespaces``, ``bytecopy``, ``checksum``, ``dtypes`` and
+Imports ``placement``, ``policies`` (priorities), ``session_records``, ``namespaces``, ``bytecopy``,
+``checksum``, ``dtypes`` and
 ``writer`` (the job type). :func:`source` checks a payload against the layout; :func:`to_blocks`
 copies and checksums the payloads to keep in one pass; :class:`Ingest` places them in the caches and
 queues what the write policy sends to the durable tier, with the session record in the same job.
@@ -23,7 +24,8 @@ from .dtypes import torch_dtype
 from .errors import InvalidBlock, LayoutMismatch, TierUnavailable
 from .keys import BlockKey, Namespace, chain_keys
 from .namespaces import NamespaceRegistry
-from .placement import Placement
+from .placement import HELD, Placement
+from .policies import Priorities
 from .results import PutResult
 from .session_records import SessionRecords
 from .sessions import Session, session_id_key
@@ -93,7 +95,7 @@ class Ingest:
 
     def __init__(self, config: StoreConfig, tiers: TierList, placement: Placement, *, lock: threading.RLock,
                  stats: StoreStats, sessions: SessionRecords, namespaces: NamespaceRegistry, tracer,
-                 after_durable=None) -> None:
+                 priorities: Priorities, after_durable=None) -> None:
         self.config = config
         #: ``after_durable(chain keys, job, session key or None)``, called once a durable put's job is
         #: committed (the fleet's synchronous write to the shared tier); its error is the put's
@@ -105,6 +107,7 @@ class Ingest:
         self.sessions = sessions
         self.namespaces = namespaces
         self.tracer = tracer
+        self.priorities = priorities
 
     def _present(self, keys: list[BlockKey]) -> list[bool]:
         """Whether each key is held locally: by a cache or the durable tier (tiers below do not count:
@@ -160,9 +163,9 @@ class Ingest:
         block_keys = keys[first_block:first_block + len(blocks)]
         admitted = n_tokens >= self.config.min_tokens
         present = self._present(block_keys) if admitted else [True] * len(block_keys)
-        # a block already stored (or not admitted) is not copied, only checked against its checksum if one came
-        built, sums = to_blocks(namespace, sources, tokens, [not here for here in present],
-                                      checksums is not None)
+        # A block already stored (or not admitted) is not copied, only checksummed: against the checksum
+        # sent, and against the block held (same key, other bytes: a conflict, counted; first writer wins).
+        built, sums = to_blocks(namespace, sources, tokens, [not here for here in present], True)
         if checksums is not None:
             bad = next((i for i, (got, want) in enumerate(zip(sums, checksums)) if got != want), None)
             if bad is not None:
@@ -171,19 +174,24 @@ class Ingest:
         result = PutResult(keys)
         with self.lock:
             self.stats.puts += 1
+            if sid is not None:  # before placing: this put's own demotions already respect it
+                self.priorities.raise_to(keys, priority)
             if not admitted:
                 result.skipped_not_admitted = list(block_keys)
                 self.stats.blocks_skipped_admission += len(block_keys)
                 return result
         to_disk: list[tuple[BlockKey, Block]] = []
         seen: set[BlockKey] = set()
+        conflicts = 0
         with self.tracer.start_as_current_span("kvtier.store.put") as span:
-            for key, block, here in zip(block_keys, built, present):
-                if here or key in seen:
+            for key, block, here, csum in zip(block_keys, built, present, sums):
+                placed = HELD if here or key in seen else self.placement.place(key, block, 0, new=True)
+                if placed == HELD:  # first writer wins: this writer's bytes are dropped
                     result.skipped_present.append(key)
+                    held = self.placement.held(key)
+                    conflicts += held is not None and held.checksum != csum
                     continue
                 seen.add(key)
-                placed = self.placement.place(key, block, 0)
                 if self.config.write_policy == "write_through" or durable or placed < 0:
                     to_disk.append((key, block))
                 result.stored.append(key)
@@ -192,12 +200,13 @@ class Ingest:
         with self.lock:
             self.stats.blocks_stored += len(result.stored)
             self.stats.blocks_skipped_present += len(result.skipped_present)
+            self.stats.put_conflicts += conflicts
         new_ns = self.namespaces.register(namespace)
         if durable and (result.skipped_present or first_block):
             # Durable covers the whole chain the session names, not just the blocks sent: blocks before
             # first_block (sent by earlier, non-durable puts) may still be in memory only (write_back).
             to_disk += self.placement.held_only_in_caches(keys[:first_block] + result.skipped_present)
-        job = WriteJob(blocks=to_disk, namespaces=new_ns, durable=durable)
+        job = WriteJob(blocks=to_disk, namespaces=new_ns, durable=durable, acknowledged=not durable)
         if sid is not None:
             now = time.time()
             ttl_s = ttl_s if ttl_s is not None else self.config.session_ttl_s

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
 
 from .config import StoreConfig
 from .keys import BlockKey
@@ -234,7 +234,7 @@ class Loader:
         lease = self.leases.acquire(keys, run_s)
         with self.lock:
             self.stats.prefetches += 1
-        ctx = trace.get_current_span().get_span_context()
+        ctx = otel_context.get_current()  # the caller's (the RPC's) context: the prefetch is its child
         fut = self._coordinators.submit(self._prefetch_run, keys, deadline, closed, ctx)
 
         def finished(_f: Future) -> None:
@@ -245,13 +245,17 @@ class Loader:
         fut.add_done_callback(finished)
         return PrefetchHandle(keys, fut, lease)
 
-    def _prefetch_run(self, keys: list[BlockKey], deadline: float | None, closed: Callable[[], bool], parent) -> int:
+    def _prefetch_run(self, keys: list[BlockKey], deadline: float | None, closed: Callable[[], bool],
+                      parent: otel_context.Context) -> int:
         """Coordinator of one prefetch: keeps a window of block loads in flight on the fetch pool, so
-        LMDB reads, decompression and host→device copies of consecutive blocks overlap."""
-        links = [trace.Link(parent)] if parent is not None and parent.is_valid else []
+        LMDB reads, decompression and host→device copies of consecutive blocks overlap.
+
+        Its ``kvtier.prefetch`` span is a child of the span that started it (``parent``, the caller's
+        context: a Resume's tier reads are in the caller's trace) and says ``kvtier.outlives_rpc``: a
+        prefetch goes on after a Resume or Prefetch RPC has answered."""
         past = self.past(deadline)
-        with self.tracer.start_as_current_span("kvtier.prefetch", links=links) as span:
-            span.set_attribute("kvtier.blocks_requested", len(keys))
+        with self.tracer.start_as_current_span("kvtier.prefetch", context=parent) as span:
+            span.set_attributes({"kvtier.blocks_requested": len(keys), "kvtier.outlives_rpc": True})
             # one span per tier op for the whole prefetch, children of kvtier.prefetch
             ops = TierOps(self.tracer, span) if span.is_recording() else None
             loads = self.read_ahead(keys, lambda k: self.load_to_top(k, ops), window=self.prefetch_window,

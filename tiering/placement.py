@@ -1,4 +1,5 @@
-"""Placement: where a block goes in the tier list: insert, demote, promote. Imports ``tier``, ``spans``.
+"""Placement: where a block goes in the tier list: insert, demote, promote. Imports ``tier``, ``spans``,
+``writer`` (the job type).
 
 A put or a promotion inserts into the first cache (from ``start`` down) that can make room; a cache
 that needs room asks its policy for victims (:meth:`~tiering.tier.Tier.victims`: pinned keys are
@@ -12,6 +13,7 @@ copy-out); bytes are staged onto a cache's device before the lock is taken.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from .keys import BlockKey
@@ -21,6 +23,12 @@ from .stats import StoreStats
 from .tier import Block
 from .tierlist import TierList
 from .tombstones import Tombstones
+from .writer import WriteJob
+
+log = logging.getLogger(__name__)
+
+#: :meth:`Placement.place` of a put's block found the key held by a cache already (first writer wins)
+HELD = -2
 
 
 class Placement:
@@ -41,13 +49,17 @@ class Placement:
         self.tombstones = tombstones
         self.write_back = write_back
 
-    def place(self, key: BlockKey, block: Block, start: int = 0, since: int | None = None) -> int:
+    def place(self, key: BlockKey, block: Block, start: int = 0, since: int | None = None, *,
+              new: bool = False) -> int:
         """Put ``block`` into the first cache from ``start`` down that can make room.
 
         :param since: for a read's promotion, the tombstone generation the read began at: a block
             erased since is not put back (:mod:`tiering.tombstones`).
-        :returns: the index of the cache that took it, or -1 when none could (everything pinned, no
-            cache, or the block was erased meanwhile).
+        :param new: a put's block: if a cache holds the key already (another writer placed it since the
+            put looked), keep that block and return :data:`HELD` (first writer wins), checked under the
+            lock together with the insert.
+        :returns: the index of the cache that took it, :data:`HELD`, or -1 when none could (everything
+            pinned, no cache, or the block was erased meanwhile).
         """
         caches = self.tiers.caches
         for i in range(start, len(caches)):
@@ -55,6 +67,8 @@ class Placement:
             with self.lock:
                 if self.tombstones.refuses(since, key, block.ns_id):
                     return -1
+                if new and self.held(key) is not None:
+                    return HELD
                 if self._insert(i, key, staged):
                     return i
         return -1
@@ -77,18 +91,52 @@ class Placement:
     def _demote(self, i: int, key: BlockKey, block: Block) -> None:
         """Move a victim of cache ``i`` one level down (caller holds the lock)."""
         caches = self.tiers.caches
-        src = caches[i]
-        self.stats.tier(src.name).demotions += 1
+        src = self.stats.tier(caches[i].name)
+        # A demotion is counted only when a copy is made below now (the next cache, or the cold
+        # writer's queue in write-back); a block dropped (on disk already, or nowhere to go) is an eviction.
         if i + 1 < len(caches):
             dst = caches[i + 1]
-            if self._insert(i + 1, key, block if dst.contains(key) else dst.stage(block)):
-                self.stats.bytes_moved[f"{src.name}->{dst.name}"] += block.nbytes
+            held = dst.contains(key)
+            if self._insert(i + 1, key, block if held else dst.stage(block)):
+                if held:
+                    src.evictions += 1  # the next cache had it already: nothing was copied
+                else:
+                    src.demotions += 1
+                    self.stats.bytes_moved[f"{caches[i].name}->{dst.name}"] += block.nbytes
                 return
+        self._leave_memory(caches[i].name, key, block)
+
+    def _leave_memory(self, name: str, key: BlockKey, block: Block) -> None:
+        """A block left the caches from cache ``name``: queued for the durable tier in write-back (a
+        demotion), else dropped (an eviction: on disk already). Caller holds the lock."""
         durable = self.tiers.durable
         if self.write_back and durable is not None and durable.enqueue(key, block):
-            self.stats.bytes_moved[f"{src.name}->{durable.name}"] += block.nbytes
+            self.stats.tier(name).demotions += 1
+            self.stats.bytes_moved[f"{name}->{durable.name}"] += block.nbytes
         else:
-            self.stats.tier(src.name).evictions += 1
+            self.stats.tier(name).evictions += 1
+
+    def shed(self, ns_ids: set[bytes], nbytes: int) -> int:
+        """Free up to ``nbytes`` of memory from the blocks of ``ns_ids`` only (one tenant's): their least
+        valuable unpinned blocks (each cache's policy order, the last cache first) leave the caches as
+        its victims would (queued for disk in write-back, dropped in write-through).
+
+        :returns: bytes freed; less than ``nbytes`` when the rest is pinned or not theirs.
+        """
+        freed = 0
+        with self.lock:
+            self.leases.sweep()
+            for tier in reversed(self.tiers.caches):
+                chosen = []
+                for key in tier.policy.iter_order():
+                    if freed >= nbytes:
+                        break
+                    if tier.ns_of(key) in ns_ids and not self.leases.is_pinned(key):
+                        chosen.append(key)
+                        freed += tier.peek(key).nbytes
+                for key, block in tier.evict(chosen):
+                    self._leave_memory(tier.name, key, block)
+        return freed
 
     def promote(self, key: BlockKey, block: Block, src: str, ops: TierOps | None = None,
                 since: int | None = None) -> Block:
@@ -111,6 +159,11 @@ class Placement:
                 self.stats.bytes_moved[f"{src}->{dst.name}"] += block.nbytes
             return dst.peek(key) or block
 
+    def held(self, key: BlockKey) -> Block | None:
+        """The block a cache holds for ``key`` (a peek: no recency change), or ``None``. Takes the lock."""
+        with self.lock:
+            return next((t.peek(key) for t in self.tiers.caches if t.contains(key)), None)
+
     def held_only_in_caches(self, keys: list[BlockKey]) -> list[tuple[BlockKey, Block]]:
         """Of ``keys``, the blocks held by a cache and not by the durable tier (nor queued for it):
         what a durable put must still write."""
@@ -126,3 +179,19 @@ class Placement:
                 if block is not None:
                     out.append((key, block))
         return out
+
+    def write_back_memory(self) -> None:
+        """In ``write_back``, commit the blocks held only by the caches (never demoted yet) and wait: a
+        clean close loses nothing. A failure is counted and logged by the writer like any failed
+        background write (``background_write_failures``)."""
+        durable = self.tiers.durable
+        if not self.write_back or durable is None:
+            return
+        with self.lock:
+            keys = [k for t in self.tiers.caches for k in t.keys()]
+        blocks = self.held_only_in_caches(keys)
+        if blocks:
+            try:
+                durable.submit(WriteJob(blocks=blocks, acknowledged=True)).result()
+            except Exception as exc:  # already counted and logged at WARN by the writer
+                log.debug("write-back of %d memory blocks failed: %s", len(blocks), exc)

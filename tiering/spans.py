@@ -3,7 +3,10 @@ Imports opentelemetry only.
 
 A read of 500 blocks must not make 1,500 spans. The store records each block's tier work here
 (``record("cold.read", t0, t1, nbytes=...)``, thread-safe, from any fetch thread) and :meth:`finish`
-emits one span per operation, from the first start to the last end, carrying the sums. Operations
+emits one span per operation, from the first start to the last end, carrying the sums. Reads overlap
+(read-ahead), so that envelope is not a duration: each recorded operation is also a span event at its
+own start with its real ``kvtier.duration_ns`` (and bytes), the first :data:`MAX_EVENTS` of them, and
+``kvtier.busy_ns`` on the span sums every operation's duration. Operations
 nest as ``cold.read → {codec.decode, promote → h2d_copy}``: the children are parented by the
 aggregated span of their parent operation. Span names are ``kvtier.<op>`` (see ``service/telemetry``).
 
@@ -19,6 +22,8 @@ import time
 
 from opentelemetry import trace
 
+#: per-operation events kept on one aggregated span (OpenTelemetry's default span limit is 128)
+MAX_EVENTS = 100
 _PARENT = {"codec.decode": "cold.read", "promote": "cold.read", "h2d_copy": "promote"}
 _TIER = {"hot.read": "hot", "warm.read": "warm", "cold.read": "cold", "codec.decode": "cold",
          "lmdb.commit": "cold"}
@@ -66,9 +71,12 @@ class TierOps:
             a = self._ops.get(op)
             if a is None:
                 a = self._ops[op] = {"start": start_ns, "end": end_ns, "blocks": 0, "bytes": 0, "misses": 0,
-                                     "raw": 0, "to_tier": to_tier}
+                                     "raw": 0, "to_tier": to_tier, "busy": 0, "events": []}
             a["start"] = min(a["start"], start_ns)
             a["end"] = max(a["end"], end_ns)
+            a["busy"] += end_ns - start_ns
+            if len(a["events"]) < MAX_EVENTS:
+                a["events"].append((start_ns, end_ns - start_ns, nbytes, hit))
             if hit:
                 a["blocks"] += blocks
                 a["bytes"] += nbytes
@@ -88,7 +96,7 @@ class TierOps:
             a = ops[op]
             parent = spans.get(_PARENT.get(op, ""))
             ctx = trace.set_span_in_context(parent) if parent is not None else self._ctx
-            attrs = {"kvtier.blocks": a["blocks"], "kvtier.bytes": a["bytes"]}
+            attrs = {"kvtier.blocks": a["blocks"], "kvtier.bytes": a["bytes"], "kvtier.busy_ns": a["busy"]}
             tier = _TIER.get(op) or (op[:-len(".read")] if op.endswith(".read") else None)
             if tier:
                 attrs["kvtier.tier"] = tier
@@ -99,8 +107,11 @@ class TierOps:
                 attrs["kvtier.compression_ratio"] = round(a["raw"] / a["bytes"], 3)
             if a["to_tier"]:
                 attrs["kvtier.to_tier"] = a["to_tier"]
-            spans[op] = self._tracer.start_span(f"kvtier.{op}", context=ctx, start_time=a["start"],
-                                                attributes=attrs)
+            span = spans[op] = self._tracer.start_span(f"kvtier.{op}", context=ctx, start_time=a["start"],
+                                                       attributes=attrs)
+            for start, took, nbytes, hit in a["events"]:  # one per operation: its real duration
+                span.add_event(op, {"kvtier.duration_ns": took, "kvtier.bytes": nbytes, "kvtier.hit": hit},
+                               timestamp=start)
         # end children first so every parent ends last, at its own recorded end (or later)
         for op in sorted(spans, key=lambda o: (o not in _PARENT, o in _PARENT and _PARENT[o] not in _PARENT)):
             end = ops[op]["end"]

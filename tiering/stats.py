@@ -26,8 +26,8 @@ class TierStats:
     hits: int = 0
     misses: int = 0
     promotions: int = 0  # blocks copied into this tier from a lower one
-    demotions: int = 0  # blocks moved out of this tier to a lower one
-    evictions: int = 0  # blocks dropped from this tier without a copy below being made now
+    demotions: int = 0  # blocks copied to a lower tier as they left this one (next cache, or write-back queue)
+    evictions: int = 0  # blocks that left this tier without a copy below being made now (not both)
     checksum_failures: int = 0
 
 
@@ -40,11 +40,17 @@ class StoreStats:
     blocks_stored: int = 0
     blocks_skipped_present: int = 0
     blocks_skipped_admission: int = 0
+    #: blocks put under a key a cache held with other bytes (a nondeterministic producer): the first
+    #: writer's bytes stay, the later writer's are dropped (told skipped_present)
+    put_conflicts: int = 0
     gets: int = 0
     prefetches: int = 0
     cold_raw_bytes_written: int = 0
     cold_record_bytes_written: int = 0
     write_errors: int = 0
+    #: failed cold writes of requests answered before the commit (non-durable puts, write-back
+    #: demotions): their blocks are not on disk (they stay served from memory until evicted)
+    background_write_failures: int = 0
 
     def tier(self, name: str) -> TierStats:
         t = self.tiers.get(name)
@@ -61,6 +67,7 @@ class StoreStats:
                 self.cold_record_bytes_written += job.record_bytes
         else:
             self.write_errors += 1
+            self.background_write_failures += sum(1 for job in jobs if job.acknowledged)
         self.tier(tier).evictions += len(evicted)
 
     def snapshot(self) -> dict:

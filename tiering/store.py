@@ -11,7 +11,8 @@ The store is a small facade over ONE ordered tier list (``tiering/tierlist.py``,
 tier plugs in is described) and collaborators, each in its own file with its own state:
 :class:`~tiering.placement.Placement` (insert, demote, promote), :class:`~tiering.loader.Loader`
 (single-flight loads, tombstones, the read-ahead window, erases), :class:`~tiering.ingest.Ingest`
-(puts), :class:`~tiering.session_records.SessionRecords`, :class:`~tiering.namespaces.NamespaceRegistry`
+(puts), :class:`~tiering.session_records.SessionRecords`, :class:`~tiering.retention.Retention` (shared
+blocks, priorities), :class:`~tiering.namespaces.NamespaceRegistry`
 and :class:`~tiering.copyout.CopyOuts`. It never asks what kind a tier is.
 
 Concurrency. One re-entrant lock (shared with the collaborators, passed to them) guards the caches,
@@ -25,7 +26,6 @@ cold → top tier 3 (LMDB read, decompress+unshuffle, stage onto the tier's devi
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,16 +41,18 @@ from .datadir import lock_data_dir
 from .errors import InvalidBlock, SessionNotFound, TierUnavailable
 from .fleet import Fleet
 from .ingest import Ingest, Payload
-from .keys import BlockKey, Namespace, chain_keys
+from .inventory import Inventory
+from .keys import BlockKey, Namespace
 from .leases import LeaseTable
 from .loader import Loader
 from .maintenance import Maintenance
 from .namespaces import NamespaceRegistry
 from .placement import Placement
+from .retention import Retention
 from .results import LookupResult, PrefetchHandle, PutResult
 from .session_records import SessionRecords
 from .sessions import Session, session_id_key
-from .spans import TierOps, session_hash
+from .spans import session_hash
 from .stats import StoreStats
 from .tier import Block, Tier
 from .tierlist import TierList, build_tiers
@@ -104,6 +106,7 @@ class TieredStore:
         self.namespaces = NamespaceRegistry(durable.namespaces() if durable is not None else None)
         self.session_records = SessionRecords(durable)
         self.fleet = Fleet(self.tiers, self.namespaces)  # what is shared with other hosts (tiering/fleet.py)
+        self.inventory = Inventory(self.tiers, lock, namespaces=self.namespaces, fleet=self.fleet, tracer=self.tracer)
         if durable is not None:
             durable.on_commit(self.session_records.committed)
             durable.on_commit(self._count_commit)
@@ -117,9 +120,10 @@ class TieredStore:
                              config=cfg, **shared)
         self.copyouts = CopyOuts(self.tiers, self.placement, leases=self.leases, pool=self._pool,
                                  pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
+        self.retention = Retention(self.tiers.caches, self.session_records.all, self.loader.erase, lock)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
                              sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer,
-                             after_durable=self.fleet.durable_put)
+                             priorities=self.retention.priorities, after_durable=self.fleet.durable_put)
         self._maint = Maintenance(self.leases, self.expire_sessions, self.config.maintenance_s)
         log.info("tiered store open: tiers %s, data dir %s, write policy %s",
                  ", ".join(f"{t.name}={t.device or 'disk'}:{t.capacity_bytes}B" for t in self.tiers.all),
@@ -137,13 +141,15 @@ class TieredStore:
             self.tiers.durable.flush(timeout)
 
     def close(self) -> None:
-        """Flush the write queue to disk, stop background threads, close the tiers. Idempotent."""
+        """Write what only memory holds (``write_back``), flush the write queue to disk, stop background
+        threads, close the tiers. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._maint.stop()
         self.loader.close()
         self._pool.shutdown(wait=True)
+        self.placement.write_back_memory()
         self.tiers.close()
         if self._lockfile is not None:
             self._lockfile.close()
@@ -230,10 +236,7 @@ class TieredStore:
     # -- where things are (no data movement, no recency change) -----------------------------------------------
     def where(self, key: BlockKey) -> str | None:
         """The highest tier holding ``key`` now (no data movement, no recency change)."""
-        return self._where([key])[0]
-
-    def _where(self, keys: list[BlockKey]) -> list[str | None]:
-        return self.tiers.walk(keys, self._lock, lambda tier, ks: tier.locate(ks))
+        return self.inventory.where([key])[0]
 
     def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray | None = None, *,
                keys: Sequence[BlockKey] | None = None) -> LookupResult:
@@ -241,27 +244,11 @@ class TieredStore:
 
         Moves no data and changes no recency. A partial last block counts its own tokens only.
         ``remote_tokens``: those only the shared tier holds (:meth:`Fleet.found <tiering.fleet.Fleet.found>`).
+
+        :raises InvalidBlock: with neither token ids nor keys.
         """
         self._check_open()
-        if keys is None:
-            if token_ids is None:
-                raise InvalidBlock("lookup needs token ids or keys", field="token_ids")
-            keys = chain_keys(namespace, token_ids)
-            n_tokens = len(token_ids)
-        else:
-            keys = list(keys)
-            n_tokens = None
-        with self.tracer.start_as_current_span("kvtier.lookup") as span:
-            tiers: list[str] = []
-            for t in self._where(list(keys)):
-                if t is None:
-                    break
-                tiers.append(t)
-            bt = namespace.layout.block_tokens
-            tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
-            span.set_attribute("kvtier.blocks", len(tiers))
-        remote_tokens = self.fleet.found(namespace, keys, tiers, tokens)
-        return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens)
+        return self.inventory.lookup(namespace, token_ids, keys)
 
     def namespace_of(self, ns_id: bytes) -> Namespace | None:
         """The namespace registered under ``ns_id`` (a :attr:`Block.ns_id`), or ``None`` if unknown.
@@ -274,18 +261,17 @@ class TieredStore:
         """Whether each key is held (anywhere) for a namespace of ``tenant``: False for a block of
         another tenant and for an absent one alike. Reads namespace ids only; moves no data and
         changes no recency, so a caller can drop foreign keys before any load or promotion."""
-        keys = list(keys)
-        ns_ids = self.tiers.walk(keys, self._lock, lambda tier, ks: [tier.ns_of(k) for k in ks])
-        return self.namespaces.owned_by(ns_ids, tenant)
+        return self.inventory.owned(keys, tenant)
 
     def tenant_usage(self, tenant: str) -> dict[str, int]:
         """Bytes ``tenant`` holds per usage group: ``memory`` (hot + warm, as their ``used_bytes``
         count) and ``cold`` (committed record footprints; blocks still queued are not counted yet)."""
-        ns_ids = self.namespaces.ids(tenant)
-        out = {"memory": 0, "cold": 0}
-        for t, n in self.tiers.each(self._lock, lambda t: t.ns_used_bytes(ns_ids)):
-            out[t.usage_group] = out.get(t.usage_group, 0) + (n or 0)
-        return out
+        return self.inventory.tenant_usage(tenant)
+
+    def shed(self, tenant: str, nbytes: int) -> int:
+        """Free up to ``nbytes`` of memory from ``tenant``'s own least valuable unpinned blocks (to disk in
+        write-back, dropped in write-through): :meth:`Placement.shed`. :returns: bytes freed."""
+        return self.placement.shed(self.namespaces.ids(tenant), nbytes)
 
     # -- sessions ---------------------------------------------------------------------------------------------
     def get_session(self, tenant: str, session_id: str) -> Session:
@@ -319,7 +305,7 @@ class TieredStore:
         """
         t0 = time.monotonic()
         session = self.get_session(tenant, session_id)
-        tiers = self._where(session.keys)
+        tiers = self.inventory.where(session.keys)
         handle = self.prefetch(session.keys, deadline=deadline)
         handle.future.add_done_callback(lambda _f: self._report_timing("resume", t0))
 
@@ -335,19 +321,16 @@ class TieredStore:
         return session, tiers, handle
 
     def delete_session(self, tenant: str, session_id: str, *, erase_blocks: bool = False) -> int:
-        """Forget a session; with ``erase_blocks`` also delete its blocks from every tier (even if
-        other sessions of the tenant share them: they will miss and recompute — privacy first).
+        """Forget a session; with ``erase_blocks`` also delete from every tier the blocks no other live
+        session names (:class:`~tiering.retention.Retention`: shared blocks stay).
 
         :returns: blocks erased.
         :raises SessionNotFound: if there is no such session. :raises TierUnavailable: if the shared tier
             (which loses its copies too) cannot be reached; the local copies are gone.
         """
         session = self.get_session(tenant, session_id)
-        return self._delete_session(session, erase_blocks)
-
-    def _delete_session(self, session: Session, erase_blocks: bool, shared: bool = True) -> int:
-        erased = self.loader.erase(session.keys, shared=shared) if erase_blocks else 0
-        self._forget_sessions([session], shared)
+        erased = self.retention.erase_exclusive([session]) if erase_blocks else 0
+        self._forget_sessions([session])
         return erased
 
     def _forget_sessions(self, sessions: list[Session], shared: bool = True) -> None:
@@ -380,22 +363,22 @@ class TieredStore:
         return n
 
     def expire_sessions(self) -> int:
-        """Delete sessions whose TTL has passed, with their blocks. Returns how many expired."""
+        """Delete sessions whose TTL has passed, with the blocks no live session references (a block
+        shared with an unexpired session outlives the expired one). Returns how many expired."""
         now = time.time()
         dead = [s for s in self.sessions() if s.expired(now)]
-        for s in dead:
+        if dead:
             # Not delete_session: get_session treats an expired session as absent, so it would
             # raise SessionNotFound and the session and its blocks would stay forever. The shared
             # tier keeps its copies: another host may still use them, and they have their own TTL.
-            self._delete_session(s, erase_blocks=True, shared=False)
+            self.retention.erase_exclusive(dead, shared=False)
+            self._forget_sessions(dead, shared=False)
         return len(dead)
 
     # -- stats ------------------------------------------------------------------------------------------------
     def usage(self) -> dict[str, dict[str, int]]:
         """Per tier: blocks, used bytes, capacity bytes."""
-        return {t.name: u for t, u in self.tiers.each(self._lock, lambda t: {
-            "blocks": t.block_count(), "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes})
-            if u is not None}  # a tier below that is unavailable is left out
+        return self.inventory.usage()
 
     def snapshot(self) -> dict:
         """Counters, usage, pins and queue depths in one dict (for the Stats RPC and metrics)."""

@@ -78,13 +78,13 @@ class WriteBehindTier(Tier):
             if key in self._pending:
                 return False
             self._pending[key] = block
-        self._writer.submit(WriteJob(blocks=[(key, block)]))
+        self._writer.submit(WriteJob(blocks=[(key, block)], acknowledged=True))
         return True
 
     def put(self, key: BlockKey, block: Block) -> None:
         """Queue ``block``; a commit that finds the cold tier full and everything pinned fails later
         (the writer logs it, :meth:`flush` returns once it is decided)."""
-        self.submit(WriteJob(blocks=[(key, block)]))
+        self.submit(WriteJob(blocks=[(key, block)], acknowledged=True))
 
     def _committed(self, jobs: list[WriteJob], evicted: list[BlockKey], error: BaseException | None) -> None:
         with self._lock:

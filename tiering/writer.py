@@ -45,6 +45,9 @@ class WriteJob:
     #: span context of the request that queued the job (set by :meth:`ColdWriter.submit` when None);
     #: the ``kvtier.lmdb.commit`` span links to it
     trace_context: trace.SpanContext | None = None
+    #: the request was answered before the commit (a non-durable put, a write-back demotion): nobody
+    #: waits on the future, so a failure is counted and logged (``background_write_failures``)
+    acknowledged: bool = False
 
 
 class ColdWriter:
@@ -139,10 +142,26 @@ class ColdWriter:
             if ctx is not None and ctx.is_valid:
                 seen.setdefault((ctx.trace_id, ctx.span_id), ctx)
         links = [trace.Link(c) for c in list(seen.values())[:32]]
+        # A root with links, not a child: the commit outlives the requests (a non-durable put has
+        # answered already) and serves several of them; the attribute says so.
         return self._tracer.start_span("kvtier.lmdb.commit", context=trace.set_span_in_context(trace.INVALID_SPAN),
-                                       links=links)
+                                       links=links, attributes={"kvtier.outlives_rpc": True})
 
     def _commit(self, jobs: list[WriteJob]) -> None:
+        """Commit ``jobs`` in one transaction; if that fails, commit each job in a transaction of its
+        own, so a record that cannot be written (an over-long key, say) fails only the request that
+        queued it and every other request of the batch is committed (in order)."""
+        evicted, error = self._attempt(jobs)
+        if error is not None and len(jobs) > 1:
+            log.info("cold writer: a batch of %d jobs failed (%s); committing them one by one", len(jobs),
+                     type(error).__name__)
+            for j in jobs:
+                self._settle([j], *self._attempt([j]))
+            return
+        self._settle(jobs, evicted, error)
+
+    def _attempt(self, jobs: list[WriteJob]) -> tuple[list[BlockKey], BaseException | None]:
+        """One transaction for ``jobs``: the keys it evicted and the error (None: committed)."""
         items = [b for j in jobs for b in j.blocks]
         sessions: dict[bytes, bytes | None] = {}
         namespaces: dict[bytes, bytes] = {}
@@ -163,13 +182,10 @@ class ColdWriter:
                 evicted = self.cold.write_batch(writes, sessions=sessions, namespaces=namespaces,
                                                 protected=self._protected)
         except KVTierError as exc:
-            # Logged here: a non-durable put has returned already, so nobody else sees this failure.
-            log.warning("cold writer: commit of %d blocks and %d session records failed: %s", len(items),
-                        len(sessions), exc)
             error = exc
-        except Exception as exc:  # an LMDB or disk error must not kill the writer thread
-            log.exception("cold writer: commit of %d blocks failed", len(items))
-            error = TierUnavailable(f"cold tier write failed: {exc}")
+        except Exception as exc:  # an LMDB or disk error (MDB_BAD_VALSIZE…) must not kill the writer thread
+            log.debug("cold writer: transaction failed", exc_info=True)  # the WARN line carries no traceback
+            error = TierUnavailable(f"cold tier write failed: {type(exc).__name__}: {exc}")
         if span is not None:
             raw = sum(b.nbytes for _, b in items)
             enc = sum(j.record_bytes for j in jobs)
@@ -180,6 +196,18 @@ class ColdWriter:
             if error is not None:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
             span.end()
+        return evicted, error
+
+    def _settle(self, jobs: list[WriteJob], evicted: list[BlockKey], error: BaseException | None) -> None:
+        """Tell the listener, then resolve the futures of one committed (or failed) transaction."""
+        if error is not None:
+            # WARN without a traceback, counts only (never keys): a non-durable put has returned
+            # already, so this line and the ``background_write_failures`` counter are how it is seen.
+            background = [j for j in jobs if j.acknowledged]
+            log.warning("cold writer: a write of %d blocks and %d session records failed (%s); %d of its "
+                        "requests were answered already: their blocks stay served from memory until evicted",
+                        sum(len(j.blocks) for j in jobs), sum(len(j.sessions) for j in jobs), error,
+                        len(background))
         try:
             self._on_commit(jobs, evicted, error)
         except Exception:  # pragma: no cover - defensive: never lose the futures

@@ -116,14 +116,15 @@ class ServerCore:
 
         :param checksums: the XXH3-64 of each block, checked on the store's own copy (``PutShm``).
         :param owned: the blocks are ``bytearray`` s nobody else holds (``Put``'s assembler): no copy.
-        :raises QuotaExceeded: over the tenant's byte or session quota. Store errors pass through.
+        :raises QuotaExceeded: over the tenant's byte quota (after shedding its own memory blocks) or its
+            session quota. Store errors pass through.
         """
         tenant = plan.namespace.tenant
         new_session = plan.session_id is not None and self._is_new_session(tenant, plan.session_id)
-        self.limits.check_put(self.store, tenant, sum(len(b) for b in blocks), new_session)
-        return self.store.put(plan.namespace, plan.token_ids, blocks, first_block=plan.first_block,
-                              session_id=plan.session_id, durable=plan.durable, priority=plan.priority,
-                              ttl_s=plan.ttl_s, checksums=checksums, owned=owned)
+        with self.limits.admit_put(self.store, tenant, sum(len(b) for b in blocks), new_session):
+            return self.store.put(plan.namespace, plan.token_ids, blocks, first_block=plan.first_block,
+                                  session_id=plan.session_id, durable=plan.durable, priority=plan.priority,
+                                  ttl_s=plan.ttl_s, checksums=checksums, owned=owned)
 
     def _is_new_session(self, tenant: str, session_id: str) -> bool:
         if not self.limits.max_sessions_per_tenant:

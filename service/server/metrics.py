@@ -14,7 +14,8 @@ Metric names (all prefixed ``kvtier_``):
   ``tier_blocks``, ``tier_used_bytes``, ``tier_capacity_bytes``;
 * ``moved_bytes_total{from,to}``: bytes moved between tiers;
 * store: ``puts_total``, ``gets_total``, ``prefetches_total``, ``blocks_stored_total``,
-  ``blocks_skipped_present_total``, ``blocks_skipped_admission_total``, ``write_errors_total``,
+  ``blocks_skipped_present_total``, ``blocks_skipped_admission_total``, ``put_conflicts_total`` (same key,
+  other bytes: the first writer's stay), ``write_errors_total``, ``background_write_failures_total``,
   ``cold_raw_written_bytes_total``, ``cold_record_written_bytes_total``, ``compression_ratio`` (raw
   bytes over stored record bytes written to the cold tier, the ratio ``kvtier stats``/``inspect`` show);
 * lookups (token ids given): ``lookup_query_tokens_total``, ``lookup_hit_tokens_total`` (the cached
@@ -60,7 +61,10 @@ _STORE_COUNTERS = (("puts", "Put calls."), ("gets", "Block reads (iter_blocks ca
                    ("prefetches", "Prefetches started."), ("blocks_stored", "Blocks stored by puts."),
                    ("blocks_skipped_present", "Blocks a put skipped because they were cached."),
                    ("blocks_skipped_admission", "Blocks a put skipped by admission (too few tokens)."),
+                   ("put_conflicts", "Blocks put under a held key with other bytes (first writer kept)."),
                    ("write_errors", "Failed cold-writer transactions."),
+                   ("background_write_failures",
+                    "Failed cold writes of requests already answered (non-durable puts, write-back demotions)."),
                    ("cold_raw_written_bytes", "Uncompressed bytes committed to the cold tier."),
                    ("cold_record_written_bytes", "Encoded record bytes committed to the cold tier."))
 #: metric name → the snapshot key it reads (where the two differ)

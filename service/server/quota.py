@@ -15,11 +15,14 @@ setting                                limit (0 = none)                         
                                        declare together
 =====================================  ===========================================================
 
-Byte quotas are admission checks before a Put reaches the store: a Put is refused when the tenant's
-current bytes in a tier plus the raw bytes it carries would exceed that tier's quota (for the cold
-tier this is conservative: records are compressed). Puts of one tenant running at the same moment,
-and blocks still queued for the disk writer, are not counted against each other, so a tenant can
-overshoot by that much. A tenant over quota frees room with DeleteSession(erase_blocks) or Invalidate.
+Byte quotas are hard admission checks before a Put reaches the store (:meth:`Limits.admit_put`): the
+tenant's current bytes in a tier, plus the raw bytes of its Puts admitted and still running (reserved
+under one lock, so concurrent Puts cannot overshoot together), plus the raw bytes this Put carries
+must fit that tier's quota (for the cold tier this is conservative: records are compressed). A tenant
+at its memory quota first sheds its OWN least valuable unpinned blocks from memory (to disk in
+write-back; in write-through they are there already) and is refused only when that cannot make room.
+Blocks still queued for the disk writer are not counted in the cold usage until committed. A tenant
+over its cold quota frees room with DeleteSession(erase_blocks) or Invalidate.
 
 The two stream limits (:class:`PutBudget`) are what keeps one caller from exhausting the server for
 everyone: a tenant's idle half-open Puts take at most ``max_open_puts_per_tenant`` of the server's
@@ -30,21 +33,33 @@ allocates as bytes arrive), so a few 40-byte headers cannot commit the server to
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtier.service.server.errors import QuotaExceeded
 
 
+class Reservations:
+    """Raw bytes of each tenant's admitted Puts still running, and the lock admissions take."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.held: Counter[str] = Counter()
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The per-request and per-tenant limits in force (0 = unlimited). Immutable; thread-safe."""
+    """The per-request and per-tenant limits in force (0 = unlimited). Immutable but for the byte
+    reservations of running Puts; thread-safe."""
 
     max_blocks_per_request: int = 0
     tenant_memory_bytes: int = 0
     tenant_cold_bytes: int = 0
     max_sessions_per_tenant: int = 0
+    #: bytes of admitted, unfinished Puts per tenant (shared by copies of these limits)
+    reserved: Reservations = field(default_factory=lambda: Reservations(), compare=False, repr=False)
 
     def check_blocks(self, n: int, rpc: str) -> None:
         """:raises QuotaExceeded: if a request names more than ``max_blocks_per_request`` blocks."""
@@ -53,18 +68,42 @@ class Limits:
                                 "(page with start_block/max_blocks, or split the put)",
                                 subject="request:blocks")
 
-    def check_put(self, store, tenant: str, nbytes: int, new_session: bool) -> None:
-        """Admission of a Put of ``nbytes`` raw bytes by ``tenant`` (blocking: call it off the loop).
+    @contextlib.contextmanager
+    def admit_put(self, store, tenant: str, nbytes: int, new_session: bool) -> Iterator[None]:
+        """Admit a Put of ``nbytes`` raw bytes by ``tenant`` and hold its bytes against the tenant's
+        quotas until the block ends (run the ``store.put`` inside it). Blocking: call it off the loop.
 
         :param new_session: the Put creates a session that does not exist yet.
+        :raises QuotaExceeded: naming the tenant and the exhausted quota; nothing is held then.
+        """
+        with self.reserved.lock:
+            self.check_put(store, tenant, nbytes, new_session, running=self.reserved.held[tenant])
+            self.reserved.held[tenant] += nbytes
+        try:
+            yield
+        finally:
+            with self.reserved.lock:
+                self.reserved.held[tenant] -= nbytes
+                if not self.reserved.held[tenant]:
+                    del self.reserved.held[tenant]
+
+    def check_put(self, store, tenant: str, nbytes: int, new_session: bool, running: int = 0) -> None:
+        """Admission of a Put of ``nbytes`` raw bytes by ``tenant``, with ``running`` bytes of its Puts
+        admitted and not finished (:meth:`admit_put` holds the lock that makes this a hard limit). Over
+        the memory quota, the tenant's own blocks are shed first (``store.shed``).
+
         :raises QuotaExceeded: naming the tenant and the exhausted quota.
         """
-        if self.tenant_memory_bytes or self.tenant_cold_bytes:
+        if nbytes and (self.tenant_memory_bytes or self.tenant_cold_bytes):
             usage = store.tenant_usage(tenant)
+            over = usage["memory"] + running + nbytes - self.tenant_memory_bytes
+            if self.tenant_memory_bytes and over > 0 and nbytes + running <= self.tenant_memory_bytes:
+                store.shed(tenant, over)  # its own least valuable blocks make room, not the Put's refusal
+                usage = store.tenant_usage(tenant)
             for tier, quota in (("memory", self.tenant_memory_bytes), ("cold", self.tenant_cold_bytes)):
-                if quota and nbytes and usage[tier] + nbytes > quota:
-                    raise QuotaExceeded(f"tenant's {tier} quota: {usage[tier]} + {nbytes} bytes exceed {quota}",
-                                        subject=f"tenant:{tenant}:{tier}_bytes")
+                if quota and usage[tier] + running + nbytes > quota:
+                    raise QuotaExceeded(f"tenant's {tier} quota: {usage[tier]} held + {running} being put + "
+                                        f"{nbytes} bytes exceed {quota}", subject=f"tenant:{tenant}:{tier}_bytes")
         if self.max_sessions_per_tenant and new_session:
             if store.session_count(tenant) >= self.max_sessions_per_tenant:
                 raise QuotaExceeded(f"tenant has {self.max_sessions_per_tenant} sessions, the most allowed; "

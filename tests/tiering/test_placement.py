@@ -43,6 +43,7 @@ def test_inserts_fill_hot_then_demote_down_and_drop_out_of_the_last_cache():
     assert set(hot.keys()) == {K(4), K(5)} and set(warm.keys()) == {K(1), K(2), K(3)}
     assert p.place(K(6), B(6)) == 0  # 4 goes to warm, whose oldest (1) drops out (write-through)
     assert set(warm.keys()) == {K(2), K(3), K(4)} and stats.tiers["warm"].evictions == 1
+    assert stats.tiers["warm"].demotions == 0  # dropped, not copied below: an eviction only
     assert stats.tiers["hot"].demotions == 4 and stats.bytes_moved["hot->warm"] == 4 * N
     assert hot.check() == [] and warm.check() == []
 

@@ -77,9 +77,13 @@ def test_per_tier_series_move_with_puts_hits_misses_evictions(scraped):
     assert tier(m1, "kvtier_tier_used_bytes", "hot") == 2 * BLOCK
     assert tier(m1, "kvtier_tier_blocks", "cold") == 6
     assert tier(m1, "kvtier_tier_demotions_total", "hot") == 4
+    assert tier(m1, "kvtier_tier_evictions_total", "hot") == 0
     assert tier(m1, "kvtier_tier_evictions_total", "warm") == 2  # write-through: dropped, on disk already
+    assert tier(m1, "kvtier_tier_demotions_total", "warm") == 0  # ... so not a demotion as well
+    assert ("kvtier_moved_bytes_total", (("from", "warm"), ("to", "cold"))) not in m1
     assert m1[("kvtier_moved_bytes_total", (("from", "hot"), ("to", "warm")))] == 4 * BLOCK
     assert m1[("kvtier_compression_ratio", ())] > 1.0
+    assert m1[("kvtier_put_conflicts_total", ())] == 0 and m1[("kvtier_background_write_failures_total", ())] == 0
 
     list(store.iter_blocks(res.keys[-1:]))  # last block: still hot
     list(store.iter_blocks(res.keys[:1]))  # first block: evicted from memory, read from cold, promoted
@@ -95,6 +99,8 @@ def test_per_tier_series_move_with_puts_hits_misses_evictions(scraped):
     m3 = scrape()
     assert tier(m3, "kvtier_tier_misses_total", "cold") == 1
     assert "tenant-secret" not in m3["_text"]  # labels are tier/method/code only
+    store.put(NS, tokens(1, 6), [bytes(BLOCK)], first_block=5)  # the last (hot) block, other bytes: a conflict
+    assert scrape()[("kvtier_put_conflicts_total", ())] == 1
 
 
 def _absent_key(store):

@@ -4,6 +4,8 @@ accounting behind both byte quotas on an in-process store."""
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -117,14 +119,65 @@ def test_tenant_usage_follows_puts_evictions_and_deletes(tmp_path):
         assert store.tenant_usage("b")["cold"] == b["cold"]
 
 
-def test_memory_quota_refuses_a_put_that_would_exceed_it(tmp_path):
+def test_memory_quota_sheds_the_tenants_own_blocks_first(tmp_path):
+    config = StoreConfig(data_dir=str(tmp_path), hot_device="off", warm_capacity=64 * BLOCK, write_policy="write_back",
+                         durable_sync=False)
+    limits = Limits(tenant_memory_bytes=4 * BLOCK)
+    with TieredStore(config) as store:
+        with limits.admit_put(store, "a", 3 * BLOCK, False):
+            a = store.put(NS_A, list(range(48)), blocks(3))
+        store.put(NS_B, list(range(48)), blocks(3, 1))  # another tenant's blocks, older than nothing of a's
+        with limits.admit_put(store, "a", 2 * BLOCK, False):  # at its quota: a's own oldest block makes room
+            store.put(NS_A, list(range(100, 132)), blocks(2, 2))
+        assert store.tenant_usage("a")["memory"] == 4 * BLOCK and store.tenant_usage("b")["memory"] == 3 * BLOCK
+        assert store.where(a.keys[0]) == "cold"  # shed to disk (write-back), not lost
+        lease = store.leases.acquire(store.lookup(NS_A, list(range(48))).keys[1:]
+                                     + store.lookup(NS_A, list(range(100, 132))).keys, 60)
+        with pytest.raises(QuotaExceeded) as err:  # its own blocks are all pinned: nothing can make room
+            with limits.admit_put(store, "a", 2 * BLOCK, False):
+                pass
+        store.leases.release(lease)
+        assert err.value.subject == "tenant:a:memory_bytes"
+        with pytest.raises(QuotaExceeded):  # bigger than the whole quota
+            limits.check_put(store, "a", 5 * BLOCK, False)
+
+
+def test_memory_quota_is_hard_under_concurrent_puts(tmp_path):
     config = StoreConfig(data_dir=str(tmp_path), hot_device="off", warm_capacity=64 * BLOCK, cold_enabled=False)
     limits = Limits(tenant_memory_bytes=4 * BLOCK)
     with TieredStore(config) as store:
-        limits.check_put(store, "a", 3 * BLOCK, False)
-        store.put(NS_A, list(range(48)), blocks(3))
+        with limits.admit_put(store, "a", 3 * BLOCK, False):  # a put admitted and still running...
+            with pytest.raises(QuotaExceeded) as err:  # ...holds its bytes against the next one
+                with limits.admit_put(store, "a", 2 * BLOCK, False):
+                    pass
+            assert err.value.subject == "tenant:a:memory_bytes"
+            with limits.admit_put(store, "b", 4 * BLOCK, False):  # another tenant is not held back
+                pass
+        with limits.admit_put(store, "a", 2 * BLOCK, False):  # released when it ended
+            pass
+        errors = []
+
+        def put(i):
+            try:
+                with limits.admit_put(store, "a", 2 * BLOCK, False):
+                    store.put(NS_A, list(range(1000 * i, 1000 * i + 32)), blocks(2, i))
+            except QuotaExceeded as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=put, args=(i,)) for i in range(1, 9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert store.tenant_usage("a")["memory"] <= 4 * BLOCK
+
+
+def test_memory_quota_status_details(tmp_path):
+    config = StoreConfig(data_dir=str(tmp_path), hot_device="off", warm_capacity=64 * BLOCK, cold_enabled=False)
+    limits = Limits(tenant_memory_bytes=4 * BLOCK)
+    with TieredStore(config) as store:
         with pytest.raises(QuotaExceeded) as err:
-            limits.check_put(store, "a", 2 * BLOCK, False)
+            limits.check_put(store, "a", 5 * BLOCK, False)
         assert err.value.subject == "tenant:a:memory_bytes"
         limits.check_put(store, "b", 4 * BLOCK, False)
         status = status_for(err.value)
