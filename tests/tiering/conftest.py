@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from tiering_helpers import config
 
+from tests.fixtures import tracked
+
 from kvtier.tiering import TieredStore
 from kvtier.tiering.codec import Codec
 from kvtier.tiering.cold import ColdTier
@@ -18,16 +20,8 @@ from kvtier.tiering.writebehind import WriteBehindTier
 @pytest.fixture
 def make_store(data_dir: str) -> Iterator[Callable[..., TieredStore]]:
     """Factory of stores on ``data_dir`` (same dir each call: close one before opening the next)."""
-    opened: list[TieredStore] = []
-
-    def make(**kw) -> TieredStore:
-        store = TieredStore(config(kw.pop("data_dir", data_dir), **kw))
-        opened.append(store)
-        return store
-
-    yield make
-    for s in opened:
-        s.close()
+    with tracked(lambda **kw: TieredStore(config(kw.pop("data_dir", data_dir), **kw))) as make:
+        yield make
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from kvtier.tiering.codec import HEADER, Codec, CodecId
 from kvtier.tiering.keys import BlockKey
 from kvtier.tiering.remote import RemoteConfig, RemoteTier
 from kvtier.tiering.remote import records
+from tests.fixtures import tracked
 
 PART = 64 * 1024
 RAW_CODEC = Codec(codec=CodecId.RAW)
@@ -54,17 +55,12 @@ def node_of(cluster, k: BlockKey, prefix: str = "t:") -> int:
 
 @pytest.fixture
 def make_tier(redis_cluster):
-    made: list[RemoteTier] = []
+    """Factory of remote tiers on the test cluster (``sealer=`` optional); every one is closed at the end."""
+    def build(sealer=None, **kw) -> RemoteTier:
+        return RemoteTier(tier_config(redis_cluster, **kw), sealer=sealer)
 
-    def make(**kw) -> RemoteTier:
-        sealer = kw.pop("sealer", None)
-        tier = RemoteTier(tier_config(redis_cluster, **kw), sealer=sealer)
-        made.append(tier)
-        return tier
-
-    yield make
-    for t in made:
-        t.close()
+    with tracked(build) as make:
+        yield make
 
 
 @pytest.fixture

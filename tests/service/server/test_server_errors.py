@@ -19,7 +19,8 @@ from google.protobuf.message import DecodeError
 
 from kvtier.service.server.errors import (IpcUnavailable, LeaseNotFound, PermissionDenied, QuotaExceeded,
                                           ShmUnavailable, StreamIdle, Unauthenticated, UploadNotFound, status_for)
-from tests.fixtures.wire import collect_get, details, namespace, put_stream, random_blocks, stub, tokens
+from tests.fixtures.wire import (collect_get, details, header_maker, namespace, put_chunk, put_stream, random_blocks,
+                                 stub, tokens)
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.errors import (BlockNotFound, CapacityExceeded, InvalidBlock, LayoutMismatch, SessionNotFound,
                             TierUnavailable)
@@ -30,14 +31,8 @@ TOKS = tokens(40, seed=21)  # 3 blocks of 16 tokens, the last partial (8 tokens)
 PAYLOADS = random_blocks(NS, 40, seed=21)
 
 
-def _header(**kw) -> pb.PutHeader:
-    fields = dict(namespace=NS, token_ids=TOKS, block_count=3)
-    fields.update(kw)
-    return pb.PutHeader(**fields)
-
-
-def _chunk(index, offset, data, csum=0) -> pb.PutRequest:
-    return pb.PutRequest(chunk=pb.BlockChunk(block_index=index, offset=offset, data=data, checksum=csum))
+_header = header_maker(NS, TOKS, 3)
+_chunk = put_chunk
 
 
 def _well_formed(**kw):
