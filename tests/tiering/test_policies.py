@@ -11,11 +11,17 @@ ONE = lambda k: 1  # noqa: E731 - every key weighs one unit
 NONE = lambda k: False  # noqa: E731 - nothing pinned
 
 
+def filled(name: str, n: int):
+    """Policy ``name`` with keys 0..n-1 inserted in order."""
+    p = make_policy(name)
+    for k in range(n):
+        p.insert(k)
+    return p
+
+
 @pytest.mark.parametrize("name", ["lru", "s3fifo"])
 def test_contract_victims_mutate_nothing(name):
-    p = make_policy(name)
-    for k in range(6):
-        p.insert(k)
+    p = filled(name, 6)
     p.touch(3)
     before = p.order()
     assert p.victims(0, ONE, NONE) == []
@@ -27,9 +33,7 @@ def test_contract_victims_mutate_nothing(name):
 
 @pytest.mark.parametrize("name", ["lru", "s3fifo"])
 def test_contract_remove_and_unknown_keys(name):
-    p = make_policy(name)
-    for k in range(3):
-        p.insert(k)
+    p = filled(name, 3)
     p.remove(1)
     p.remove(99)  # unknown: ignored
     p.touch(99)
@@ -152,9 +156,7 @@ def test_order_is_a_permutation_of_the_keys(name, ops):
 @pytest.mark.parametrize("name", ["lru", "s3fifo"])
 def test_victims_walk_the_order_lazily(name):
     # an eviction needing two victims must not materialise the order of a large tier
-    p = make_policy(name)
-    for k in range(50_000):
-        p.insert(k)
+    p = filled(name, 50_000)
     for k in range(0, 50_000, 7):
         p.touch(k)
     first = p.order()[:2]
