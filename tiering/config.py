@@ -4,6 +4,7 @@ Imports the standard library only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -34,6 +35,8 @@ class StoreConfig:
     :ivar durable_sync: fsync every commit (off: survives a process crash, not a power cut).
     :ivar session_ttl_s: default TTL of sessions (None: no expiry).
     :ivar maintenance_s: period of the lease/TTL sweeper.
+    :ivar remote: a :class:`~tiering.remote.RemoteConfig`: a remote tier (Redis Cluster) below the cold
+        tier, shared with other hosts (``tiering/fleet.py``); ``None``: none.
     """
 
     data_dir: str = "./kvtier-data"
@@ -55,6 +58,7 @@ class StoreConfig:
     durable_sync: bool = True
     session_ttl_s: float | None = None
     maintenance_s: float = 1.0
+    remote: Any = None
 
     def validate(self) -> "StoreConfig":
         """Check the values; returns ``self``.

@@ -92,8 +92,12 @@ class Ingest:
     """Puts over ``tiers``; collaborators are the store's (see :class:`~tiering.store.TieredStore`)."""
 
     def __init__(self, config: StoreConfig, tiers: TierList, placement: Placement, *, lock: threading.RLock,
-                 stats: StoreStats, sessions: SessionRecords, namespaces: NamespaceRegistry, tracer) -> None:
+                 stats: StoreStats, sessions: SessionRecords, namespaces: NamespaceRegistry, tracer,
+                 after_durable=None) -> None:
         self.config = config
+        #: ``after_durable(chain keys, job, session key or None)``, called once a durable put's job is
+        #: committed (the fleet's synchronous write to the shared tier); its error is the put's
+        self.after_durable = after_durable
         self.tiers = tiers
         self.placement = placement
         self.lock = lock
@@ -125,7 +129,8 @@ class Ingest:
             ``first_block`` are expected to be cached already (the client learnt that from a lookup).
         :param session_id: record ``token_ids``' key chain as this session of the tenant (replacing an
             older chain of the same session).
-        :param durable: return only once the blocks and the session are committed to LMDB.
+        :param durable: return only once the blocks and the session are committed to LMDB (and, with a
+            shared remote tier, acknowledged there: see :mod:`tiering.fleet`).
         :param checksums: the XXH3-64 each payload must have, checked on the store's own copy (so a
             payload changing under the call, e.g. in shared memory, can never be stored unverified).
         :param owned: ``bytearray`` payloads are handed over (nobody else holds them): the store keeps
@@ -134,7 +139,8 @@ class Ingest:
         :raises InvalidBlock: on bad sizes, counts or ids. :raises LayoutMismatch: when a tensor's
             dtype/shape disagrees with the layout. :raises CapacityExceeded: if a durable write finds
             the cold tier full. :raises TierUnavailable: if the store is closed, or durability is asked
-            for without a cold tier. Nothing is stored when an error is raised before any block is.
+            for without a cold tier, or (a ``RemoteWriteFailed``) the shared tier did not acknowledge
+            a durable put, whose local copy stays committed. Nothing is stored when an error is raised before any block is.
         """
         keys = chain_keys(namespace, token_ids)
         n_tokens = len(token_ids)
@@ -191,7 +197,7 @@ class Ingest:
             # Durable covers the whole chain the session names, not just the blocks sent: blocks before
             # first_block (sent by earlier, non-durable puts) may still be in memory only (write_back).
             to_disk += self.placement.held_only_in_caches(keys[:first_block] + result.skipped_present)
-        job = WriteJob(blocks=to_disk, namespaces=new_ns)
+        job = WriteJob(blocks=to_disk, namespaces=new_ns, durable=durable)
         if sid is not None:
             now = time.time()
             ttl_s = ttl_s if ttl_s is not None else self.config.session_ttl_s
@@ -208,4 +214,6 @@ class Ingest:
             fut = durable_tier.submit(job)
             if durable:
                 fut.result()
+                if self.after_durable is not None:
+                    self.after_durable(keys, job, sid)
         return result

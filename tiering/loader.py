@@ -285,8 +285,9 @@ class Loader:
         return self.load(key, True, ops) is not None
 
     # -- erases -----------------------------------------------------------------------------------------
-    def erase(self, keys: Iterable[BlockKey]) -> int:
-        """Delete ``keys`` from every tier (the write queue included); returns how many were anywhere."""
+    def erase(self, keys: Iterable[BlockKey], *, shared: bool = True) -> int:
+        """Delete ``keys`` from every tier (the write queue included); returns how many were anywhere.
+        Without ``shared`` the tier shared with other hosts keeps them (a local expiry)."""
         keys = set(keys)
         gone: set[BlockKey] = set()  # a block held by several tiers counts once
         with self.lock:
@@ -298,25 +299,34 @@ class Loader:
                 gone.update(tier.delete_many(keys))
         try:
             for tier in self.tiers.slow:
-                gone.update(tier.delete_many(list(keys)))
+                if shared or tier is not self.tiers.shared:
+                    gone.update(tier.delete_many(list(keys)))
         finally:
             with self.lock:
                 self.tombstones.end_erase(keys)
         return len(gone)
 
     def erase_namespaces(self, ns_ids: set[bytes]) -> int:
-        """Delete every block of these namespaces from every tier; returns how many were anywhere."""
+        """Delete every block of these namespaces from every tier; returns how many were anywhere.
+        A tier below the durable one that cannot list a namespace's keys (a shared cluster) is asked to
+        delete every key of it any tier above knew as well."""
         gone: set[BlockKey] = set()
+        known: dict[bytes, list[BlockKey]] = {ns_id: [] for ns_id in ns_ids}
         with self.lock:
             self.tombstones.begin_erase(ns_ids)  # running reads must not put them back
             for tier in self.tiers.fast:
                 for ns_id in ns_ids:
-                    gone.update(tier.delete_many(tier.keys_of_namespace(ns_id)))
+                    keys = tier.keys_of_namespace(ns_id)
+                    known[ns_id] += keys
+                    gone.update(tier.delete_many(keys))
         marked: list[BlockKey] = []
         try:
             for tier in self.tiers.slow:
                 for ns_id in ns_ids:
                     keys = tier.keys_of_namespace(ns_id)
+                    if tier in self.tiers.below:
+                        keys = list(dict.fromkeys([*known[ns_id], *keys]))
+                    known[ns_id] += keys
                     with self.lock:  # by key too: a block loaded meanwhile may no longer know its namespace
                         self.tombstones.begin_erase(keys)
                         marked += keys

@@ -21,11 +21,17 @@ class PutResult:
 
 @dataclass(slots=True)
 class LookupResult:
-    """The longest cached prefix: ``tiers[i]`` is where block ``keys[i]`` is now."""
+    """The longest cached prefix: ``tiers[i]`` is where block ``keys[i]`` is now; ``remote_tokens``
+    of its ``tokens`` are held only by the shared (remote) tier, the rest locally."""
 
     keys: list[BlockKey]
     tiers: list[str]
     tokens: int
+    remote_tokens: int = 0
+
+    @property
+    def local_tokens(self) -> int:
+        return self.tokens - self.remote_tokens
 
     @property
     def blocks(self) -> int:

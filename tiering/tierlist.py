@@ -21,6 +21,11 @@ The list has three parts, and a tier's part is its role (the store never asks wh
              Such a tier may fill itself from the durable tier's commits
              (``tiers.durable.on_commit(listener)``, called on the writer thread) and write asynchronously.
 
+``shared``   at most one of the ``below`` tiers that other hosts share (the remote tier): it also keeps
+             session records, takes the durable puts' blocks synchronously and is fed from the durable
+             tier's commits (:class:`~tiering.fleet.Fleet` does both). Today:
+             :class:`~tiering.remote.block_tier.RemoteBlockTier`, built when ``config.remote`` is set.
+
 Adding a tier is one module (a :class:`~tiering.tier.Tier`; ``slow = True`` when its reads do I/O) plus
 one entry in :func:`build_tiers`, e.g. ``below=[t for t in (make_remote_tier(config),) if t]``. Every
 walk over the tiers (get, lookup, where, owned, copy-out, erase, usage, check, close) goes through
@@ -57,6 +62,9 @@ class DurableTier(Protocol):
     def on_commit(self, listener: Callable) -> None:
         """Call ``listener(jobs, evicted, error)`` after every commit."""
 
+    def record(self, key: BlockKey) -> bytes | None:
+        """The committed record of ``key`` (the cold format), e.g. to copy it to a shared tier."""
+
     def session_get(self, sid: bytes) -> bytes | None: ...
     def session_items(self) -> list[tuple[bytes, bytes]]: ...
     def session_census(self, prefix: bytes, sids: list[bytes]) -> tuple[int, list[bool]]: ...
@@ -70,10 +78,15 @@ class TierList:
     :raises ValueError: if there is no tier at all, or a cache is slow.
     """
 
-    def __init__(self, caches: Iterable[Tier], durable: Tier | None = None, below: Iterable[Tier] = ()) -> None:
+    def __init__(self, caches: Iterable[Tier], durable: Tier | None = None, below: Iterable[Tier] = (),
+                 shared: Tier | None = None) -> None:
         self.caches: list[Tier] = list(caches)
         self.durable = durable
         self.below: list[Tier] = list(below)
+        #: the tier below shared with other hosts (one of ``below``), or None
+        self.shared = shared
+        if shared is not None and shared not in self.below:
+            raise ValueError("the shared tier must be one of the tiers below the durable one")
         #: every tier, top first
         self.all: list[Tier] = [*self.caches, *([durable] if durable is not None else []), *self.below]
         if not self.all:
@@ -134,7 +147,8 @@ class TierList:
 
 
 def build_tiers(config, *, protected: Callable[[BlockKey], bool], tracer, sealer=None) -> TierList:
-    """The tiers a :class:`~tiering.config.StoreConfig` asks for: ``[hot?, warm?] + writebehind(cold)?``.
+    """The tiers a :class:`~tiering.config.StoreConfig` asks for: ``[hot?, warm?] + writebehind(cold)?
+    + remote?`` (the remote tier, below and shared, when ``config.remote`` is set).
 
     :param protected: keys the durable tier must not evict (the store's pins).
     :raises TierUnavailable: if the cold tier cannot be opened. :raises ValueError: if every tier is off.
@@ -146,15 +160,21 @@ def build_tiers(config, *, protected: Callable[[BlockKey], bool], tracer, sealer
     from .writebehind import WriteBehindTier
 
     cfg = config
+    codec = Codec(cfg.zstd_level, CodecId[cfg.codec.upper()])
     caches = [t for t in (make_hot_tier(cfg.hot_device, cfg.hot_capacity, cfg.policy),
                           make_warm_tier(cfg.warm_capacity, cfg.policy, cfg.warm_pin)) if t is not None]
     durable = None
     if cfg.cold_enabled:
-        codec = Codec(cfg.zstd_level, CodecId[cfg.codec.upper()])
         cold = ColdTier(os.path.join(cfg.data_dir, "cold"), cfg.cold_capacity, codec,
                         durable_sync=cfg.durable_sync, sealer=sealer)
         # a queued block is in host RAM: named warm when there is a warm tier, else cold (its destination)
         queue_name = "warm" if any(t.name == "warm" for t in caches) else "cold"
         durable = WriteBehindTier(cold, batch=cfg.writer_batch, threads=cfg.compress_threads, protected=protected,
                                   tracer=tracer, queue_name=queue_name)
-    return TierList(caches, durable)
+    shared = None
+    if cfg.remote is not None:
+        from .remote import RemoteTier
+        from .remote.block_tier import RemoteBlockTier
+
+        shared = RemoteBlockTier(RemoteTier(cfg.remote, sealer=sealer, tracer=tracer), codec, sealer=sealer)
+    return TierList(caches, durable, [shared] if shared is not None else [], shared)

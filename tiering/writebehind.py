@@ -176,6 +176,10 @@ class WriteBehindTier(Tier):
             queued = [k for k, b in self._pending.items() if b.ns_id == ns_id]
         return list(dict.fromkeys([*queued, *self.cold.keys_of_namespace(ns_id)]))
 
+    def record(self, key: BlockKey) -> bytes | None:
+        """The committed record of ``key`` as stored (encoded, sealed when encryption is on), or ``None``."""
+        return self.cold.get_record(key)
+
     # -- session and namespace records (committed by the writer with the blocks) --------------------------
     def session_get(self, sid: bytes) -> bytes | None:
         return self.cold.session_get(sid)

@@ -38,6 +38,10 @@ class WriteJob:
     future: Future = field(default_factory=Future)
     #: encoded bytes of this job's blocks, set by the writer once encoded (for the compression ratio)
     record_bytes: int = 0
+    #: the encoded (sealed) record of each block, in ``blocks`` order, set by the writer once encoded
+    records: list[bytes] = field(default_factory=list)
+    #: queued by a durable put (which writes its blocks to a shared tier itself, synchronously)
+    durable: bool = False
     #: span context of the request that queued the job (set by :meth:`ColdWriter.submit` when None);
     #: the ``kvtier.lmdb.commit`` span links to it
     trace_context: trace.SpanContext | None = None
@@ -152,7 +156,8 @@ class ColdWriter:
             writes = list(self._pool.map(self._encode, items)) if len(items) > 1 else [self._encode(i) for i in items]
             at = 0
             for j in jobs:
-                j.record_bytes = sum(len(w.record) for w in writes[at:at + len(j.blocks)])
+                j.records = [w.record for w in writes[at:at + len(j.blocks)]]
+                j.record_bytes = sum(len(r) for r in j.records)
                 at += len(j.blocks)
             if writes or sessions or namespaces:
                 evicted = self.cold.write_batch(writes, sessions=sessions, namespaces=namespaces,

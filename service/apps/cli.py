@@ -184,6 +184,9 @@ def stats(
         return
     for table in stats_tables(resp, target):
         console.print(table)
+    for t in (t for t in resp.tiers if t.state):  # the remote tier: its breaker state and failures
+        console.print(f"{pb.Tier.Name(t.tier).removeprefix('TIER_').lower()}: {t.state}, hits {t.hits}, "
+                      f"misses {t.misses}, errors {t.errors}, dropped writes {t.dropped_writes}", highlight=False)
 
 
 @app.command()

@@ -160,7 +160,7 @@ async def serve(settings: Settings) -> int:
     telemetry = setup_telemetry(settings, set_global=True)
     tune_malloc()  # before the first block is allocated: see service/wire/memtune.py
     key = load_key(settings.security.cold_key_file)
-    store = await asyncio.to_thread(TieredStore, settings.store.to_store_config(), tracer=telemetry.tracer,
+    store = await asyncio.to_thread(TieredStore, settings.store_config(), tracer=telemetry.tracer,
                                     sealer=RecordSealer(key) if key is not None else None)
     try:
         # Metrics first: a taken metrics port then fails before a gRPC server exists (a started one

@@ -7,7 +7,7 @@ Every value comes from, highest precedence first:
    ``KVTIER_SERVER__PORT=6000``, ``KVTIER_LOG_LEVEL=debug``); dict and list fields take JSON
    (``KVTIER_SECURITY__TOKENS='{"tok": "acme"}'``);
 3. a TOML file named by ``--config FILE`` or ``KVTIER_CONFIG`` (sections ``[server]``, ``[store]``,
-   ``[telemetry]``, ``[security]``, and ``log_level``/``log_format`` at the top);
+   ``[telemetry]``, ``[security]``, ``[remote]``, and ``log_level``/``log_format`` at the top);
 4. the defaults below.
 
 Unknown names are errors, never silently ignored: a TOML section or field, or a ``KVTIER_*`` variable
@@ -32,9 +32,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from kvtier.tiering.config import StoreConfig
+from kvtier.tiering.remote import RemoteConfig
 
 #: Env var naming the TOML file when ``--config`` is not given.
 CONFIG_ENV = "KVTIER_CONFIG"
@@ -131,7 +132,7 @@ class StoreSettings(BaseModel):
 
         :raises ValueError: if the engine rejects a value.
         """
-        values = {f.name: getattr(self, f.name) for f in fields(StoreConfig)}
+        values = {f.name: getattr(self, f.name) for f in fields(StoreConfig) if f.name != "remote"}
         values["data_dir"] = str(self.data_dir)
         for name in ("hot_capacity", "warm_capacity", "cold_capacity"):
             values[name] = int(values[name])
@@ -202,6 +203,69 @@ class SecuritySettings(BaseModel):
     max_sessions_per_tenant: int = Field(0, ge=0)
 
 
+class RemoteSettings(BaseModel):
+    """The remote tier: a Redis Cluster (or Valkey, Kvrocks, a managed Redis-compatible service) shared by
+    a fleet of kvtier nodes, below the cold tier (``tiering/remote``, ``tiering/fleet.py``). Off while
+    ``seeds`` is empty.
+
+    :ivar seeds: ``host:port`` of one or more cluster nodes (env: ``KVTIER_REMOTE__SEEDS='["h:7000"]'``).
+    :ivar username: Redis ACL user. :ivar password: its password (env ``KVTIER_REMOTE__PASSWORD``);
+        prefer ``password_file`` (first line of the file), which wins when both are set.
+    :ivar tls, tls_ca, tls_cert, tls_key: TLS to the cluster, its CA bundle, a client certificate and key.
+    :ivar key_prefix: prefix of every key kvtier writes. :ivar ttl_s: TTL of every key (refreshed on a hit).
+    :ivar write: ``off`` (read only), ``durable`` (only ``durable=true`` puts, synchronously, acknowledged
+        by ``min_replicas`` replicas) or ``all`` (also every other commit, asynchronously).
+    :ivar min_replicas: replicas that must acknowledge a durable write (Redis ``WAIT``); 0: the primary only.
+    :ivar max_part_bytes: largest value under one key; bigger records are split into parts.
+    The other fields are :class:`~tiering.remote.RemoteConfig`'s timeouts, write queue and circuit breaker.
+    """
+
+    model_config = _STRICT
+
+    seeds: list[str] = Field(default_factory=list)
+    username: str | None = None
+    password: SecretStr | None = Field(None, repr=False)
+    password_file: Path | None = None
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    key_prefix: str = "kvtier:"
+    ttl_s: float = Field(7 * 86400.0, gt=0)
+    write: Literal["off", "durable", "all"] = "durable"
+    min_replicas: int = Field(1, ge=0)
+    max_part_bytes: ByteSize = Field(ByteSize(4 << 20), ge=4096)
+    max_inflight_bytes: ByteSize = Field(ByteSize(256 << 20), ge=1 << 20)
+    base_timeout_s: float = Field(0.25, gt=0)
+    min_throughput_bps: ByteSize = Field(ByteSize(50 << 20), gt=0)
+    slow_budget_s: float = Field(2.0, gt=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(2.0, gt=0)
+    write_retries: int = Field(3, ge=0)
+    large_write_bytes: ByteSize = Field(ByteSize(8 << 20), ge=0)
+    max_connections: int = Field(64, ge=1)
+
+    def to_remote_config(self) -> RemoteConfig | None:
+        """The engine's :class:`RemoteConfig`, or ``None`` when ``seeds`` is empty (no remote tier).
+
+        :raises ValueError: on a bad seed or key prefix; :raises OSError: if ``password_file`` is unreadable.
+        """
+        if not self.seeds:
+            return None
+        password = self.password.get_secret_value() if self.password is not None else None
+        if self.password_file is not None:
+            lines = self.password_file.read_text().splitlines()
+            password = lines[0].strip() if lines else ""
+        paths = {n: str(getattr(self, n)) if getattr(self, n) is not None else None
+                 for n in ("tls_ca", "tls_cert", "tls_key")}
+        sizes = {n: int(getattr(self, n)) for n in ("max_part_bytes", "max_inflight_bytes", "large_write_bytes")}
+        plain = {n: getattr(self, n) for n in ("username", "tls", "key_prefix", "ttl_s", "write", "min_replicas",
+                                                "base_timeout_s", "slow_budget_s", "breaker_failures",
+                                                "breaker_cooldown_s", "write_retries", "max_connections")}
+        return RemoteConfig(seeds=tuple(self.seeds), password=password, min_throughput_bps=float(self.min_throughput_bps),
+                            **paths, **sizes, **plain)
+
+
 class Settings(BaseModel):
     """Everything the server needs. Build it with :meth:`load` (which applies the precedence);
     ``Settings(...)`` itself reads no environment or file.
@@ -217,6 +281,7 @@ class Settings(BaseModel):
     store: StoreSettings = StoreSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     security: SecuritySettings = SecuritySettings()
+    remote: RemoteSettings = RemoteSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -226,6 +291,15 @@ class Settings(BaseModel):
         if not isinstance(value, str):
             return value
         return value.upper() if info.field_name == "log_level" else value.lower()
+
+    def store_config(self) -> StoreConfig:
+        """The engine's config: ``[store]`` with the ``[remote]`` tier when one is configured.
+
+        :raises ValueError: if the engine rejects a value.
+        """
+        cfg = self.store.to_store_config()
+        cfg.remote = self.remote.to_remote_config()
+        return cfg
 
     @classmethod
     def load(cls, config_file: str | os.PathLike | None = None, **overrides: Any) -> "Settings":

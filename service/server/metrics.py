@@ -21,6 +21,9 @@ Metric names (all prefixed ``kvtier_``):
   prefix found), so ``rate(hit) / rate(query)`` is the token-level prefix hit rate;
 * queues: ``pinned_blocks``, ``active_leases``, ``cold_write_queue_depth``, ``pending_writes``,
   ``inflight_loads``;
+* the shared remote tier, when configured (``tier="remote"``): ``remote_up`` (1 while its circuit
+  breaker is closed), ``remote_breaker_state{state}``, ``remote_errors_total{kind}``,
+  ``remote_writes_total{outcome}``, ``remote_dropped_writes_total``, ``remote_bytes_total{direction}``;
 * histograms: ``rpc_duration_seconds{method,code}``, ``prefetch_duration_seconds``,
   ``resume_ready_seconds`` (Resume received → every block in the top tier);
 * ``build_info{version,python,grpc}`` (always 1);
@@ -109,10 +112,43 @@ class StoreCollector(Collector):
             yield CounterMetricFamily(f"kvtier_{name}", doc, value=snap[_SNAPSHOT_KEYS.get(name, name)])
         for name, key, doc in _GAUGES:
             yield GaugeMetricFamily(f"kvtier_{name}", doc, value=snap[key])
+        shared = snap.get("shared")
+        if shared:
+            yield from _remote_families(shared)
         ratio = snap.get("compression_ratio")
         yield GaugeMetricFamily("kvtier_compression_ratio",
                                 "Raw bytes over stored record bytes written to the cold tier.",
                                 value=ratio if ratio is not None else float("nan"))
+
+
+def _remote_families(st: dict):
+    """Families of the shared (remote) tier's ``stats()`` (``snap["shared"]``), labelled ``tier``."""
+    tier = st["tier"]
+    up = GaugeMetricFamily("kvtier_remote_up", "1 while the remote tier's circuit breaker is closed.", labels=["tier"])
+    up.add_metric([tier], 1 if st["state"] == "closed" else 0)
+    yield up
+    state = GaugeMetricFamily("kvtier_remote_breaker_state", "1 for the breaker's current state.",
+                              labels=["tier", "state"])
+    for name in ("closed", "open", "half-open"):
+        state.add_metric([tier, name], 1 if st["state"] == name else 0)
+    yield state
+    errors = CounterMetricFamily("kvtier_remote_errors", "Failed remote operations by kind.", labels=["tier", "kind"])
+    for kind, n in st["errors"].items():
+        errors.add_metric([tier, kind], n)
+    yield errors
+    writes = CounterMetricFamily("kvtier_remote_writes", "Remote writes by outcome.", labels=["tier", "outcome"])
+    for outcome in ("writes_durable", "writes_not_durable", "writes_async", "stale_sessions"):
+        writes.add_metric([tier, outcome.removeprefix("writes_")], st[outcome])
+    yield writes
+    dropped = CounterMetricFamily("kvtier_remote_dropped_writes", "Remote writes dropped after their retries.",
+                                  labels=["tier"])
+    dropped.add_metric([tier], st["dropped"])
+    yield dropped
+    moved = CounterMetricFamily("kvtier_remote_bytes", "Bytes read from / written to the remote tier.",
+                                labels=["tier", "direction"])
+    moved.add_metric([tier, "in"], st["bytes_in"])
+    moved.add_metric([tier, "out"], st["bytes_out"])
+    yield moved
 
 
 class KVTierMetrics:

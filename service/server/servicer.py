@@ -98,9 +98,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             return keys, store.lookup(ns, keys=mine)
 
         chain, found = await asyncio.to_thread(lookup)
-        cached_tokens = found.tokens if n_tokens is None else min(found.tokens, n_tokens)
-        return pb.LookupResponse(cached_tokens=cached_tokens, cached_blocks=found.blocks,
-                                 tiers=convert.tiers_to_proto(found.tiers), keys=convert.keys_to_proto(chain))
+        return convert.lookup_to_proto(chain, found, n_tokens)
 
     # -- Put ------------------------------------------------------------------------------------------
     async def Put(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.PutResponse:

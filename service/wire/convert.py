@@ -12,9 +12,10 @@ from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace, Shard
 from kvtier.tiering.layout import BlockLayout
 
-TIER_TO_PROTO = {"hot": pb.TIER_HOT, "warm": pb.TIER_WARM, "cold": pb.TIER_COLD, None: pb.TIER_UNSPECIFIED,
-                 "": pb.TIER_UNSPECIFIED}
-TIER_FROM_PROTO = {pb.TIER_HOT: "hot", pb.TIER_WARM: "warm", pb.TIER_COLD: "cold", pb.TIER_UNSPECIFIED: None}
+TIER_TO_PROTO = {"hot": pb.TIER_HOT, "warm": pb.TIER_WARM, "cold": pb.TIER_COLD, "remote": pb.TIER_REMOTE,
+                 None: pb.TIER_UNSPECIFIED, "": pb.TIER_UNSPECIFIED}
+TIER_FROM_PROTO = {pb.TIER_HOT: "hot", pb.TIER_WARM: "warm", pb.TIER_COLD: "cold", pb.TIER_REMOTE: "remote",
+                   pb.TIER_UNSPECIFIED: None}
 
 #: Tenant used when the server does not authenticate callers and the request names none.
 DEFAULT_TENANT = "default"
@@ -112,6 +113,15 @@ def tiers_to_proto(tiers) -> list[int]:
     return [TIER_TO_PROTO[t] for t in tiers]
 
 
+def lookup_to_proto(chain, found, n_tokens: int | None) -> pb.LookupResponse:
+    """A :class:`tiering.results.LookupResult` over the request's key ``chain`` as a ``LookupResponse``
+    (tokens capped at the request's ``n_tokens``, split into local and remote-only)."""
+    cached = found.tokens if n_tokens is None else min(found.tokens, n_tokens)
+    remote = min(found.remote_tokens, cached)
+    return pb.LookupResponse(cached_tokens=cached, cached_blocks=found.blocks, tiers=tiers_to_proto(found.tiers),
+                             keys=keys_to_proto(chain), local_tokens=cached - remote, remote_tokens=remote)
+
+
 def put_result_to_proto(result) -> pb.PutResponse:
     """A :class:`tiering.store.PutResult` as a ``PutResponse``."""
     return pb.PutResponse(keys=keys_to_proto(result.keys), stored=keys_to_proto(result.stored),
@@ -137,14 +147,19 @@ _TIER_COUNTERS = ("hits", "misses", "promotions", "demotions", "evictions", "che
 
 
 def stats_to_proto(snap: dict, version: str) -> pb.StatsResponse:
-    """``TieredStore.snapshot()`` as a ``StatsResponse``: tiers top first, integer counters in ``counters``."""
+    """``TieredStore.snapshot()`` as a ``StatsResponse``: tiers top first, integer counters in ``counters``.
+    The shared (remote) tier also reports its state, errors and dropped writes (``snap["shared"]``)."""
     tiers = []
+    shared = snap.get("shared") or {}
     for name, usage in snap["usage"].items():
         counters = snap["tiers"].get(name, {})
+        extra = {}
+        if name == shared.get("tier"):
+            extra = dict(state=shared["state"], errors=sum(shared["errors"].values()), dropped_writes=shared["dropped"])
         tiers.append(pb.TierStats(tier=TIER_TO_PROTO[name], blocks=usage["blocks"], used_bytes=usage["used_bytes"],
                                   capacity_bytes=usage["capacity_bytes"],
-                                  **{c: counters.get(c, 0) for c in _TIER_COUNTERS}))
-    skip = {"tiers", "usage", "bytes_moved", "pinned_blocks", "write_queue_depth", "pending_writes",
+                                  **{c: counters.get(c, 0) for c in _TIER_COUNTERS}, **extra))
+    skip = {"tiers", "usage", "bytes_moved", "shared", "pinned_blocks", "write_queue_depth", "pending_writes",
             "compression_ratio"}
     counters = {k: int(v) for k, v in snap.items() if k not in skip and isinstance(v, int) and v >= 0}
     return pb.StatsResponse(tiers=tiers, pinned_blocks=snap["pinned_blocks"],

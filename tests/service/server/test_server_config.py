@@ -74,10 +74,10 @@ def test_human_sizes_and_validation(toml_file):
 
 
 def test_store_settings_mirror_every_engine_field():
-    engine = {f.name: f.default for f in dataclasses.fields(StoreConfig)}
+    engine = {f.name: f.default for f in dataclasses.fields(StoreConfig) if f.name != "remote"}  # [remote]
     assert set(StoreSettings.model_fields) == set(engine)
     mirrored = dataclasses.asdict(StoreSettings().to_store_config())
-    assert mirrored == {**engine, "data_dir": "kvtier-data"}
+    assert mirrored == {**engine, "data_dir": "kvtier-data", "remote": None}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,3 +164,12 @@ def test_startup_hint_names_the_real_setting(data_dir, caplog):
             pass
     hint = [r.getMessage() for r in caplog.records if "hot tier off" in r.getMessage()]
     assert hint and "store.hot_device" in hint[0] and "--hot-device" in hint[0] and "hot.device" not in hint[0]
+
+
+def test_remote_settings_mirror_every_remote_field():
+    from kvtier.service.server.config import RemoteSettings
+    from kvtier.tiering.remote import RemoteConfig
+
+    assert set(RemoteSettings.model_fields) == {f.name for f in dataclasses.fields(RemoteConfig)} | {"password_file"}
+    engine = RemoteConfig(seeds=("h:1",))
+    assert RemoteSettings(seeds=["h:1"]).to_remote_config() == engine and RemoteSettings().to_remote_config() is None

@@ -13,10 +13,12 @@ class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIER_HOT: _ClassVar[Tier]
     TIER_WARM: _ClassVar[Tier]
     TIER_COLD: _ClassVar[Tier]
+    TIER_REMOTE: _ClassVar[Tier]
 TIER_UNSPECIFIED: Tier
 TIER_HOT: Tier
 TIER_WARM: Tier
 TIER_COLD: Tier
+TIER_REMOTE: Tier
 
 class BlockLayout(_message.Message):
     __slots__ = ("dtype", "layers", "kv_heads", "head_dim", "block_tokens")
@@ -73,16 +75,20 @@ class LookupRequest(_message.Message):
     def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("cached_tokens", "cached_blocks", "tiers", "keys")
+    __slots__ = ("cached_tokens", "cached_blocks", "tiers", "keys", "local_tokens", "remote_tokens")
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     cached_tokens: int
     cached_blocks: int
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, cached_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    local_tokens: int
+    remote_tokens: int
+    def __init__(self, cached_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., keys: _Optional[_Iterable[bytes]] = ..., local_tokens: _Optional[int] = ..., remote_tokens: _Optional[int] = ...) -> None: ...
 
 class PutHeader(_message.Message):
     __slots__ = ("namespace", "session_id", "token_ids", "durable", "first_block", "block_count", "priority", "ttl_seconds")
@@ -287,7 +293,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "blocks", "used_bytes", "capacity_bytes", "hits", "misses", "promotions", "demotions", "evictions", "checksum_failures")
+    __slots__ = ("tier", "blocks", "used_bytes", "capacity_bytes", "hits", "misses", "promotions", "demotions", "evictions", "checksum_failures", "state", "errors", "dropped_writes")
     TIER_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +304,9 @@ class TierStats(_message.Message):
     DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_WRITES_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     blocks: int
     used_bytes: int
@@ -308,7 +317,10 @@ class TierStats(_message.Message):
     demotions: int
     evictions: int
     checksum_failures: int
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
+    state: str
+    errors: int
+    dropped_writes: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., state: _Optional[str] = ..., errors: _Optional[int] = ..., dropped_writes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("tiers", "pinned_blocks", "write_queue_depth", "pending_writes", "compression_ratio", "bytes_moved", "counters", "version")
