@@ -34,6 +34,7 @@ SCENARIOS: dict[str, str] = {
     "scale": "scale",
     "concurrency": "concurrency",
     "tracing": "tracing",
+    "fleet": "fleet",
 }
 #: Optional peers (``--peers``), run after the scenarios, never by default: name -> module, as above.
 PEERS: dict[str, str] = {
