@@ -29,23 +29,24 @@ def version_of(record: bytes) -> int:
 
 
 class Fleet:
-    """Feeds ``shared`` (a :class:`~tiering.remote.block_tier.RemoteBlockTier`) from ``durable`` (the
-    durable tier, or ``None``) and reads shared sessions; a namespace met there is registered in
-    ``namespaces`` (and its record queued to the durable tier). Thread-safe (no state of its own).
-
-    Register :meth:`committed` as the durable tier's commit listener.
+    """Feeds the shared tier of ``tiers`` (a :class:`~tiering.remote.block_tier.RemoteBlockTier`) from
+    their durable tier (it listens to its commits) and reads shared sessions; a namespace met there is
+    registered in ``namespaces`` (its record queued to the durable tier). Without a shared tier every
+    method does nothing (reads find nothing). Thread-safe (no state of its own).
     """
 
-    def __init__(self, shared, durable, namespaces: NamespaceRegistry) -> None:
-        self.shared = shared
-        self.durable = durable
+    def __init__(self, tiers, namespaces: NamespaceRegistry) -> None:
+        self.shared = tiers.shared
+        self.durable = tiers.durable
         self.namespaces = namespaces
+        if self.shared is not None and self.durable is not None:
+            self.durable.on_commit(self.committed)
 
     # -- writes ---------------------------------------------------------------------------------------
     def committed(self, jobs: list[WriteJob], _evicted, error: BaseException | None) -> None:
         """Commit listener (writer thread): in mode ``all``, queue the committed blocks, then the
         session records, for the shared tier; a durable job is left to :meth:`durable_put`."""
-        if error is not None or self.shared.write_mode != "all":
+        if error is not None or self.shared is None or self.shared.write_mode != "all":
             return
         blocks = [(key, rec) for job in jobs if not job.durable
                   for (key, _b), rec in zip(job.blocks, job.records)]
@@ -65,7 +66,7 @@ class Fleet:
 
         :raises RemoteWriteFailed: (``TierUnavailable``, naming the remote tier) when not acknowledged.
         """
-        if self.shared.write_mode == "off":
+        if self.shared is None or self.shared.write_mode == "off":
             return
         keys = list(dict.fromkeys(keys))
         mine = dict(zip((k for k, _b in job.blocks), job.records))
@@ -87,28 +88,32 @@ class Fleet:
 
     # -- sessions ---------------------------------------------------------------------------------------
     def session(self, sid: bytes, local: Session | None) -> Session | None:
-        """The shared record of ``sid`` when it is newer than ``local`` (else ``None``): its keys are
-        then learnt under its namespace, so the shared tier serves them."""
-        raw = self.shared.session_get(sid)
+        """``local`` (the store's own record of ``sid``), or the shared tier's when that is newer (its
+        keys are then learnt under its namespace, so the shared tier serves them)."""
+        raw = self.shared.session_get(sid) if self.shared is not None else None
         if raw is None:
-            return None
+            return local
         try:
             found = Session.from_json(raw)
         except (ValueError, KeyError, TypeError):
             log.warning("shared session record unreadable; ignored")
-            return None
+            return local
         if local is not None and found.last_used <= local.last_used:
-            return None
+            return local
         self.learn(found.namespace, found.keys)
         return found
 
-    def forget_session(self, sid: bytes) -> None:
-        """Delete the shared record. :raises TierUnavailable: if the shared tier cannot be reached."""
-        self.shared.session_delete(sid)
+    def forget_sessions(self, sids: Sequence[bytes]) -> None:
+        """Delete the shared records. :raises TierUnavailable: if the shared tier cannot be reached."""
+        if self.shared is not None:
+            for sid in sids:
+                self.shared.session_delete(sid)
 
     def found(self, namespace: Namespace, keys: Sequence[BlockKey], tiers: list[str], tokens: int) -> int:
         """A lookup found ``tiers`` (the prefix's, of ``tokens`` tokens): learns the blocks only the
         shared tier holds (so reads are served from there) and returns their tokens."""
+        if self.shared is None:
+            return 0
         bt = namespace.layout.block_tokens
         remote = [i for i, t in enumerate(tiers) if t == self.shared.name]
         if remote:
@@ -122,3 +127,7 @@ class Fleet:
         new = self.namespaces.register(namespace)
         if new and self.durable is not None:
             self.durable.submit(WriteJob(namespaces=new))
+
+    def snapshot(self) -> dict:
+        """``{"shared": {"tier": name, **state and counters}}`` for the store's snapshot, or ``{}``."""
+        return {} if self.shared is None else {"shared": {"tier": self.shared.name, **self.shared.stats()}}

@@ -101,13 +101,10 @@ class TieredStore:
         tombstones = Tombstones()  # erased blocks no earlier read may put back (tiering/tombstones.py)
         self.namespaces = NamespaceRegistry(durable.namespaces() if durable is not None else None)
         self.session_records = SessionRecords(durable)
-        #: what the store shares with other hosts through the shared (remote) tier, or None
-        self.fleet = Fleet(self.tiers.shared, durable, self.namespaces) if self.tiers.shared is not None else None
+        self.fleet = Fleet(self.tiers, self.namespaces)  # what is shared with other hosts (tiering/fleet.py)
         if durable is not None:
             durable.on_commit(self.session_records.committed)
             durable.on_commit(self._count_commit)
-            if self.fleet is not None:
-                durable.on_commit(self.fleet.committed)
         # Block loads (LMDB read, decode, staging) run on the fetch pool, which copy-out's decoding shares.
         fetch_threads = max(2, cfg.prefetch_threads * 2)
         self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="kvtier-fetch")
@@ -120,7 +117,7 @@ class TieredStore:
                                  pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
                              sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer,
-                             after_durable=self.fleet.durable_put if self.fleet is not None else None)
+                             after_durable=self.fleet.durable_put)
         self._maint = Maintenance(self.leases, self.expire_sessions, self.config.maintenance_s)
         log.info("tiered store open: tiers %s, data dir %s, write policy %s",
                  ", ".join(f"{t.name}={t.device or 'disk'}:{t.capacity_bytes}B" for t in self.tiers.all),
@@ -241,9 +238,7 @@ class TieredStore:
         """The longest cached prefix of ``token_ids`` (or of ``keys``) and the tier of each block.
 
         Moves no data and changes no recency. A partial last block counts its own tokens only.
-        ``remote_tokens`` of the answer are the prefix's tokens held only by the shared tier; its
-        blocks are then known to be ``namespace``'s (``keys`` must be chained under it), so reads of
-        them may be served from there.
+        ``remote_tokens``: those only the shared tier holds (:meth:`Fleet.found <tiering.fleet.Fleet.found>`).
         """
         self._check_open()
         if keys is None:
@@ -263,7 +258,7 @@ class TieredStore:
             bt = namespace.layout.block_tokens
             tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
             span.set_attribute("kvtier.blocks", len(tiers))
-        remote_tokens = self.fleet.found(namespace, keys, tiers, tokens) if self.fleet is not None else 0
+        remote_tokens = self.fleet.found(namespace, keys, tiers, tokens)
         return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens)
 
     def namespace_of(self, ns_id: bytes) -> Namespace | None:
@@ -292,17 +287,14 @@ class TieredStore:
 
     # -- sessions ---------------------------------------------------------------------------------------------
     def get_session(self, tenant: str, session_id: str) -> Session:
-        """The session's record: the local one, or the shared tier's when that is newer (written by
-        another host; last writer wins by ``last_used``).
+        """The session's record (the shared tier's when newer: :meth:`Fleet.session <tiering.fleet.Fleet.session>`).
 
         :raises SessionNotFound: if there is none for this tenant, or it expired.
         """
         self._check_open()
         sid = session_id_key(tenant, session_id)
         trace.get_current_span().set_attribute("kvtier.session", session_hash(sid))
-        session = self.session_records.load(sid)
-        if self.fleet is not None:
-            session = self.fleet.session(sid, session) or session
+        session = self.fleet.session(sid, self.session_records.load(sid))
         if session is None or session.expired():
             raise SessionNotFound(f"no session {session_id!r} for this tenant (never stored, deleted or expired)")
         return session
@@ -342,12 +334,11 @@ class TieredStore:
 
     def delete_session(self, tenant: str, session_id: str, *, erase_blocks: bool = False) -> int:
         """Forget a session; with ``erase_blocks`` also delete its blocks from every tier (even if
-        other sessions of the tenant share them: they will miss and recompute — privacy first). The
-        shared tier's copies (blocks and record) are deleted too.
+        other sessions of the tenant share them: they will miss and recompute — privacy first).
 
         :returns: blocks erased.
-        :raises SessionNotFound: if there is no such session.
-        :raises TierUnavailable: if the shared tier could not be reached (the local copies are gone).
+        :raises SessionNotFound: if there is no such session. :raises TierUnavailable: if the shared tier
+            (which loses its copies too) cannot be reached; the local copies are gone.
         """
         session = self.get_session(tenant, session_id)
         return self._delete_session(session, erase_blocks)
@@ -358,13 +349,11 @@ class TieredStore:
         return erased
 
     def _forget_sessions(self, sessions: list[Session], shared: bool = True) -> None:
-        """Delete these session records (with ``shared``, the shared tier's too), waiting until that is committed."""
+        """Delete these session records (and the shared tier's, with ``shared``), waiting until committed."""
         fut = self.session_records.submit({s.id_key: None for s in sessions})
         if fut is not None:
             fut.result()
-        if shared and self.fleet is not None:
-            for s in sessions:
-                self.fleet.forget_session(s.id_key)
+        self.fleet.forget_sessions([s.id_key for s in sessions] if shared else [])
 
     def invalidate(self, tenant: str, *, model: str | None = None, revision: str | None = None,
                    namespace: Namespace | None = None) -> int:
@@ -394,8 +383,8 @@ class TieredStore:
         dead = [s for s in self.sessions() if s.expired(now)]
         for s in dead:
             # Not delete_session: get_session treats an expired session as absent, so it would
-            # raise SessionNotFound and the session and its blocks would stay forever. The shared tier
-            # keeps its copies (another host may use them; its records have their own TTL).
+            # raise SessionNotFound and the session and its blocks would stay forever. The shared
+            # tier keeps its copies: another host may still use them, and they have their own TTL.
             self._delete_session(s, erase_blocks=True, shared=False)
         return len(dead)
 
@@ -420,9 +409,7 @@ class TieredStore:
         snap["write_queue_depth"] = jobs
         raw, rec = snap["cold_raw_bytes_written"], snap["cold_record_bytes_written"]
         snap["compression_ratio"] = raw / rec if rec else None
-        shared = self.tiers.shared
-        if shared is not None:  # its state and counters (breaker, errors by kind, dropped writes...)
-            snap["shared"] = {"tier": shared.name, **shared.stats()}
+        snap.update(self.fleet.snapshot())
         return snap
 
     def check(self) -> list[str]:

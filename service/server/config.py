@@ -262,8 +262,8 @@ class RemoteSettings(BaseModel):
         plain = {n: getattr(self, n) for n in ("username", "tls", "key_prefix", "ttl_s", "write", "min_replicas",
                                                 "base_timeout_s", "slow_budget_s", "breaker_failures",
                                                 "breaker_cooldown_s", "write_retries", "max_connections")}
-        return RemoteConfig(seeds=tuple(self.seeds), password=password, min_throughput_bps=float(self.min_throughput_bps),
-                            **paths, **sizes, **plain)
+        return RemoteConfig(seeds=tuple(self.seeds), password=password,
+                            min_throughput_bps=float(self.min_throughput_bps), **paths, **sizes, **plain)
 
 
 class Settings(BaseModel):

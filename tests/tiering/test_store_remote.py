@@ -7,6 +7,7 @@ never costs a local hit, damaged or foreign remote values are misses.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -170,3 +171,29 @@ def test_a_value_under_another_tenants_key_is_never_served(make_host, redis_clus
     assert b.lookup(theirs, toks).blocks == BLOCKS  # present (a hint)...
     assert read_all(b, foreign)[0][0] is None  # ...but never served: bound to the victim's key
     assert b.snapshot()["tiers"]["remote"]["checksum_failures"] >= 1
+
+
+def test_a_remote_read_running_during_an_erase_does_not_put_the_block_back(make_host, monkeypatch):
+    a, b = make_host("a"), make_host("b")
+    park(a, 12, "race")
+    key = b.get_session("t", "race").keys[0]
+    shared = b.tiers.shared
+    real = shared.read
+    fetched, go = threading.Event(), threading.Event()
+
+    def gated(k, ops=None):
+        got = real(k, ops)  # the bytes come from the cluster...
+        fetched.set()
+        go.wait(10)  # ...and the erase runs before they are promoted
+        return got
+
+    monkeypatch.setattr(shared, "read", gated)
+    out: dict = {}
+    reader = threading.Thread(target=lambda: out.setdefault("got", b.get(key)))
+    reader.start()
+    assert fetched.wait(10)
+    assert b.delete_session("t", "race", erase_blocks=True) == BLOCKS
+    go.set()
+    reader.join(10)
+    assert out["got"] is not None  # it began before the erase: it answers its caller
+    assert b.where(key) is None  # but nothing put the block back, here or in the cluster
