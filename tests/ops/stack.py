@@ -1,4 +1,4 @@
-"""What ops/Dockerfile and ops/docker-compose.yml give the kvtier container, read without a Docker
+"""What ops/Dockerfile and ops/docker-compose*.yml give a kvtier container, read without a Docker
 engine: the environment (image ENV, then compose ``environment``), the argv (ENTRYPOINT + CMD, or the
 compose overrides), the health check, the bind mounts and the published ports.
 
@@ -89,11 +89,12 @@ def _seconds(text: str) -> float:
     return float(text)
 
 
-def kvtier_container(compose: dict, image: Dockerfile) -> Container:
-    svc = compose["services"]["kvtier"]
+def kvtier_container(compose: dict, image: Dockerfile, service: str = "kvtier") -> Container:
+    """The kvtier ``service`` of ``compose`` (YAML anchors and merge keys already resolved by the loader)."""
+    svc = compose["services"][service]
     env = dict(image.env)
     if not isinstance(svc.get("environment", {}), dict):
-        raise ValueError("services.kvtier.environment must be a mapping")
+        raise ValueError(f"services.{service}.environment must be a mapping")
     env.update({k: str(v) for k, v in svc.get("environment", {}).items()})
     entrypoint = svc.get("entrypoint", image.entrypoint)
     # compose: an explicit entrypoint drops the image's CMD; a command replaces CMD

@@ -62,5 +62,5 @@ def test_daemonset_probes_grace_secret_and_local_volume():
     vols = {v["name"]: v for v in ds["volumes"]}
     assert vols["secret"]["secret"]["secretName"] == "kvtier-secret"
     assert settings["security"]["tokens_file"].startswith(mounts["secret"] + "/")
-    assert "tokens.toml" in res["Secret/kvtier-secret"]["stringData"]
+    assert pathlib.PurePath(settings["security"]["tokens_file"]).name in res["Secret/kvtier-secret"]["stringData"]
     assert mounts["cold"] == settings["store"]["data_dir"] and "hostPath" in vols["cold"]

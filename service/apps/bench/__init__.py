@@ -8,7 +8,8 @@ Scenarios (one module each, ``run(ctx) -> {"rows": [...], "notes": [...]}``):
 * :mod:`~service.bench.codec`: compression ratio and speed on real KV per dtype, level, shuffle;
 * :mod:`~service.bench.scale`: index RAM, lookup latency and reopen time up to 10^6 blocks;
 * :mod:`~service.bench.concurrency`: 1-32 concurrent async clients;
-* :mod:`~service.bench.tracing`: throughput with tracing on vs off.
+* :mod:`~service.bench.tracing`: throughput with tracing on vs off;
+* :mod:`~service.bench.fleet`: nodes sharing a Redis Cluster (remote tier) beside redis-py on the same cluster.
 
 :func:`~service.bench.runner.run_bench` runs them and :mod:`~service.bench.report` writes
 ``results.json``, ``results.md`` and PNGs; :mod:`~service.bench.targets` judges each target as a ratio

@@ -71,13 +71,15 @@ def _wait_port_file(path: Path, proc: subprocess.Popen, log_path: Path, timeout_
 
 @contextlib.contextmanager
 def kvtier_server(workdir: Path, name: str, data_dir: Path, *, store: dict[str, str] | None = None,
-                  telemetry: dict[str, str] | None = None, timeout_s: float = 120.0) -> Iterator[str]:
+                  telemetry: dict[str, str] | None = None, remote: dict[str, str] | None = None,
+                  timeout_s: float = 120.0) -> Iterator[str]:
     """Run ``service.server.serve`` in a subprocess; yields its ``127.0.0.1:port`` address.
 
     :param workdir: where the port file and the log go (``<name>.log``).
     :param data_dir: the store's data directory (reuse it to restart a server on the same data).
     :param store: ``StoreSettings`` fields as strings (``{"warm_capacity": "1GiB"}``).
     :param telemetry: ``TelemetrySettings`` fields as strings.
+    :param remote: ``RemoteSettings`` fields as strings (``{"seeds": '["127.0.0.1:7000"]'}``).
     :raises RuntimeError: if the server exits before listening. :raises TimeoutError: if it is slow.
     """
     port_file = workdir / f"{name}.port"
@@ -87,8 +89,8 @@ def kvtier_server(workdir: Path, name: str, data_dir: Path, *, store: dict[str, 
              "KVTIER_SERVER__PORT_FILE": str(port_file), "KVTIER_SERVER__GRACE_S": "0.5",
              "KVTIER_SERVER__MAX_CONCURRENT_RPCS": "256", "KVTIER_STORE__DATA_DIR": str(data_dir),
              "KVTIER_LOG_LEVEL": "WARNING"}
-    extra.update({f"KVTIER_STORE__{k.upper()}": str(v) for k, v in (store or {}).items()})
-    extra.update({f"KVTIER_TELEMETRY__{k.upper()}": str(v) for k, v in (telemetry or {}).items()})
+    for section, values in (("STORE", store), ("TELEMETRY", telemetry), ("REMOTE", remote)):
+        extra.update({f"KVTIER_{section}__{k.upper()}": str(v) for k, v in (values or {}).items()})
     with open(log_path, "ab") as log_fh:
         proc = subprocess.Popen([sys.executable, "-c", _SERVE], env=_env(extra), cwd=str(workdir),
                                 stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -153,6 +153,8 @@ def plots(results: dict, out: Path) -> list[str]:
                                           "concurrent Get of 360 KiB"),
         "tracing": lambda r: _plot_bars(plt, [x["tracing"] for x in r], [x["gbps"] for x in r], out / "tracing.png",
                                         "Get throughput, tracing on vs off", "GB/s"),
+        "fleet": lambda r: _plot_xy(plt, [x for x in r if x.get("part") == "hits"], "nodes", ["hit_rate"],
+                                    out / "fleet.png", "hit rate vs nodes, turns on random nodes"),
     }
     for name, draw in jobs.items():
         rows = sc.get(name, {}).get("rows")

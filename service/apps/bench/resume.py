@@ -27,13 +27,20 @@ from kvtier.service.apps.bench.procs import kvtier_server
 NEW_TOKENS = 16
 
 
-def _restore_once(client: KVTierClient, bm, ns, sid: str, ids: list[int]) -> tuple[float, float, int, int]:
-    """One timed resume: (ttft_s, restore_s, cached_tokens, first_token)."""
+def restore_once(client: KVTierClient, bm, ns, sid: str, ids: list[int]) -> tuple[float, float, int, int]:
+    """One timed resume of session ``sid`` continued by ``ids``: (ttft_s, restore_s, cached_tokens, first_token)."""
     t0 = time.perf_counter()
     cache, used = restore_cache(client, sid, ids, namespace=ns)
     t1 = time.perf_counter()
     gen = greedy_generate(bm.model, ids, cache, max_new_tokens=1)
     return time.perf_counter() - t0, t1 - t0, used, gen.tokens[0]
+
+
+def recompute(bm, ids: list[int], reps: int) -> tuple[float, int]:
+    """Median TTFT of prefilling ``ids`` with no cache (kernels warmed first) and the first token."""
+    greedy_generate(bm.model, ids[:64], None, max_new_tokens=1)  # warm the kernels
+    runs = [greedy_generate(bm.model, ids, None, max_new_tokens=1) for _ in range(reps)]
+    return statistics.median(r.ttft_s for r in runs), runs[0].tokens[0]
 
 
 def run(ctx: BenchContext) -> dict:
@@ -47,10 +54,7 @@ def run(ctx: BenchContext) -> dict:
         history = conversation(bm, n)
         ids = history + conversation(bm, NEW_TOKENS, seed=1)
         ctx.step(f"recompute {n}+{NEW_TOKENS} tokens x{reps}")
-        greedy_generate(bm.model, ids[:64], None, max_new_tokens=1)  # warm the kernels
-        runs = [greedy_generate(bm.model, ids, None, max_new_tokens=1) for _ in range(reps)]
-        base = statistics.median(r.ttft_s for r in runs)
-        ref_token = runs[0].tokens[0]
+        base, ref_token = recompute(bm, ids, reps)
         kv_bytes = ns.layout.block_bytes(1) * n
         rows.append({"tokens": n, "source": "recompute", "ttft_s": base, "restore_s": 0.0, "speedup": 1.0,
                      "cached_tokens": 0, "token_match": 1, "kv_bytes": 0})
@@ -67,11 +71,11 @@ def run(ctx: BenchContext) -> dict:
                     KVTierClient(address, timeout=300) as client:
                 save_cache(client, ns, sid, history, cache, durable=True)
                 if source != "restart":
-                    samples = [_restore_once(client, bm, ns, sid, ids) for _ in range(reps)]
+                    samples = [restore_once(client, bm, ns, sid, ids) for _ in range(reps)]
             for _ in range(reps if source == "restart" else 0):
                 with kvtier_server(ctx.workdir, f"resume-{source}", data_dir, store=tiers.SETTINGS[tier]) as address, \
                         KVTierClient(address, timeout=300) as client:
-                    samples.append(_restore_once(client, bm, ns, sid, ids))
+                    samples.append(restore_once(client, bm, ns, sid, ids))
             ttft = statistics.median(s[0] for s in samples)
             rows.append({"tokens": n, "source": source, "ttft_s": ttft,
                          "restore_s": statistics.median(s[1] for s in samples), "speedup": ratio(base, ttft),

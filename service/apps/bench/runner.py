@@ -35,6 +35,7 @@ SCENARIOS: dict[str, str] = {
     "concurrency": "concurrency",
     "tracing": "tracing",
     "quality": "quality",
+    "fleet": "fleet",
 }
 #: Optional peers (``--peers``), run after the scenarios, never by default: name -> module, as above.
 PEERS: dict[str, str] = {

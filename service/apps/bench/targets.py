@@ -95,9 +95,9 @@ def _tracing(results: dict) -> tuple[float | None, str]:
     return sc.get("on_over_off"), sc.get("measured_at", "")
 
 
-def _lmcache(results: dict, field: str) -> tuple[float | None, str]:
-    """Worst ratio over the ``--peers lmcache`` rows (``service/apps/bench/lmcache_peer.py`` computes it)."""
-    sc = results.get("scenarios", {}).get("lmcache", {})
+def _computed(results: dict, scenario: str, field: str) -> tuple[float | None, str]:
+    """A ratio the scenario computed itself (``lmcache_peer.py``, ``fleet.py``) and where it was measured."""
+    sc = results.get("scenarios", {}).get(scenario, {})
     return sc.get(field), sc.get(f"{field}_at", "")
 
 
@@ -128,9 +128,15 @@ TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, f
     ("concurrency_p99_ms", "p99 Get of 360 KiB, ms", _concurrency, "<=", 25.0, "32 clients"),
     ("tracing_overhead", "Get throughput with tracing on / off", _tracing, ">=", 0.95, ""),
     ("lmcache_same_host", "kvtier shm p50 retrieve / LMCache server's (faster transport), worst workload",
-     lambda r: _lmcache(r, "same_host_ratio"), "<=", 0.5, "every workload (--peers lmcache)"),
+     lambda r: _computed(r, "lmcache", "same_host_ratio"), "<=", 0.5, "every workload (--peers lmcache)"),
     ("lmcache_grpc", "LMCache server over gRPC p50 / kvtier gRPC p50, worst workload and op",
-     lambda r: _lmcache(r, "grpc_speedup"), ">=", 1.0, "every workload (--peers lmcache)"),
+     lambda r: _computed(r, "lmcache", "grpc_speedup"), ">=", 1.0, "every workload (--peers lmcache)"),
+    ("fleet_resume_speedup", "cross-node resume from the remote tier only: recompute TTFT / resume TTFT",
+     lambda r: _computed(r, "fleet", "resume_speedup"), ">=", 10.0, "2048 tokens"),
+    ("fleet_get_vs_redis", "remote tier Get of a 2 MiB block / redis-py RedisCluster GET of the same bytes",
+     lambda r: _computed(r, "fleet", "get_vs_redis"), ">=", 0.8, "2 MiB blocks"),
+    ("fleet_write_vs_raw", "durable session write to the remote tier / redis-py SET + WAIT of the same bytes",
+     lambda r: _computed(r, "fleet", "write_vs_raw"), ">=", 0.8, ""),
 ]
 
 
