@@ -279,7 +279,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="the few-minute run (CI's smoke run)")] = False,
     out: Annotated[Path, typer.Option("--out", help="results folder")] = Path("bench-results"),
     scenarios: Annotated[Optional[str], typer.Option(
-        help="comma-separated subset of transport,resume,codec,scale,concurrency,tracing")] = None,
+        help="comma-separated subset of transport,resume,codec,scale,concurrency,tracing,quality,fleet")] = None,
     peers: Annotated[Optional[str], typer.Option(
         help="also measure these peers beside kvtier, after the scenarios: lmcache (needs `make lmcache-venv`)")] = None,
 ) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvtier.service.integrations.hf import smollm2_gguf_path
+from kvtier.service.apps.model import smollm2_gguf_path
 from kvtier.tiering import lossy
 
 from kvtier.service.apps.bench import quality_eval as qe
@@ -74,17 +74,6 @@ TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, f
     ("lossy_decode_gbps", "lossy decode GB/s (raw bytes out, one thread), slowest codec and dtype",
      _decode_floor, ">=", 1.0, ""),
 ]
-
-
-def evaluate_targets(results: dict) -> list[dict]:
-    """:data:`TARGETS` against ``results``, as dicts shaped like ``targets.evaluate``'s."""
-    out = []
-    for tid, desc, getter, op, threshold, target_at in TARGETS:
-        value, where = getter(results)
-        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
-        out.append({"id": tid, "description": desc, "value": value, "op": op, "threshold": threshold, "met": met,
-                    "measured_at": where, "target_at": target_at})
-    return out
 
 
 def _sizes(ctx: BenchContext) -> tuple[int | None, int, int | None]:
@@ -242,7 +231,9 @@ def run(ctx: BenchContext) -> dict:
         f"{len(paragraphs)} held-out paragraphs; 16-token blocks; ratio includes a 40-byte record header per block",
         "exact baseline = the same dtype's blocks without the codec; every restore of a history is decoded as "
         "one batch row; codec GB/s: best of a few passes over the first chat's blocks, one thread"]}
-    scored = evaluate_targets({"scenarios": {"quality": result}})
+    from kvtier.service.apps.bench.targets import evaluate  # targets.py imports this module's TARGETS
+
+    scored = evaluate({"scenarios": {"quality": result}}, TARGETS)
     for t in scored:
         verdict = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
         value = "-" if t["value"] is None else f"{t['value']:.3g}"

@@ -21,7 +21,8 @@ import torch
 
 from transformers import DynamicCache
 
-from kvtier.service.integrations.hf import cache_to_blocks, chat_ids, layout_for
+from kvtier.service.apps.model import chat_ids
+from kvtier.service.integrations.hf import cache_to_blocks, layout_for
 from kvtier.tiering.codec import HEADER, Codec, CodecId
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -140,11 +140,18 @@ TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, f
 ]
 
 
-def evaluate(results: dict) -> list[dict]:
-    """One dict per target: ``id``, ``description``, ``value``, ``op``, ``threshold``, ``met`` (bool or
-    ``None`` when not measured), ``measured_at``, ``target_at``."""
+# Issue 17's lossy-codec targets live beside their scenario (quality.py), in the same form.
+from kvtier.service.apps.bench.quality import TARGETS as _QUALITY_TARGETS  # noqa: E402
+
+TARGETS += _QUALITY_TARGETS
+
+
+def evaluate(results: dict, targets: list | None = None) -> list[dict]:
+    """One dict per target (of ``targets``, default all :data:`TARGETS`): ``id``, ``description``,
+    ``value``, ``op``, ``threshold``, ``met`` (bool or ``None`` when not measured), ``measured_at``,
+    ``target_at``."""
     out = []
-    for tid, desc, getter, op, threshold, target_at in TARGETS:
+    for tid, desc, getter, op, threshold, target_at in (TARGETS if targets is None else targets):
         try:
             value, where = getter(results)
         except (KeyError, TypeError, ValueError):
