@@ -22,12 +22,14 @@ class PutResult:
 @dataclass(slots=True)
 class LookupResult:
     """The longest cached prefix: ``tiers[i]`` is where block ``keys[i]`` is now; ``remote_tokens``
-    of its ``tokens`` are held only by the shared (remote) tier, the rest locally."""
+    of its ``tokens`` are held only by the shared (remote) tier, the rest locally; ``lossy[i]``: block
+    ``i`` would be served approximate (a lossy namespace's block no memory tier holds exactly)."""
 
     keys: list[BlockKey]
     tiers: list[str]
     tokens: int
     remote_tokens: int = 0
+    lossy: list[bool] = field(default_factory=list)
 
     @property
     def local_tokens(self) -> int:

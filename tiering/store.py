@@ -202,11 +202,12 @@ class TieredStore:
 
     def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, *, align: int = 4096,
                  accept: Callable[[bytes], bool] | None = None, deadline: float | None = None,
-                 promote: bool = True) -> CopyOut:
+                 promote: bool = True, exact_only: bool = False) -> CopyOut:
         """Write the blocks of ``keys`` (prefix order) into ``region``: :meth:`CopyOuts.copy_out
         <tiering.copyout.CopyOuts.copy_out>`. :raises TierUnavailable: if the store is closed."""
         self._check_open()
-        return self.copyouts.copy_out(keys, region, align=align, accept=accept, deadline=deadline, promote=promote)
+        return self.copyouts.copy_out(keys, region, align=align, accept=accept, deadline=deadline, promote=promote,
+                                      exact_only=exact_only)
 
     def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None) -> PrefetchHandle:
         """Start moving ``keys`` up to the top tier, in order, and return at once: :meth:`Loader.prefetch
@@ -234,11 +235,13 @@ class TieredStore:
         return self.tiers.walk(keys, self._lock, lambda tier, ks: tier.locate(ks))
 
     def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray | None = None, *,
-               keys: Sequence[BlockKey] | None = None) -> LookupResult:
+               keys: Sequence[BlockKey] | None = None, exact_only: bool = False) -> LookupResult:
         """The longest cached prefix of ``token_ids`` (or of ``keys``) and the tier of each block.
 
         Moves no data and changes no recency. A partial last block counts its own tokens only.
         ``remote_tokens``: those only the shared tier holds (:meth:`Fleet.found <tiering.fleet.Fleet.found>`).
+        ``lossy``: which blocks of the prefix would be served approximate (:meth:`lossy_flags`); with
+        ``exact_only`` the prefix ends before the first of them.
         """
         self._check_open()
         if keys is None:
@@ -255,11 +258,25 @@ class TieredStore:
                 if t is None:
                     break
                 tiers.append(t)
+            lossy = self.lossy_flags(namespace, keys[:len(tiers)], tiers)
+            if exact_only and any(lossy):
+                del tiers[lossy.index(True):]
+                lossy = lossy[:len(tiers)]
             bt = namespace.layout.block_tokens
             tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
             span.set_attribute("kvtier.blocks", len(tiers))
         remote_tokens = self.fleet.found(namespace, keys, tiers, tokens)
-        return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens)
+        return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens, lossy)
+
+    def lossy_flags(self, namespace: Namespace, keys: Sequence[BlockKey], tiers: Sequence[str | None]) -> list[bool]:
+        """For each block of ``namespace`` found in tier ``tiers[i]`` (as :meth:`lookup` names it), whether a
+        read would serve approximate bytes: never for a lossless namespace; for a lossy one, unless a
+        memory tier holds its exact bytes (a durable tier or the write queue counts as lossy). A peek."""
+        if not namespace.lossy:
+            return [False] * len(keys)
+        fast = {t.name: t for t in self.tiers.fast}
+        with self._lock:
+            return [t not in fast or (b := fast[t].peek(k)) is None or b.lossy for k, t in zip(keys, tiers)]
 
     def namespace_of(self, ns_id: bytes) -> Namespace | None:
         """The namespace registered under ``ns_id`` (a :attr:`Block.ns_id`), or ``None`` if unknown.

@@ -152,9 +152,11 @@ class ColdTier(Tier):
         with self.env.begin(db=self.db["blocks"]) as txn:
             return txn.get(key.digest)
 
-    def encode(self, key: BlockKey, raw, dtype: str, shape: tuple[int, ...], csum: int | None = None) -> bytes:
-        """The record to store for a block (``Codec.encode``, then sealed when encryption is on)."""
-        record = self.codec.encode(raw, dtype, shape, csum)
+    def encode(self, key: BlockKey, raw, dtype: str, shape: tuple[int, ...], csum: int | None = None, *,
+               lossy: str = "") -> bytes:
+        """The record to store for a block (``Codec.encode``, with the lossy codec ``lossy`` when given,
+        then sealed when encryption is on)."""
+        record = self.codec.encode(raw, dtype, shape, csum, lossy)
         return record if self.sealer is None else self.sealer.seal(key.digest, record)
 
     def open(self, key: BlockKey, record: bytes) -> tuple[RecordHeader, bytes] | None:
@@ -186,7 +188,8 @@ class ColdTier(Tier):
         except ChecksumError as exc:
             self._drop(key, exc)
             return None
-        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, self.ns_of(key) or b"")
+        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, self.ns_of(key) or b"",
+                     header.lossy_codec, header.lossy)
 
     def _drop(self, key: BlockKey, exc: ChecksumError) -> None:
         self.checksum_failures += 1
@@ -234,7 +237,8 @@ class ColdTier(Tier):
                            hit=block is not None)
             return block
 
-        return Fetched(self.name, header.raw_length, self.ns_of(key) or b"", decode_into=decode_into)
+        return Fetched(self.name, header.raw_length, self.ns_of(key) or b"", decode_into=decode_into,
+                       lossy=header.lossy)
 
     def ns_of(self, key: BlockKey) -> bytes | None:
         with self.env.begin() as txn:
@@ -257,7 +261,8 @@ class ColdTier(Tier):
     # -- writes ---------------------------------------------------------------------------------------
     def put(self, key: BlockKey, block: Block) -> None:
         """Write one block now. :raises CapacityExceeded: when it does not fit (nothing is evicted)."""
-        record = self.encode(key, block.data.cpu().numpy(), block.dtype, block.shape, block.checksum)
+        record = self.encode(key, block.data.cpu().numpy(), block.dtype, block.shape, block.checksum,
+                             lossy=block.cold_codec)
         self.write_batch([ColdWrite(key, record, block.ns_id)])
 
     def write_batch(self, writes: list[ColdWrite], *, sessions: dict[bytes, bytes | None] | None = None,

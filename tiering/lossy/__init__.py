@@ -25,7 +25,7 @@ from .kivi import DEFAULT_GROUP, KiviCodec
 from .payload import FLOAT_DTYPES, LossyPayloadError, as_float32
 
 __all__ = ["CODEC_IDS", "DEFAULT_GROUP", "FLOAT_DTYPES", "LossyCodec", "LossyPayloadError", "by_id", "by_name",
-           "is_lossy", "make", "values_of"]
+           "for_spec", "is_lossy", "make", "parse_spec", "values_of"]
 
 
 @runtime_checkable
@@ -83,6 +83,38 @@ def by_name(name: str) -> LossyCodec:
         return _DEFAULTS[name]
     except KeyError:
         raise ValueError(f"unknown lossy codec {name!r}; choose from {', '.join(_DEFAULTS)}") from None
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """A namespace's ``cold_codec`` text as ``(name, group)``: ``"fp8_e4m3"``, ``"int8"``, ``"int4"``, or an
+    int codec with its KIVI group size, ``"int4/g32"`` (``group`` is ``None`` when not given).
+
+    :raises ValueError: on an unknown name, a group on fp8, or a bad group.
+    """
+    name, sep, rest = spec.partition("/g")
+    if name not in _DEFAULTS:
+        raise ValueError(f"unknown lossy codec {spec!r}; choose from {', '.join(_DEFAULTS)} "
+                         "(an int codec may name its group size, e.g. int4/g32)")
+    if not sep:
+        return name, None
+    if name == "fp8_e4m3" or not rest.isdigit() or rest != str(int(rest)):
+        raise ValueError(f"bad lossy codec {spec!r}: only int8 and int4 take a group size, written /g<N>")
+    make(name, group=int(rest))  # validates the group
+    return name, int(rest)
+
+
+_BY_SPEC: dict[str, LossyCodec] = {}
+
+
+def for_spec(spec: str) -> LossyCodec:
+    """The shared codec a namespace's ``cold_codec`` names (see :func:`parse_spec`). Thread-safe.
+
+    :raises ValueError: as :func:`parse_spec`."""
+    codec = _BY_SPEC.get(spec)
+    if codec is None:
+        name, group = parse_spec(spec)
+        codec = _BY_SPEC.setdefault(spec, by_name(name) if group is None else make(name, group=group))
+    return codec
 
 
 def by_id(codec_id: int) -> LossyCodec:
