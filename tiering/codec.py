@@ -52,6 +52,19 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sBBBBIIIIQQ")
 
 
+#: Byte offset of the codec id in a record (after magic 4, version 1); readable in sealed records too.
+CODEC_OFFSET = 5
+
+
+def codec_name(record: bytes | memoryview) -> str:
+    """Name of the codec that wrote ``record`` (plain or sealed): ``shuffle_zstd``, ``zstd``, ``raw``, or a
+    lossy codec's (``fp8_e4m3``…); ``unknown`` for an unknown id. Reads the header's codec byte only."""
+    cid = record[CODEC_OFFSET] if len(record) > CODEC_OFFSET else -1
+    if is_lossy(cid):
+        return by_id(cid).name
+    return CodecId(cid).name.lower() if cid in CodecId._value2member_map_ else "unknown"
+
+
 class CodecId(enum.IntEnum):
     """Lossless payload encodings. Part of the on-disk format: never renumber, only append. Ids 16–18
     are the lossy codecs' (:data:`tiering.lossy.CODEC_IDS`)."""

@@ -160,7 +160,8 @@ _TIER_COUNTERS = ("hits", "misses", "promotions", "demotions", "evictions", "che
 
 
 def stats_to_proto(snap: dict, version: str) -> pb.StatsResponse:
-    """``TieredStore.snapshot()`` as a ``StatsResponse``: tiers top first, integer counters in ``counters``.
+    """``TieredStore.snapshot()`` as a ``StatsResponse``: tiers top first, integer counters in ``counters``
+    (the bytes written per record codec as ``codec_raw_bytes_<codec>`` and ``codec_stored_bytes_<codec>``).
     The shared (remote) tier also reports its state, errors and dropped writes (``snap["shared"]``)."""
     tiers = []
     shared = snap.get("shared") or {}
@@ -175,6 +176,8 @@ def stats_to_proto(snap: dict, version: str) -> pb.StatsResponse:
     skip = {"tiers", "usage", "bytes_moved", "shared", "pinned_blocks", "write_queue_depth", "pending_writes",
             "compression_ratio"}
     counters = {k: int(v) for k, v in snap.items() if k not in skip and isinstance(v, int) and v >= 0}
+    for per_codec in ("codec_raw_bytes", "codec_stored_bytes"):
+        counters.update({f"{per_codec}_{codec}": int(n) for codec, n in snap.get(per_codec, {}).items()})
     return pb.StatsResponse(tiers=tiers, pinned_blocks=snap["pinned_blocks"],
                             write_queue_depth=snap["write_queue_depth"], pending_writes=snap["pending_writes"],
                             compression_ratio=snap["compression_ratio"] or 0.0,
