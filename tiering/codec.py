@@ -62,7 +62,7 @@ def codec_name(record: bytes | memoryview) -> str:
     cid = record[CODEC_OFFSET] if len(record) > CODEC_OFFSET else -1
     if is_lossy(cid):
         return by_id(cid).name
-    return CodecId(cid).name.lower() if cid in CodecId._value2member_map_ else "unknown"
+    return CodecId(cid).name.lower() if cid in set(CodecId) else "unknown"
 
 
 class CodecId(enum.IntEnum):

@@ -1,5 +1,5 @@
 """Namespaces and block keys: the chained prefix hash that names every block.
-Imports numpy, ``errors``, ``layout`` and ``lossy`` (codec names) only.
+Imports numpy, ``errors``, ``layout`` and ``lossy_spec`` (codec names) only.
 
 The hash is part of kvtier's public contract (clients in any language compute keys themselves), so
 it is specified here exactly and pinned by test vectors in ``tests/tiering/test_keys.py`` and the README:
@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import InvalidBlock
 from .layout import BlockLayout
-from .lossy import FLOAT_DTYPES, parse_spec
+from .lossy_spec import LOSSY_DTYPES, parse_spec
 
 KEY_BYTES = 16
 MAX_ID_BYTES = 256
@@ -140,7 +140,7 @@ class Namespace:
                 parse_spec(self.cold_codec)
             except ValueError as exc:
                 raise InvalidBlock(str(exc), field="namespace.cold_codec") from None
-            if self.layout.dtype not in FLOAT_DTYPES:
+            if self.layout.dtype not in LOSSY_DTYPES:
                 raise InvalidBlock(f"a lossy cold codec needs float KV, not {self.layout.dtype}",
                                    field="namespace.cold_codec")
         self.root()  # validates field lengths

@@ -40,6 +40,14 @@ class LookupResult:
         return len(self.tiers)
 
 
+def resumed_prefix(tiers: list[str | None], lossy: list[bool], exact_only: bool) -> tuple[int, list[bool]]:
+    """A resumed session's cached blocks (up to the first gone one, or with ``exact_only`` the first
+    lossy one) and ``lossy`` (a lookup's flags, maybe shorter) padded to one flag per block."""
+    lossy = list(lossy[:len(tiers)]) + [False] * (len(tiers) - len(lossy))
+    cached = next((i for i, (t, lo) in enumerate(zip(tiers, lossy)) if t is None or (exact_only and lo)), len(tiers))
+    return cached, lossy
+
+
 @dataclass(slots=True)
 class PrefetchHandle:
     """A running prefetch. ``future`` resolves to the number of blocks now in the top tier."""

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -200,14 +200,11 @@ class TieredStore:
         self._check_open()
         return self.loader.iter_blocks(keys, window=window, deadline=deadline)
 
-    def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, *, align: int = 4096,
-                 accept: Callable[[bytes], bool] | None = None, deadline: float | None = None,
-                 promote: bool = True, exact_only: bool = False) -> CopyOut:
+    def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, **options) -> CopyOut:
         """Write the blocks of ``keys`` (prefix order) into ``region``: :meth:`CopyOuts.copy_out
-        <tiering.copyout.CopyOuts.copy_out>`. :raises TierUnavailable: if the store is closed."""
+        <tiering.copyout.CopyOuts.copy_out>` with its keyword ``options``. :raises TierUnavailable: if closed."""
         self._check_open()
-        return self.copyouts.copy_out(keys, region, align=align, accept=accept, deadline=deadline, promote=promote,
-                                      exact_only=exact_only)
+        return self.copyouts.copy_out(keys, region, **options)
 
     def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None) -> PrefetchHandle:
         """Start moving ``keys`` up to the top tier, in order, and return at once: :meth:`Loader.prefetch
@@ -240,8 +237,7 @@ class TieredStore:
 
         Moves no data and changes no recency. A partial last block counts its own tokens only.
         ``remote_tokens``: those only the shared tier holds (:meth:`Fleet.found <tiering.fleet.Fleet.found>`).
-        ``lossy``: which blocks of the prefix would be served approximate (:meth:`lossy_flags`); with
-        ``exact_only`` the prefix ends before the first of them.
+        ``lossy``: per block, whether it reads approximate (``TierList.lossy``); ``exact_only`` stops before one.
         """
         self._check_open()
         if keys is None:
@@ -258,25 +254,13 @@ class TieredStore:
                 if t is None:
                     break
                 tiers.append(t)
-            lossy = self.lossy_flags(namespace, keys[:len(tiers)], tiers)
-            if exact_only and any(lossy):
-                del tiers[lossy.index(True):]
-                lossy = lossy[:len(tiers)]
+            lossy = self.tiers.lossy(keys[:len(tiers)], tiers, self._lock) if namespace.lossy else [False] * len(tiers)
+            del tiers[lossy.index(True) if exact_only and True in lossy else len(tiers):], lossy[len(tiers):]
             bt = namespace.layout.block_tokens
             tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
             span.set_attribute("kvtier.blocks", len(tiers))
         remote_tokens = self.fleet.found(namespace, keys, tiers, tokens)
         return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens, lossy)
-
-    def lossy_flags(self, namespace: Namespace, keys: Sequence[BlockKey], tiers: Sequence[str | None]) -> list[bool]:
-        """For each block of ``namespace`` found in tier ``tiers[i]`` (as :meth:`lookup` names it), whether a
-        read would serve approximate bytes: never for a lossless namespace; for a lossy one, unless a
-        memory tier holds its exact bytes (a durable tier or the write queue counts as lossy). A peek."""
-        if not namespace.lossy:
-            return [False] * len(keys)
-        fast = {t.name: t for t in self.tiers.fast}
-        with self._lock:
-            return [t not in fast or (b := fast[t].peek(k)) is None or b.lossy for k, t in zip(keys, tiers)]
 
     def namespace_of(self, ns_id: bytes) -> Namespace | None:
         """The namespace registered under ``ns_id`` (a :attr:`Block.ns_id`), or ``None`` if unknown.

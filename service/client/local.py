@@ -26,6 +26,7 @@ from kvtier.tiering import errors
 from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
 from kvtier.tiering.store import TieredStore
 from kvtier.tiering.layout import blocks_for
+from kvtier.tiering.results import resumed_prefix
 
 #: Engine error -> the status code a server answers it with (most specific first: a SessionNotFound is a
 #: BlockNotFound). The server's error boundary keeps the same table for the errors both ends know.
@@ -124,9 +125,9 @@ class LocalKVTierClient:
         """See :meth:`kvtier.service.client.client.KVTierClient.resume`."""
         with engine_errors():
             session, tiers, _ = self.store.resume(self._tenants.resolve(session_id, tenant, namespace), session_id)
-            lossy = self.store.lossy_flags(session.namespace, session.keys, tiers)
-        cached = next((i for i, (t, lo) in enumerate(zip(tiers, lossy)) if t is None or (lo and not accept_lossy)),
-                      len(tiers))
+            ns = session.namespace
+            lossy = self.store.lookup(ns, keys=session.keys).lossy if ns.lossy else []
+        cached, lossy = resumed_prefix(tiers, lossy, not accept_lossy)
         return ResumeInfo(session.namespace, session.tokens, list(session.keys), list(tiers), cached,
                           session.priority, session.ttl_s or 0.0, lossy)
 

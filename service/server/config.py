@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from kvtier.tiering.config import StoreConfig
-from kvtier.tiering.lossy import parse_spec
+from kvtier.tiering.lossy_spec import parse_spec
 from kvtier.tiering.remote import RemoteConfig
 
 #: Env var naming the TOML file when ``--config`` is not given.

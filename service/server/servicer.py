@@ -173,7 +173,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
         def resume():
             session, tiers, _handle = store.resume(tenant, sid, deadline=deadline_of(context, budget))
-            return session, tiers, store.lossy_flags(session.namespace, session.keys, tiers)
+            # a block read back from a lossy record stays lossy: the flags hold while the prefetch runs
+            ns = session.namespace
+            return session, tiers, store.lookup(ns, keys=session.keys).lossy if ns.lossy else []
 
         session, tiers, lossy = await asyncio.to_thread(resume)
         return convert.resume_to_proto(session, tiers, lossy, exact_only=not request.accept_lossy)

@@ -11,6 +11,7 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace, Shard
 from kvtier.tiering.layout import BlockLayout
+from kvtier.tiering.results import resumed_prefix
 
 TIER_TO_PROTO = {"hot": pb.TIER_HOT, "warm": pb.TIER_WARM, "cold": pb.TIER_COLD, "remote": pb.TIER_REMOTE,
                  None: pb.TIER_UNSPECIFIED, "": pb.TIER_UNSPECIFIED}
@@ -147,9 +148,8 @@ def resume_to_proto(session, tiers, lossy: list[bool] | None = None, *, exact_on
                     ) -> pb.ResumeResponse:
     """A session (:class:`tiering.sessions.Session`) and its blocks' tiers as a ``ResumeResponse``;
     ``lossy[i]``: block ``i`` would be served approximate (with ``exact_only`` the cached prefix ends
-    before the first such block)."""
-    lossy = lossy or [False] * len(tiers)
-    cached = next((i for i, (t, lo) in enumerate(zip(tiers, lossy)) if t is None or (exact_only and lo)), len(tiers))
+    before the first such block): :func:`tiering.results.resumed_prefix`."""
+    cached, lossy = resumed_prefix(tiers, lossy or [], exact_only)
     return pb.ResumeResponse(namespace=namespace_to_proto(session.namespace), tokens=session.tokens,
                              keys=keys_to_proto(session.keys), tiers=tiers_to_proto(tiers), cached_blocks=cached,
                              priority=session.priority, ttl_seconds=session.ttl_s or 0.0, lossy=lossy,

@@ -15,6 +15,8 @@ from kvtier.tiering import BlockLayout, Namespace
 from kvtier.tiering.codec import HEADER, Codec, CodecId
 from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import chain_keys
+from kvtier.tiering.lossy import FLOAT_DTYPES, by_id
+from kvtier.tiering.lossy_spec import CODEC_IDS, LOSSY_DTYPES
 from kvtier.tiering.sessions import namespace_from_dict, namespace_to_dict
 
 LAYOUT = BlockLayout("float32", layers=2, kv_heads=2, head_dim=16, block_tokens=8)
@@ -55,11 +57,16 @@ def test_exact_namespace_keys_are_unchanged_and_lossy_ones_differ():
     assert len(set(all_keys)) == len(all_keys)
 
 
-@pytest.mark.parametrize("bad", ["fp16", "int4/g0", "fp8_e4m3/g32", "INT4"])
+@pytest.mark.parametrize("bad", ["fp16", "int4/g0", "int4/g65536", "int4/g032", "int4/g", "fp8_e4m3/g32", "INT4"])
 def test_unknown_cold_codec_is_refused(bad):
     with pytest.raises(InvalidBlock) as err:
         Namespace("t", "m", "r", LAYOUT, cold_codec=bad)
     assert err.value.field == "namespace.cold_codec"
+
+
+def test_the_light_names_agree_with_the_codecs():
+    assert set(LOSSY_DTYPES) == set(FLOAT_DTYPES)
+    assert {i: by_id(i).name for i in CODEC_IDS} == CODEC_IDS
 
 
 def test_lossy_codec_needs_float_kv():

@@ -1,7 +1,7 @@
 """Lossy cold codecs (opt-in): fp8_e4m3, int8 and int4 behind one small registry keyed by name and codec id.
 
-Imports only its own modules (numpy and zstandard underneath; no torch); the record format, the store and
-the tiers use it, never the other way round.
+Imports only its own modules and ``tiering.lossy_spec`` (the names; numpy and zstandard underneath; no
+torch); the record format, the store and the tiers use it, never the other way round.
 
 A lossy codec turns one block's raw bytes into a *payload* and back. The cold record around it
 (header, codec-id byte, checksum) is the record codec's business: the record's codec-id byte selects
@@ -22,6 +22,7 @@ import numpy as np
 
 from .fp8 import Fp8E4M3Codec
 from .kivi import DEFAULT_GROUP, KiviCodec
+from ..lossy_spec import CODEC_IDS, parse_spec
 from .payload import FLOAT_DTYPES, LossyPayloadError, as_float32
 
 __all__ = ["CODEC_IDS", "DEFAULT_GROUP", "FLOAT_DTYPES", "LossyCodec", "LossyPayloadError", "by_id", "by_name",
@@ -54,8 +55,6 @@ class LossyCodec(Protocol):
         """Element-wise bound on the round trip's absolute error for float32 block ``values`` (tests)."""
 
 
-#: codec id -> registry name. Part of the on-disk format.
-CODEC_IDS: dict[int, str] = {16: "fp8_e4m3", 17: "int8", 18: "int4"}
 
 
 def make(name: str, *, group: int = DEFAULT_GROUP, zstd_level: int | None = 1) -> LossyCodec:
@@ -83,24 +82,6 @@ def by_name(name: str) -> LossyCodec:
         return _DEFAULTS[name]
     except KeyError:
         raise ValueError(f"unknown lossy codec {name!r}; choose from {', '.join(_DEFAULTS)}") from None
-
-
-def parse_spec(spec: str) -> tuple[str, int | None]:
-    """A namespace's ``cold_codec`` text as ``(name, group)``: ``"fp8_e4m3"``, ``"int8"``, ``"int4"``, or an
-    int codec with its KIVI group size, ``"int4/g32"`` (``group`` is ``None`` when not given).
-
-    :raises ValueError: on an unknown name, a group on fp8, or a bad group.
-    """
-    name, sep, rest = spec.partition("/g")
-    if name not in _DEFAULTS:
-        raise ValueError(f"unknown lossy codec {spec!r}; choose from {', '.join(_DEFAULTS)} "
-                         "(an int codec may name its group size, e.g. int4/g32)")
-    if not sep:
-        return name, None
-    if name == "fp8_e4m3" or not rest.isdigit() or rest != str(int(rest)):
-        raise ValueError(f"bad lossy codec {spec!r}: only int8 and int4 take a group size, written /g<N>")
-    make(name, group=int(rest))  # validates the group
-    return name, int(rest)
 
 
 _BY_SPEC: dict[str, LossyCodec] = {}

@@ -45,7 +45,8 @@ def restarted(tmp_path_factory):
             exact = c.put(EXACT, TOKENS, raw, session_id="e", durable=True)
             lossy = c.put(LOSSY, TOKENS, raw, session_id="l", durable=True)
             assert not set(exact.keys) & set(lossy.keys)
-            assert c.get(lossy.keys, namespace=LOSSY).lossy == [False] * 3  # memory keeps the exact bytes while it has them
+            # memory keeps the exact bytes while it has them
+            assert c.get(lossy.keys, namespace=LOSSY).lossy == [False] * 3
             stats = c.stats()
         proc.restart()
         yield proc, stats, raw, exact.keys, lossy.keys
@@ -123,3 +124,13 @@ def test_metrics_count_raw_and_stored_bytes_per_codec(tmp_path):
               if s.name.endswith("_total")}
     assert raw == {"fp8_e4m3": 3 * LAYOUT.block_bytes()} and 0 < stored["fp8_e4m3"] < raw["fp8_e4m3"] / 3.5
     assert np.isfinite(stored["fp8_e4m3"])
+
+
+def test_the_setting_names_only_known_codecs():
+    from pydantic import ValidationError
+
+    from kvtier.service.server.config import StoreSettings
+
+    assert StoreSettings(lossy_codecs={"*": ["int4/g32"], "acme": ["fp8_e4m3"]}).lossy_codecs["acme"] == ["fp8_e4m3"]
+    with pytest.raises(ValidationError, match="unknown lossy codec"):
+        StoreSettings(lossy_codecs={"acme": ["fp4"]})
