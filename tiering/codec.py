@@ -1,5 +1,5 @@
 """Record codec of the cold tier: header, byte-shuffle, zstd, checksum.
-Imports numpy, zstandard, ``checksum``, ``errors``, ``layout`` only.
+Imports numpy, zstandard, ``checksum``, ``errors``, ``layout`` and ``lossy`` only.
 
 A record is ``header ‖ payload``. The header (little-endian, :data:`HEADER` layout) holds:
 
@@ -18,6 +18,10 @@ head_dim       4       ┘
 raw length     8       bytes of the decoded block
 checksum       8       XXH3-64 of the decoded (raw) bytes
 =============  ======  ====================================================
+
+Lossy records (opt-in per namespace, codec ids 16–18, ``tiering/lossy``) have the same header; their
+payload is the lossy codec's and their checksum is the XXH3-64 of the *decoded* (approximate) bytes,
+so a damaged lossy record fails the same check and becomes a miss.
 
 The byte-shuffle groups the bytes of every element by significance (all low bytes, then all high
 bytes…) so that zstd sees the slowly varying exponent bytes together; on real bf16 KV this lifts the
@@ -41,14 +45,29 @@ import zstandard
 from .checksum import checksum  # re-exported: callers import it from here as well
 from .errors import ChecksumError, InvalidBlock
 from .layout import DTYPE_BY_CODE, DTYPES, itemsize
+from .lossy import LossyPayloadError, by_id, for_spec, is_lossy
 
 MAGIC = b"KVTR"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sBBBBIIIIQQ")
 
 
+#: Byte offset of the codec id in a record (after magic 4, version 1); readable in sealed records too.
+CODEC_OFFSET = 5
+
+
+def codec_name(record: bytes | memoryview) -> str:
+    """Name of the codec that wrote ``record`` (plain or sealed): ``shuffle_zstd``, ``zstd``, ``raw``, or a
+    lossy codec's (``fp8_e4m3``…); ``unknown`` for an unknown id. Reads the header's codec byte only."""
+    cid = record[CODEC_OFFSET] if len(record) > CODEC_OFFSET else -1
+    if is_lossy(cid):
+        return by_id(cid).name
+    return CodecId(cid).name.lower() if cid in set(CodecId) else "unknown"
+
+
 class CodecId(enum.IntEnum):
-    """Payload encodings. Part of the on-disk format: never renumber, only append."""
+    """Lossless payload encodings. Part of the on-disk format: never renumber, only append. Ids 16–18
+    are the lossy codecs' (:data:`tiering.lossy.CODEC_IDS`)."""
 
     RAW = 0
     ZSTD = 1
@@ -84,9 +103,9 @@ def unshuffle(data: bytes, item: int, out: np.ndarray | None = None) -> np.ndarr
 
 @dataclass(frozen=True, slots=True)
 class RecordHeader:
-    """Decoded header of a cold record."""
+    """Decoded header of a cold record. ``codec`` is a :class:`CodecId`, or a lossy codec's id (int)."""
 
-    codec: CodecId
+    codec: CodecId | int
     dtype: str
     tokens: int
     layers: int
@@ -98,6 +117,17 @@ class RecordHeader:
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
         return (2, self.layers, self.kv_heads, self.tokens, self.head_dim)
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the record's bytes are approximate (a lossy codec wrote it)."""
+        return is_lossy(int(self.codec))
+
+    @property
+    def lossy_codec(self) -> str:
+        """The lossy codec's name (``""`` for an exact record): a block decoded from this record is
+        re-encoded with it if it is written again, so it stays marked lossy."""
+        return by_id(int(self.codec)).name if self.lossy else ""
 
 
 class Codec:
@@ -124,13 +154,17 @@ class Codec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def encode(self, raw: memoryview | bytes, dtype: str, shape: tuple[int, ...], csum: int | None = None) -> bytes:
+    def encode(self, raw: memoryview | bytes, dtype: str, shape: tuple[int, ...], csum: int | None = None,
+               lossy: str = "") -> bytes:
         """Encode one block into a record.
 
         :param raw: the block's bytes (C-contiguous).
         :param dtype: element type name.
         :param shape: ``[2, layers, kv_heads, tokens, head_dim]``.
         :param csum: the raw bytes' checksum when already known (saves a pass).
+        :param lossy: a lossy codec spec (a namespace's ``cold_codec``, e.g. ``"fp8_e4m3"``) to encode with
+            instead of this codec; the record's checksum is then of the decoded bytes (``csum`` unused).
+            A block the lossy codec refuses (non-finite values, an empty block) is stored losslessly.
         :returns: header ‖ payload.
         :raises InvalidBlock: if ``raw`` does not hold ``shape`` elements of ``dtype``.
         """
@@ -138,17 +172,29 @@ class Codec:
         raw = memoryview(raw).cast("B")
         if len(shape) != 5 or shape[0] != 2 or int(np.prod(shape)) * item != len(raw):
             raise InvalidBlock(f"{len(raw)} bytes do not hold a {dtype} block of shape {tuple(shape)}", field="payload")
-        csum = checksum(raw) if csum is None else csum
-        if self.codec is CodecId.RAW:
-            payload = bytes(raw)
-        elif self.codec is CodecId.ZSTD:
-            payload = self._cctx().compress(raw)
-        else:
-            payload = self._cctx().compress(shuffle(raw, item))
+        codec_id, payload = int(self.codec), None
+        if lossy and len(raw):
+            lc = for_spec(lossy)
+            try:
+                payload = lc.encode(raw, dtype, tuple(shape))
+                csum, codec_id = checksum(lc.decode(payload, dtype, tuple(shape))), lc.codec_id
+            except InvalidBlock:  # e.g. non-finite values: this block is stored exactly instead
+                payload = None
+        if payload is None:
+            csum = checksum(raw) if csum is None else csum
+            payload = self._payload(raw, item)
         _, layers, heads, tokens, head_dim = shape
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, int(self.codec), DTYPES[dtype][1], 0,
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, codec_id, DTYPES[dtype][1], 0,
                              tokens, layers, heads, head_dim, len(raw), csum)
         return header + payload
+
+    def _payload(self, raw: memoryview, item: int) -> bytes:
+        """The lossless payload of this codec."""
+        if self.codec is CodecId.RAW:
+            return bytes(raw)
+        if self.codec is CodecId.ZSTD:
+            return self._cctx().compress(raw)
+        return self._cctx().compress(shuffle(raw, item))
 
     @staticmethod
     def read_header(record: bytes | memoryview) -> RecordHeader:
@@ -163,7 +209,7 @@ class Codec:
         if magic != MAGIC or version != FORMAT_VERSION or dtype_code not in DTYPE_BY_CODE:
             raise ChecksumError("record header is damaged or of an unknown format")
         try:
-            codec_id = CodecId(codec)
+            codec_id = codec if is_lossy(codec) else CodecId(codec)
         except ValueError:
             raise ChecksumError(f"unknown codec id {codec}") from None
         dtype = DTYPE_BY_CODE[dtype_code]
@@ -180,6 +226,14 @@ class Codec:
         """
         header = self.read_header(record)
         payload = memoryview(record)[HEADER.size:]
+        if header.lossy:
+            try:
+                raw = by_id(int(header.codec)).decode(payload, header.dtype, header.shape, out)
+            except (LossyPayloadError, InvalidBlock) as exc:
+                raise ChecksumError(f"lossy payload does not decode: {exc}") from exc
+            if checksum(raw) != header.checksum:
+                raise ChecksumError("checksum of the decoded block does not match its record")
+            return header, raw
         try:
             if header.codec is CodecId.RAW:
                 data = bytes(payload)

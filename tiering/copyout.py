@@ -92,9 +92,10 @@ class CopyOuts:
 
     def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, *, align: int = 4096,
                  accept: Callable[[bytes], bool] | None = None, deadline: float | None = None,
-                 promote: bool = True) -> CopyOut:
+                 promote: bool = True, exact_only: bool = False) -> CopyOut:
         """Write the blocks of ``keys`` (prefix order) into ``region``, each at the next multiple of
-        ``align``, until a miss, a block ``accept`` refuses (given its namespace id), the ``deadline``
+        ``align``, until a miss, a block ``accept`` refuses (given its namespace id), with ``exact_only``
+        a lossy block (a miss: none of its bytes reach the region), the ``deadline``
         (``time.monotonic()``) or a block that does not fit.
 
         :param region: a writable, C-contiguous ``uint8`` array.
@@ -109,7 +110,7 @@ class CopyOuts:
             self.stats.gets += 1
             since = self.tombstones.begin_read()
         try:
-            plan, result = self._plan(keys, region.nbytes, align, accept, deadline, ops)
+            plan, result = self._plan(keys, region.nbytes, align, accept, deadline, ops, exact_only)
             ok = self._copy(plan, region, ops)
             if ok < len(plan):
                 result.stop, result.next_bytes = "miss", 0
@@ -132,7 +133,7 @@ class CopyOuts:
                 ops.finish()
 
     def _plan(self, keys: list[BlockKey], size: int, align: int, accept, deadline: float | None,
-              ops: TierOps | None) -> tuple[list[_Planned], CopyOut]:
+              ops: TierOps | None, exact_only: bool) -> tuple[list[_Planned], CopyOut]:
         """Where each block goes, in prefix order, and why the plan ends (no bytes move yet)."""
         plan: list[_Planned] = []
         result = CopyOut()
@@ -142,7 +143,7 @@ class CopyOuts:
                 result.stop = "deadline"
                 break
             found = self._locate(key, ops)
-            if found is None or (accept is not None and not accept(found.ns_id)):
+            if found is None or (accept is not None and not accept(found.ns_id)) or (exact_only and found.lossy):
                 result.stop = "miss"
                 break
             if pos + found.nbytes > size:
@@ -162,7 +163,7 @@ class CopyOuts:
                     self.stats.tier(tier.name).hits += 1
                     if ops is not None:
                         ops.record(f"{tier.name}.read", t0, now_ns(), nbytes=block.nbytes)
-                    return Fetched(tier.name, block.nbytes, block.ns_id, block=block)
+                    return Fetched(tier.name, block.nbytes, block.ns_id, block=block, lossy=block.lossy)
                 self.stats.tier(tier.name).misses += 1
         for tier in self.tiers.slow:
             found = self.tiers.guarded(tier, lambda: tier.fetch(key, ops), None)

@@ -86,7 +86,7 @@ def to_blocks(ns: Namespace, sources: list[tuple[np.ndarray, bool]], tokens: lis
             continue
         raw = dsts.get(i, src)
         out.append(Block(torch.from_numpy(raw) if raw.nbytes else torch.empty(0, dtype=torch.uint8), lay.dtype,
-                         lay.shape(tokens[i]), sums[i], ns.ns_id))
+                         lay.shape(tokens[i]), sums[i], ns.ns_id, ns.cold_codec))
     return out, sums
 
 

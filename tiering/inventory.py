@@ -37,7 +37,7 @@ class Inventory:
         return self.tiers.walk(keys, self.lock, lambda tier, ks: tier.locate(ks))
 
     def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray | None,
-               keys: Sequence[BlockKey] | None) -> LookupResult:
+               keys: Sequence[BlockKey] | None, exact_only: bool = False) -> LookupResult:
         """See :meth:`TieredStore.lookup <tiering.store.TieredStore.lookup>`.
 
         :raises InvalidBlock: with neither token ids nor keys.
@@ -56,11 +56,13 @@ class Inventory:
                 if t is None:
                     break
                 tiers.append(t)
+            lossy = self.tiers.lossy(keys[:len(tiers)], tiers, self.lock) if namespace.lossy else [False] * len(tiers)
+            del tiers[lossy.index(True) if exact_only and True in lossy else len(tiers):], lossy[len(tiers):]
             bt = namespace.layout.block_tokens
             tokens = min(len(tiers) * bt, n_tokens) if n_tokens is not None else len(tiers) * bt
             span.set_attribute("kvtier.blocks", len(tiers))
         remote_tokens = self.fleet.found(namespace, keys, tiers, tokens)
-        return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens)
+        return LookupResult(list(keys[:len(tiers)]), tiers, tokens, remote_tokens, lossy)
 
     def owned(self, keys: Sequence[BlockKey], tenant: str) -> list[bool]:
         """See :meth:`TieredStore.owned <tiering.store.TieredStore.owned>`."""

@@ -1,5 +1,5 @@
 """Namespaces and block keys: the chained prefix hash that names every block.
-Imports numpy, ``errors``, ``layout`` only.
+Imports numpy, ``errors``, ``layout`` and ``lossy_spec`` (codec names) only.
 
 The hash is part of kvtier's public contract (clients in any language compute keys themselves), so
 it is specified here exactly and pinned by test vectors in ``tests/tiering/test_keys.py`` and the README:
@@ -11,6 +11,10 @@ it is specified here exactly and pinned by test vectors in ``tests/tiering/test_
   A namespace with a shard (one rank's heads of a sharded model) appends ``str(shard.describe())``,
   i.e. ``str("shard:{rank}/{world_size}:{h0},{h1},…")`` with the head indices in decimal, in block
   order, joined by commas; a namespace without a shard hashes exactly the bytes above.
+* A namespace with a lossy cold codec (``cold_codec``, opt-in: ``"fp8_e4m3"``, ``"int8"``, ``"int4"``,
+  optionally with a group size, ``"int4/g32"``) appends one more field, after the shard's if any:
+  ``str("codec:" + cold_codec)``. A namespace with the lossless codec (``cold_codec == ""``) hashes
+  exactly the bytes above, so exact and lossy caches of one model coexist and never share a key.
 * Token ids are encoded as 4-byte little-endian unsigned integers (0 ≤ id < 2**32).
 * ``key_i = H(key_{i-1} ‖ tokens of block i)``, where block i covers tokens
   ``[i*block_tokens, (i+1)*block_tokens)``; the last block may be shorter (partial).
@@ -31,6 +35,7 @@ import numpy as np
 
 from .errors import InvalidBlock
 from .layout import BlockLayout
+from .lossy_spec import LOSSY_DTYPES, parse_spec
 
 KEY_BYTES = 16
 MAX_ID_BYTES = 256
@@ -107,12 +112,14 @@ class Shard:
 @dataclass(frozen=True, slots=True)
 class Namespace:
     """Where keys live: one tenant, one model at one weights revision, one block layout, and for a
-    sharded model one rank's shard (``None``: the whole model).
+    sharded model one rank's shard (``None``: the whole model), and the cold tier's codec for its blocks
+    (``cold_codec``: ``""`` the server's lossless codec; else a lossy codec, see ``tiering/lossy``).
 
     Changing any field changes every key (automatic invalidation); two tenants never share a key.
 
-    :raises InvalidBlock: on an empty model, a field over 256 UTF-8 bytes, or a shard whose head count
-        is not the layout's ``kv_heads``.
+    :raises InvalidBlock: on an empty model, a field over 256 UTF-8 bytes, a shard whose head count
+        is not the layout's ``kv_heads``, or an unknown ``cold_codec`` (or a lossy one for a layout whose
+        dtype is not a float type).
     """
 
     tenant: str
@@ -120,6 +127,7 @@ class Namespace:
     revision: str
     layout: BlockLayout
     shard: Shard | None = None
+    cold_codec: str = ""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -127,6 +135,14 @@ class Namespace:
         if self.shard is not None and len(self.shard.heads) != self.layout.kv_heads:
             raise InvalidBlock(f"the shard holds {len(self.shard.heads)} heads but the layout has "
                                f"{self.layout.kv_heads} kv_heads", field="namespace.shard.heads")
+        if self.cold_codec:
+            try:
+                parse_spec(self.cold_codec)
+            except ValueError as exc:
+                raise InvalidBlock(str(exc), field="namespace.cold_codec") from None
+            if self.layout.dtype not in LOSSY_DTYPES:
+                raise InvalidBlock(f"a lossy cold codec needs float KV, not {self.layout.dtype}",
+                                   field="namespace.cold_codec")
         self.root()  # validates field lengths
 
     def root(self) -> BlockKey:
@@ -135,7 +151,14 @@ class Namespace:
                 + _field(self.revision, "namespace.revision") + _field(self.layout.describe(), "layout"))
         if self.shard is not None:
             text += _field(self.shard.describe(), "namespace.shard")
+        if self.cold_codec:
+            text += _field("codec:" + self.cold_codec, "namespace.cold_codec")
         return BlockKey(_h(text))
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the cold tier stores this namespace's blocks with a lossy codec."""
+        return bool(self.cold_codec)
 
     @property
     def ns_id(self) -> bytes:

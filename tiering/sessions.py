@@ -82,6 +82,8 @@ def namespace_to_dict(ns: Namespace) -> dict:
                     "head_dim": lay.head_dim, "block_tokens": lay.block_tokens}}
     if ns.shard is not None:  # absent for unsharded namespaces: their records stay byte-identical
         d["shard"] = {"rank": ns.shard.rank, "world_size": ns.shard.world_size, "heads": list(ns.shard.heads)}
+    if ns.cold_codec:  # absent for lossless namespaces, likewise
+        d["cold_codec"] = ns.cold_codec
     return d
 
 
@@ -89,4 +91,5 @@ def namespace_from_dict(d: dict) -> Namespace:
     """Inverse of :func:`namespace_to_dict`."""
     sh = d.get("shard")
     shard = Shard(sh["rank"], sh["world_size"], tuple(sh["heads"])) if sh is not None else None
-    return Namespace(d["tenant"], d["model"], d["revision"], BlockLayout(**d["layout"]), shard)
+    return Namespace(d["tenant"], d["model"], d["revision"], BlockLayout(**d["layout"]), shard,
+                     d.get("cold_codec", ""))

@@ -1,5 +1,5 @@
 """Counters the store keeps: per tier, between tiers, and for the store as a whole.
-Imports the standard library only.
+Imports the standard library and ``codec`` (record codec names) only.
 
 Plain integers bumped under the store's lock; :meth:`StoreStats.snapshot` copies them for readers
 (the Stats RPC, the metrics exporter), so readers never block the data path for long.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+from .codec import codec_name
 
 
 @dataclass(slots=True)
@@ -47,6 +49,10 @@ class StoreStats:
     prefetches: int = 0
     cold_raw_bytes_written: int = 0
     cold_record_bytes_written: int = 0
+    #: raw bytes and stored (record) bytes written to the durable tier, per record codec (``shuffle_zstd``,
+    #: ``fp8_e4m3``…): what each codec, lossy ones in particular, saved
+    codec_raw_bytes: Counter = field(default_factory=Counter)
+    codec_stored_bytes: Counter = field(default_factory=Counter)
     write_errors: int = 0
     #: failed cold writes of requests answered before the commit (non-durable puts, write-back
     #: demotions): their blocks are not on disk (they stay served from memory until evicted)
@@ -65,6 +71,10 @@ class StoreStats:
             for job in jobs:
                 self.cold_raw_bytes_written += sum(b.nbytes for _, b in job.blocks)
                 self.cold_record_bytes_written += job.record_bytes
+                for (_key, block), record in zip(job.blocks, job.records):
+                    name = codec_name(record)
+                    self.codec_raw_bytes[name] += block.nbytes
+                    self.codec_stored_bytes[name] += len(record)
         else:
             self.write_errors += 1
             self.background_write_failures += sum(1 for job in jobs if job.acknowledged)
@@ -73,4 +83,6 @@ class StoreStats:
     def snapshot(self) -> dict:
         d = asdict(self)
         d["bytes_moved"] = dict(self.bytes_moved)
+        d["codec_raw_bytes"] = dict(self.codec_raw_bytes)
+        d["codec_stored_bytes"] = dict(self.codec_stored_bytes)
         return d

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -208,13 +208,11 @@ class TieredStore:
         self._check_open()
         return self.loader.iter_blocks(keys, window=window, deadline=deadline)
 
-    def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, *, align: int = 4096,
-                 accept: Callable[[bytes], bool] | None = None, deadline: float | None = None,
-                 promote: bool = True) -> CopyOut:
+    def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, **options) -> CopyOut:
         """Write the blocks of ``keys`` (prefix order) into ``region``: :meth:`CopyOuts.copy_out
-        <tiering.copyout.CopyOuts.copy_out>`. :raises TierUnavailable: if the store is closed."""
+        <tiering.copyout.CopyOuts.copy_out>` with its keyword ``options``. :raises TierUnavailable: if closed."""
         self._check_open()
-        return self.copyouts.copy_out(keys, region, align=align, accept=accept, deadline=deadline, promote=promote)
+        return self.copyouts.copy_out(keys, region, **options)
 
     def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None) -> PrefetchHandle:
         """Start moving ``keys`` up to the top tier, in order, and return at once: :meth:`Loader.prefetch
@@ -239,16 +237,17 @@ class TieredStore:
         return self.inventory.where([key])[0]
 
     def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray | None = None, *,
-               keys: Sequence[BlockKey] | None = None) -> LookupResult:
+               keys: Sequence[BlockKey] | None = None, exact_only: bool = False) -> LookupResult:
         """The longest cached prefix of ``token_ids`` (or of ``keys``) and the tier of each block.
 
         Moves no data and changes no recency. A partial last block counts its own tokens only.
         ``remote_tokens``: those only the shared tier holds (:meth:`Fleet.found <tiering.fleet.Fleet.found>`).
+        ``lossy``: per block, whether it reads approximate (``TierList.lossy``); ``exact_only`` stops before one.
 
         :raises InvalidBlock: with neither token ids nor keys.
         """
         self._check_open()
-        return self.inventory.lookup(namespace, token_ids, keys)
+        return self.inventory.lookup(namespace, token_ids, keys, exact_only)
 
     def namespace_of(self, ns_id: bytes) -> Namespace | None:
         """The namespace registered under ``ns_id`` (a :attr:`Block.ns_id`), or ``None`` if unknown.

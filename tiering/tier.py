@@ -27,6 +27,8 @@ class Block:
     :ivar shape: ``(2, layers, kv_heads, tokens, head_dim)``.
     :ivar checksum: XXH3-64 of the raw bytes, computed once when the block entered kvtier.
     :ivar ns_id: id of the namespace the block belongs to.
+    :ivar cold_codec: the namespace's lossy cold codec (``""``: lossless); durable tiers encode with it.
+    :ivar lossy: the bytes are approximate: decoded from a lossy record (kept in every tier it moves to).
     """
 
     data: torch.Tensor
@@ -34,6 +36,8 @@ class Block:
     shape: tuple[int, int, int, int, int]
     checksum: int
     ns_id: bytes
+    cold_codec: str = ""
+    lossy: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -45,7 +49,7 @@ class Block:
 
     def with_data(self, data: torch.Tensor) -> "Block":
         """The same block with its bytes somewhere else (another device or buffer)."""
-        return Block(data, self.dtype, self.shape, self.checksum, self.ns_id)
+        return Block(data, self.dtype, self.shape, self.checksum, self.ns_id, self.cold_codec, self.lossy)
 
 
 @dataclass(slots=True)
@@ -58,6 +62,7 @@ class Fetched:
         when they still have to be decoded, then :attr:`decode_into` does it.
     :ivar decode_into: writes the raw bytes into a buffer of exactly ``nbytes`` and returns the block
         describing them, or ``None`` if they failed their check (the tier then forgets the block).
+    :ivar lossy: the bytes are approximate (a lossy record, or a block decoded from one).
     """
 
     tier: str
@@ -65,6 +70,7 @@ class Fetched:
     ns_id: bytes
     block: Block | None = None
     decode_into: Callable[..., Block | None] | None = None
+    lossy: bool = False
 
 
 class Tier(ABC):
@@ -126,7 +132,7 @@ class Tier(ABC):
         if got is None:
             return None
         block, where = got
-        return Fetched(where, block.nbytes, block.ns_id, block=block)
+        return Fetched(where, block.nbytes, block.ns_id, block=block, lossy=block.lossy)
 
     def locate(self, keys: list[BlockKey]) -> list[str | None]:
         """For each key, the name of the level holding it, else ``None`` (a peek)."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Protocol, TypeVar
 
@@ -118,6 +118,14 @@ class TierList:
         for tier in self.slow:
             fill(tier)
         return out
+
+    def lossy(self, keys: Sequence[BlockKey], where: Sequence[str | None], lock) -> list[bool]:
+        """For each key found in tier ``where[i]`` (as :meth:`walk` with ``locate`` names it), whether a read
+        would serve approximate bytes *if its namespace has a lossy cold codec*: unless a fast tier holds
+        its exact bytes (a durable tier, its write queue or the remote tier count as lossy). A peek."""
+        fast = {t.name: t for t in self.fast}
+        with lock:
+            return [t not in fast or (b := fast[t].peek(k)) is None or b.lossy for k, t in zip(keys, where)]
 
     def each(self, lock, fn: Callable[[Tier], T]) -> list[tuple[Tier, T | None]]:
         """``(tier, fn(tier))`` for every tier: fast ones under ``lock``, slow ones outside it; ``None``

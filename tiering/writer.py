@@ -113,8 +113,8 @@ class ColdWriter:
     def _encode(self, item: tuple[BlockKey, Block]) -> ColdWrite:
         key, block = item
         raw = block.data if block.data.device.type == "cpu" else block.data.cpu()
-        return ColdWrite(key, self.cold.encode(key, raw.numpy(), block.dtype, block.shape, block.checksum),
-                         block.ns_id)
+        return ColdWrite(key, self.cold.encode(key, raw.numpy(), block.dtype, block.shape, block.checksum,
+                                               lossy=block.cold_codec), block.ns_id)
 
     def _run(self) -> None:
         while True:

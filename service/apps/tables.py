@@ -70,6 +70,10 @@ def stats_tables(resp: pb.StatsResponse, target: str) -> list[Table]:
     store.add_row("compression ratio", ratio_text(ratio))
     for pair, value in sorted(resp.bytes_moved.items()):
         store.add_row(f"moved {pair.replace('->', ' → ')}", human_bytes(value))
+    for codec in sorted(k.removeprefix("codec_raw_bytes_") for k in counters if k.startswith("codec_raw_bytes_")):
+        raw, stored = counters.pop(f"codec_raw_bytes_{codec}"), counters.pop(f"codec_stored_bytes_{codec}", 0)
+        store.add_row(f"written as {codec}", f"{human_bytes(raw)} → {human_bytes(stored)} "
+                      f"({ratio_text(compression_ratio(raw, stored))}, saved {human_bytes(raw - stored)})")
     for name, value in sorted(counters.items()):
         store.add_row(name.replace("_", " "), _value(name, value))
     return [tiers, store]

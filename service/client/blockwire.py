@@ -118,6 +118,7 @@ class GetAssembler:
         self._blocks: list[torch.Tensor] = []
         self._keys: list[BlockKey] = []
         self._tiers: list[str] = []
+        self._lossy: list[bool] = []
         self._header: pb.BlockHeader | None = None
         self._buf = bytearray()
         self._filled = 0
@@ -155,6 +156,7 @@ class GetAssembler:
         self._blocks.append(decode_block(header, self._buf))
         self._keys.append(BlockKey(bytes(header.key)))
         self._tiers.append(TIER_FROM_PROTO.get(header.tier))
+        self._lossy.append(header.lossy)
         self._header = None
         self._buf = bytearray()
 
@@ -169,7 +171,7 @@ class GetAssembler:
         end = self._end
         tokens = sum(int(b.shape[3]) for b in self._blocks)
         return GetResult(self._blocks, self._keys, self._tiers, end.complete,
-                         None if end.complete else end.stopped_at, end.reason, tokens)
+                         None if end.complete else end.stopped_at, end.reason, tokens, self._lossy)
 
 
 def check_payload_count(payloads: Sequence, n_keys: int, first_block: int) -> None:

@@ -117,9 +117,13 @@ class KVTierClient(_Client):
         """
         run(self._core.wait_ready(timeout), self._transport)
 
-    def lookup(self, namespace: Namespace, token_ids, *, timeout: float | None = None) -> LookupInfo:
-        """Longest cached prefix of ``token_ids`` and the tier of each of its blocks (moves no data)."""
-        return run(self._core.lookup(namespace, token_ids, timeout), self._transport)
+    def lookup(self, namespace: Namespace, token_ids, *, accept_lossy: bool = False,
+               timeout: float | None = None) -> LookupInfo:
+        """Longest cached prefix of ``token_ids`` and the tier of each of its blocks (moves no data).
+
+        :param accept_lossy: count blocks a read would give approximate (a lossy namespace's blocks read
+            back from the cold tier; :attr:`LookupInfo.lossy`); by default the prefix ends before them."""
+        return run(self._core.lookup(namespace, token_ids, timeout, accept_lossy), self._transport)
 
     def put(self, namespace: Namespace, token_ids, blocks: Sequence[Payload], *, first_block: int = 0,
             session_id: str | None = None, durable: bool = False, priority: int = 0, ttl_seconds: float = 0.0,
@@ -140,10 +144,13 @@ class KVTierClient(_Client):
 
     def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None, tenant: str | None = None,
             namespace: Namespace | None = None, start_block: int = 0, max_blocks: int = 0,
-            timeout: float | None = None, device: str | torch.device | None = None) -> GetResult:
+            timeout: float | None = None, device: str | torch.device | None = None,
+            accept_lossy: bool = False) -> GetResult:
         """Blocks of ``keys`` (prefix order) or of a session's chain, stopping at the first miss.
 
         :param namespace: the namespace the keys or session belong to: its tenant is the call's.
+        :param accept_lossy: also take approximate blocks (a lossy namespace's blocks read back from the cold
+            tier; :attr:`GetResult.lossy` says which); by default such a block is a miss and the chain stops.
         :param device: where the blocks go (``None`` or ``"cpu"``: host tensors, as they arrive). For a
             CUDA device whose GPU is the hot tier of a server on this host (shared-memory link), the
             hot blocks come by CUDA IPC, copied device to device and not checksummed again
@@ -154,17 +161,19 @@ class KVTierClient(_Client):
             cancelled, nothing is returned); ``NOT_FOUND`` for an unknown session.
         """
         return run(self._core.get(keys, session_id=session_id, tenant=tenant, namespace=namespace,
-                                  start_block=start_block, max_blocks=max_blocks, timeout=timeout, device=device),
-                   self._transport)
+                                  start_block=start_block, max_blocks=max_blocks, timeout=timeout, device=device,
+                                  accept_lossy=accept_lossy), self._transport)
 
     def resume(self, session_id: str, *, tenant: str | None = None, namespace: Namespace | None = None,
-               prefetch_budget_ms: int = 0, timeout: float | None = None) -> ResumeInfo:
+               prefetch_budget_ms: int = 0, timeout: float | None = None, accept_lossy: bool = False) -> ResumeInfo:
         """A session's manifest; the server starts moving its blocks to the top tier.
 
+        :param accept_lossy: count approximate blocks in ``cached_blocks`` (:attr:`ResumeInfo.lossy`).
         :raises KVTierClientError: ``NOT_FOUND`` if there is no such session.
         """
         return run(self._core.resume(session_id, tenant=tenant, namespace=namespace,
-                                     prefetch_budget_ms=prefetch_budget_ms, timeout=timeout), self._transport)
+                                     prefetch_budget_ms=prefetch_budget_ms, timeout=timeout,
+                                     accept_lossy=accept_lossy), self._transport)
 
     def prefetch(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
                  tenant: str | None = None, namespace: Namespace | None = None, budget_ms: int = 0, wait: bool = False,
@@ -225,9 +234,10 @@ class AsyncKVTierClient(_Client):
         """See :meth:`KVTierClient.wait_ready`."""
         await run_async(self._core.wait_ready(timeout), self._transport)
 
-    async def lookup(self, namespace: Namespace, token_ids, *, timeout: float | None = None) -> LookupInfo:
+    async def lookup(self, namespace: Namespace, token_ids, *, accept_lossy: bool = False,
+                     timeout: float | None = None) -> LookupInfo:
         """See :meth:`KVTierClient.lookup`."""
-        return await run_async(self._core.lookup(namespace, token_ids, timeout), self._transport)
+        return await run_async(self._core.lookup(namespace, token_ids, timeout, accept_lossy), self._transport)
 
     async def put(self, namespace: Namespace, token_ids, blocks: Sequence[Payload], *, first_block: int = 0,
                   session_id: str | None = None, durable: bool = False, priority: int = 0, ttl_seconds: float = 0.0,
@@ -240,18 +250,19 @@ class AsyncKVTierClient(_Client):
     async def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
                   tenant: str | None = None, namespace: Namespace | None = None, start_block: int = 0,
                   max_blocks: int = 0, timeout: float | None = None,
-                  device: str | torch.device | None = None) -> GetResult:
+                  device: str | torch.device | None = None, accept_lossy: bool = False) -> GetResult:
         """See :meth:`KVTierClient.get` (``device`` included)."""
         return await run_async(self._core.get(
             keys, session_id=session_id, tenant=tenant, namespace=namespace, start_block=start_block,
-            max_blocks=max_blocks, timeout=timeout, device=device), self._transport)
+            max_blocks=max_blocks, timeout=timeout, device=device, accept_lossy=accept_lossy), self._transport)
 
     async def resume(self, session_id: str, *, tenant: str | None = None, namespace: Namespace | None = None,
-                     prefetch_budget_ms: int = 0, timeout: float | None = None) -> ResumeInfo:
+                     prefetch_budget_ms: int = 0, timeout: float | None = None,
+                     accept_lossy: bool = False) -> ResumeInfo:
         """See :meth:`KVTierClient.resume`."""
         return await run_async(self._core.resume(
             session_id, tenant=tenant, namespace=namespace, prefetch_budget_ms=prefetch_budget_ms,
-            timeout=timeout), self._transport)
+            timeout=timeout, accept_lossy=accept_lossy), self._transport)
 
     async def prefetch(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
                        tenant: str | None = None, namespace: Namespace | None = None, budget_ms: int = 0,

@@ -151,9 +151,10 @@ class ClientCore:
         raise KVTierClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"{self.target} not serving after {timeout:.1f} s ({last})")
 
-    def lookup(self, namespace: Namespace, token_ids, timeout: float | None) -> Steps:
+    def lookup(self, namespace: Namespace, token_ids, timeout: float | None, accept_lossy: bool = False) -> Steps:
         """Steps of :meth:`KVTierClient.lookup`."""
-        return cp.lookup_info((yield Unary("Lookup", cp.lookup_request(namespace, token_ids), self._timeout(timeout))))
+        req = cp.lookup_request(namespace, token_ids, accept_lossy)
+        return cp.lookup_info((yield Unary("Lookup", req, self._timeout(timeout))))
 
     def put(self, namespace: Namespace, token_ids, blocks: Sequence[Payload], *, first_block: int,
             session_id: str | None, durable: bool, priority: int, ttl_seconds: float, checksums: bool,
@@ -174,10 +175,10 @@ class ClientCore:
 
     def get(self, keys: Sequence[BlockKey] | None, *, session_id: str | None, tenant: str | None,
             namespace: Namespace | None, start_block: int, max_blocks: int, timeout: float | None,
-            device: str | torch.device | None) -> Steps:
+            device: str | torch.device | None, accept_lossy: bool = False) -> Steps:
         """Steps of :meth:`KVTierClient.get`."""
         req = cp.get_request(keys, session_id, self.tenants.resolve(session_id, tenant, namespace), start_block,
-                             max_blocks)
+                             max_blocks, accept_lossy)
         if device is None or torch.device(device).type == "cpu":
             return (yield from self.fetch(req, timeout))
         link = (yield from self.open_link(timeout)) if ipc_client.cuda_device(device) is not None else None
@@ -194,10 +195,10 @@ class ClientCore:
         return asm.result()
 
     def resume(self, session_id: str, *, tenant: str | None, namespace: Namespace | None, prefetch_budget_ms: int,
-               timeout: float | None) -> Steps:
+               timeout: float | None, accept_lossy: bool = False) -> Steps:
         """Steps of :meth:`KVTierClient.resume`."""
         req = pb.ResumeRequest(tenant=self.tenants.resolve(session_id, tenant, namespace), session_id=session_id,
-                               prefetch_budget_ms=prefetch_budget_ms)
+                               prefetch_budget_ms=prefetch_budget_ms, accept_lossy=accept_lossy)
         return cp.resume_info((yield Unary("Resume", req, self._timeout(timeout))))
 
     def prefetch(self, keys: Sequence[BlockKey] | None, *, session_id: str | None, tenant: str | None,

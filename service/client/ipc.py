@@ -33,6 +33,7 @@ import grpc
 import torch
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
+from kvtier.service.client.requests import rest_request
 from kvtier.service.client.steps import KVCACHE, Blocking, Steps, Transport, Unary, run
 from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
 from kvtier.service.wire import cuda_ipc
@@ -66,6 +67,7 @@ class _Hot:
 
     blocks: list[torch.Tensor] = field(default_factory=list)
     keys: list[BlockKey] = field(default_factory=list)
+    lossy: list[bool] = field(default_factory=list)
     end: pb.GetEnd | None = None
     base: int = 0
     rest: pb.GetRequest | None = None
@@ -139,13 +141,13 @@ def _get_hot(deadline: float | None, arena_id: str, request: pb.GetRequest, devi
             return got if got.blocks else None
         got.blocks += blocks
         got.keys += [BlockKey(bytes(item.header.key)) for item in resp.blocks]
+        got.lossy += [item.header.lossy for item in resp.blocks]
         end = got.end = resp.end
         if end.reason not in _RESUMABLE:
             return got
         # the rest of the same chain, by its keys (a session might change between two calls)
         left = request.max_blocks - (end.stopped_at - request.start_block) if request.max_blocks else 0
-        request = pb.GetRequest(tenant=request.tenant, max_blocks=left)
-        request.keys.keys.extend(resp.rest_keys)
+        request = rest_request(request, resp.rest_keys, left)
         got.base += end.stopped_at
         got.rest = request
         if end.reason == "not_hot" or not resp.blocks:
@@ -179,13 +181,14 @@ def get_on_device_steps(timeout: float | None, link, request: pb.GetRequest, dev
     if hot is None:
         got = yield from fetch(request, timeout)
         return GetResult([b.to(device) for b in got.blocks], got.keys, got.tiers, got.complete, got.stopped_at,
-                         got.reason, got.tokens)
+                         got.reason, got.tokens, got.lossy)
     tokens = sum(int(b.shape[3]) for b in hot.blocks)
     if hot.rest is None:
         end = hot.end
         return GetResult(hot.blocks, hot.keys, ["hot"] * len(hot.blocks), end.complete,
-                         None if end.complete else hot.base + end.stopped_at, end.reason, tokens)
+                         None if end.complete else hot.base + end.stopped_at, end.reason, tokens, hot.lossy)
     rest = yield from fetch(hot.rest, _left(deadline))
     return GetResult(hot.blocks + [b.to(device) for b in rest.blocks], hot.keys + rest.keys,
                      ["hot"] * len(hot.blocks) + rest.tiers, rest.complete,
-                     None if rest.complete else hot.base + rest.stopped_at, rest.reason, tokens + rest.tokens)
+                     None if rest.complete else hot.base + rest.stopped_at, rest.reason, tokens + rest.tokens,
+                     hot.lossy + rest.lossy)

@@ -26,6 +26,7 @@ from kvtier.tiering import errors
 from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
 from kvtier.tiering.store import TieredStore
 from kvtier.tiering.layout import blocks_for
+from kvtier.tiering.results import resumed_prefix
 
 #: Engine error -> the status code a server answers it with (most specific first: a SessionNotFound is a
 #: BlockNotFound). The server's error boundary keeps the same table for the errors both ends know.
@@ -74,13 +75,14 @@ class LocalKVTierClient:
         """The client's own tenant for session calls."""
         return self._tenants.default
 
-    def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> LookupInfo:
+    def lookup(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, *,
+               accept_lossy: bool = False) -> LookupInfo:
         """See :meth:`kvtier.service.client.client.KVTierClient.lookup`."""
         with engine_errors():
             keys = chain_keys(namespace, token_ids)
-            found = self.store.lookup(namespace, keys=keys)
+            found = self.store.lookup(namespace, keys=keys, exact_only=not accept_lossy)
         tokens = min(found.blocks * namespace.layout.block_tokens, len(token_ids))
-        return LookupInfo(keys, found.blocks, tokens, list(found.tiers))
+        return LookupInfo(keys, found.blocks, tokens, list(found.tiers), list(found.lossy))
 
     def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload], *,
             first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
@@ -96,34 +98,38 @@ class LocalKVTierClient:
         return PutInfo(got.keys, got.stored, got.skipped_present, got.skipped_not_admitted)
 
     def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None, tenant: str | None = None,
-            namespace: Namespace | None = None, start_block: int = 0, max_blocks: int = 0) -> GetResult:
+            namespace: Namespace | None = None, start_block: int = 0, max_blocks: int = 0,
+            accept_lossy: bool = False) -> GetResult:
         """See :meth:`kvtier.service.client.client.KVTierClient.get`."""
-        blocks, got_keys, tiers = [], [], []
+        blocks, got_keys, tiers, lossy = [], [], [], []
         with engine_errors():
             if session_id is not None:
                 keys = self.store.get_session(self._tenants.resolve(session_id, tenant, namespace), session_id).keys
             keys = list(keys or [])[start_block:]
             limit = len(keys) if not max_blocks else min(max_blocks, len(keys))
             for key, block, tier in self.store.iter_blocks(keys[:limit]):
-                if block is None:
+                if block is None or (block.lossy and not accept_lossy):
                     break
                 data = block.data.to("cpu", copy=True)
                 blocks.append(data.view(TORCH_DTYPES[block.dtype]).reshape(block.shape))
                 got_keys.append(key)
                 tiers.append(tier)
+                lossy.append(block.lossy)
         complete = len(blocks) == len(keys)
         reason = "" if complete else ("max_blocks" if len(blocks) == limit else "miss")
         return GetResult(blocks, got_keys, tiers, complete, None if complete else start_block + len(blocks), reason,
-                         sum(int(b.shape[3]) for b in blocks))
+                         sum(int(b.shape[3]) for b in blocks), lossy)
 
     def resume(self, session_id: str, *, tenant: str | None = None, namespace: Namespace | None = None,
-               prefetch_budget_ms: int = 0) -> ResumeInfo:
+               prefetch_budget_ms: int = 0, accept_lossy: bool = False) -> ResumeInfo:
         """See :meth:`kvtier.service.client.client.KVTierClient.resume`."""
         with engine_errors():
             session, tiers, _ = self.store.resume(self._tenants.resolve(session_id, tenant, namespace), session_id)
-        cached = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
+            ns = session.namespace
+            lossy = self.store.lookup(ns, keys=session.keys).lossy if ns.lossy else []
+        cached, lossy = resumed_prefix(tiers, lossy, not accept_lossy)
         return ResumeInfo(session.namespace, session.tokens, list(session.keys), list(tiers), cached,
-                          session.priority, session.ttl_s or 0.0)
+                          session.priority, session.ttl_s or 0.0, lossy)
 
     def prefetch(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
                  tenant: str | None = None, namespace: Namespace | None = None, budget_ms: int = 0,

@@ -53,13 +53,14 @@ def _ids(token_ids: Sequence[int] | np.ndarray) -> list[int]:
     return [int(t) for t in token_ids]
 
 
-def lookup_request(namespace: Namespace, token_ids) -> pb.LookupRequest:
-    return pb.LookupRequest(namespace=namespace_to_proto(namespace), token_ids=_ids(token_ids))
+def lookup_request(namespace: Namespace, token_ids, accept_lossy: bool = False) -> pb.LookupRequest:
+    return pb.LookupRequest(namespace=namespace_to_proto(namespace), token_ids=_ids(token_ids),
+                            accept_lossy=accept_lossy)
 
 
 def lookup_info(resp: pb.LookupResponse) -> LookupInfo:
     return LookupInfo([BlockKey(bytes(k)) for k in resp.keys], resp.cached_blocks, resp.cached_tokens,
-                      [TIER_FROM_PROTO.get(t) for t in resp.tiers])
+                      [TIER_FROM_PROTO.get(t) for t in resp.tiers], list(resp.lossy))
 
 
 def put_header(namespace: Namespace, token_ids, *, first_block: int, block_count: int, session_id: str | None,
@@ -91,15 +92,24 @@ def _targeted(req, keys: Sequence[BlockKey] | None, session_id: str | None):
 
 
 def get_request(keys: Sequence[BlockKey] | None, session_id: str | None, tenant: str, start_block: int,
-                max_blocks: int) -> pb.GetRequest:
+                max_blocks: int, accept_lossy: bool = False) -> pb.GetRequest:
     """A GetRequest for explicit keys or a session (:func:`_targeted`)."""
-    return _targeted(pb.GetRequest(tenant=tenant, start_block=start_block, max_blocks=max_blocks), keys, session_id)
+    return _targeted(pb.GetRequest(tenant=tenant, start_block=start_block, max_blocks=max_blocks,
+                                   accept_lossy=accept_lossy), keys, session_id)
+
+
+def rest_request(request: pb.GetRequest, rest_keys, max_blocks: int) -> pb.GetRequest:
+    """The request for the rest of ``request``'s chain, by its keys (a session might change between two
+    calls): same tenant and ``accept_lossy``."""
+    rest = pb.GetRequest(tenant=request.tenant, max_blocks=max_blocks, accept_lossy=request.accept_lossy)
+    rest.keys.keys.extend(rest_keys)
+    return rest
 
 
 def resume_info(resp: pb.ResumeResponse) -> ResumeInfo:
     return ResumeInfo(namespace_from_proto(resp.namespace), resp.tokens, [BlockKey(bytes(k)) for k in resp.keys],
                       [TIER_FROM_PROTO.get(t) for t in resp.tiers], resp.cached_blocks, resp.priority,
-                      resp.ttl_seconds)
+                      resp.ttl_seconds, list(resp.lossy))
 
 
 def prefetch_request(keys: Sequence[BlockKey] | None, session_id: str | None, tenant: str, budget_ms: int,

@@ -40,6 +40,7 @@ import torch
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.client.blockwire import decode_block
+from kvtier.service.client.requests import rest_request
 from kvtier.service.client.steps import Blocking, Steps, Unary, Wait
 from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
 from kvtier.service.wire.convert import TIER_FROM_PROTO
@@ -206,7 +207,7 @@ class ShmLink:
             (nothing is returned); ``INVALID_ARGUMENT`` for a block larger than the arena.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        blocks, keys, tiers = [], [], []
+        blocks, keys, tiers, lossy = [], [], [], []
         base, need, want = 0, ALIGNMENT, self.arena.size // 2
         while True:
             region = yield from self._lease(need, want, deadline)
@@ -219,6 +220,7 @@ class ShmLink:
                     blocks.append(self._block(item, region, base, kept))
                     keys.append(BlockKey(bytes(item.header.key)))
                     tiers.append(TIER_FROM_PROTO.get(item.header.tier))
+                    lossy.append(item.header.lossy)
             except BaseException:
                 with self._freed:  # none of these tensors reaches the caller: the region goes back whole
                     for slot in kept:
@@ -235,12 +237,11 @@ class ShmLink:
             # the rest of the same chain, by its keys (a session might change between two calls)
             left = request.max_blocks - (end.stopped_at - request.start_block) if request.max_blocks else 0
             base += end.stopped_at
-            request = pb.GetRequest(tenant=request.tenant, max_blocks=left)
-            request.keys.keys.extend(resp.rest_keys)
+            request = rest_request(request, resp.rest_keys, left)
             need = max(resp.next_block_bytes, ALIGNMENT)
         stopped = base + end.stopped_at
         return GetResult(blocks, keys, tiers, end.complete, None if end.complete else stopped, end.reason,
-                         sum(int(b.shape[3]) for b in blocks))
+                         sum(int(b.shape[3]) for b in blocks), lossy)
 
     def _block(self, item: pb.ShmBlock, region: Slot, base: int, kept: list[Slot]) -> torch.Tensor:
         """The verified tensor of one ``ShmBlock`` in ``region``: a view of the arena (its range added to

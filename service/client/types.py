@@ -52,15 +52,18 @@ class LookupInfo:
     """Longest cached prefix of a token sequence.
 
     :ivar keys: keys of every block of the request (cached or not), in prefix order.
-    :ivar cached_blocks: blocks in the longest cached prefix.
+    :ivar cached_blocks: blocks in the longest cached prefix (an exact-only lookup stops before a lossy one).
     :ivar cached_tokens: tokens those blocks cover.
     :ivar tiers: tier of each cached block, in order (``len == cached_blocks``).
+    :ivar lossy: per cached block, whether a read would give approximate bytes (a lossy namespace's block
+        read back from its lossy cold record); ``[]`` from a server that does not say.
     """
 
     keys: list[BlockKey]
     cached_blocks: int
     cached_tokens: int
     tiers: list[str]
+    lossy: list[bool] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,7 @@ class GetResult:
     :ivar stopped_at: index of the first block not sent when not complete, else ``None``.
     :ivar reason: why the stream stopped early (``"miss"``, ``"deadline"``, ``"max_blocks"``), or ``""``.
     :ivar tokens: tokens covered by :attr:`blocks`.
+    :ivar lossy: per block, whether its bytes are approximate (sent only to a get with ``accept_lossy``).
 
     It is also the sequence of its blocks: ``len(result)`` is the number of blocks, ``result[i]`` and
     iteration give the tensors (so an empty result is falsy).
@@ -96,6 +100,7 @@ class GetResult:
     stopped_at: int | None
     reason: str
     tokens: int
+    lossy: list[bool] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -112,7 +117,9 @@ class ResumeInfo:
     """A session's manifest, as a resume found it.
 
     :ivar tiers: tier of each block when the resume started (``None``: the block is gone).
-    :ivar cached_blocks: blocks of the longest prefix still cached.
+    :ivar cached_blocks: blocks of the longest prefix still cached (an exact-only resume stops before a
+        lossy one).
+    :ivar lossy: per block of the session, whether a read would give approximate bytes.
     """
 
     namespace: Namespace
@@ -122,6 +129,7 @@ class ResumeInfo:
     cached_blocks: int
     priority: int = 0
     ttl_seconds: float = 0.0
+    lossy: list[bool] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,7 +194,7 @@ def _session_prefix(ns: Namespace, info: ResumeInfo, ids: list[int]) -> tuple[li
 
 def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, namespace: Namespace | None = None,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None, config=None,
-                  ) -> tuple[DynamicCache | None, int]:
+                  accept_lossy: bool = False) -> tuple[DynamicCache | None, int]:
     """The longest cached prefix of ``token_ids`` as a ``DynamicCache``, and how many tokens it covers.
 
     The cache never covers all of ``token_ids`` (at most ``len(token_ids) - 1``), so ``generate``
@@ -210,6 +210,8 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
     :param namespace: with a session id, the namespace the caller expects (model, revision, layout):
         a session of another namespace gives a miss. With a namespace target, ignored.
     :param dtype, device, config: passed to :func:`blocks_to_cache`.
+    :param accept_lossy: also reuse approximate blocks (a lossy namespace's blocks read back from the
+        server's cold tier); by default the restored prefix ends before the first of them.
     :returns: ``(None, 0)`` on a miss.
     :returns: ``(None, 0)`` also for a session that does not exist (yet): a new conversation is a miss.
     :raises kvtier.service.client.types.KVTierClientError: on transport errors or a block failing its
@@ -223,11 +225,12 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
         return None, 0
     if isinstance(target, Namespace):
         ns = target
-        found: LookupInfo = client.lookup(ns, ids)
+        found: LookupInfo = client.lookup(ns, ids, accept_lossy=accept_lossy)
         keys, cached_tokens = found.keys[:found.cached_blocks], found.cached_tokens
     else:
         try:
-            info = client.resume(target, tenant=namespace.tenant if namespace is not None else None)
+            info = client.resume(target, tenant=namespace.tenant if namespace is not None else None,
+                                 accept_lossy=accept_lossy)
         except KVTierClientError as exc:
             if exc.code != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -243,7 +246,7 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
     need = blocks_for(use, ns.layout.block_tokens)
     if not need:
         return None, 0
-    got = client.get(keys[:need], namespace=ns)  # act for the namespace's tenant
+    got = client.get(keys[:need], namespace=ns, accept_lossy=accept_lossy)  # act for the namespace's tenant
     lay = ns.layout
     for i, b in enumerate(got.blocks):
         if DTYPE_NAMES.get(b.dtype) != lay.dtype or (b.shape[1], b.shape[2], b.shape[4]) != (lay.layers, lay.kv_heads,

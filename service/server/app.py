@@ -99,7 +99,7 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
         shm = shm_registry(settings, store)
     core = ServerCore(store, auth=auth, limits=limits, max_put_bytes=int(cfg.max_put_bytes), max_message_bytes=limit,
                       puts=PutBudget(cfg.max_open_puts_per_tenant, int(cfg.put_pending_bytes)),
-                      stream_idle_s=cfg.stream_idle_s)
+                      stream_idle_s=cfg.stream_idle_s, lossy_codecs=settings.store.lossy_codecs)
     servicer = KVCacheServicer(core, shm=shm)
     pb_grpc.add_KVCacheServicer_to_server(servicer, server)
     # Get and Put again, with codecs that write and read payload chunks without protobuf (same bytes

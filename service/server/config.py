@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from kvtier.tiering.config import StoreConfig
+from kvtier.tiering.lossy_spec import parse_spec
 from kvtier.tiering.remote import RemoteConfig
 
 #: Env var naming the TOML file when ``--config`` is not given.
@@ -103,7 +104,10 @@ class ServerSettings(BaseModel):
 
 
 class StoreSettings(BaseModel):
-    """The engine's knobs: one field per field of :class:`tiering.config.StoreConfig` (see there)."""
+    """The engine's knobs: one field per field of :class:`tiering.config.StoreConfig` (see there), and
+    ``lossy_codecs``: tenant (``"*"``: every tenant) → the lossy cold codecs its namespaces may choose
+    (``namespace.cold_codec``; ``"int4"`` allows ``"int4/g<N>"`` too), e.g. ``{"acme" = ["fp8_e4m3"]}``.
+    Empty (the default): no tenant may store lossy blocks."""
 
     model_config = _STRICT
 
@@ -127,6 +131,15 @@ class StoreSettings(BaseModel):
     session_ttl_s: float | None = Field(None, gt=0)
     maintenance_s: float = Field(1.0, gt=0)
     verify_on_start: bool = False
+    lossy_codecs: dict[str, list[str]] = {}
+
+    @field_validator("lossy_codecs")
+    @classmethod
+    def _known_codecs(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for names in value.values():
+            for name in names:
+                parse_spec(name)  # ValueError names the choices
+        return value
 
     def to_store_config(self) -> StoreConfig:
         """The validated :class:`StoreConfig` these settings describe.

@@ -22,7 +22,7 @@ from kvtier.service.server.put_assembly import PutPlan, next_message, plan_from_
 from kvtier.service.server.quota import Limits, PutBudget
 from kvtier.service.wire import convert
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
-from kvtier.tiering.errors import SessionNotFound
+from kvtier.tiering.errors import InvalidBlock, SessionNotFound
 from kvtier.tiering.results import PutResult
 from kvtier.tiering.store import TieredStore
 from kvtier.tiering.layout import blocks_for
@@ -59,8 +59,9 @@ class ServerCore:
 
     def __init__(self, store: TieredStore, *, auth: Authenticator | None = None, limits: Limits | None = None,
                  puts: PutBudget | None = None, max_put_bytes: int = 0, max_message_bytes: int = 0,
-                 stream_idle_s: float = 0) -> None:
+                 stream_idle_s: float = 0, lossy_codecs: dict[str, list[str]] | None = None) -> None:
         self.store = store
+        self.lossy_codecs = lossy_codecs or {}
         self.auth = auth or Authenticator()
         self.limits = limits or Limits()
         self.puts = puts or PutBudget()
@@ -100,7 +101,21 @@ class ServerCore:
         plan = plan_from_header(header, caller.tenant(header.namespace.tenant), max_bytes=self.max_put_bytes,
                                 max_message_bytes=self.max_message_bytes)
         self.limits.check_blocks(blocks_for(len(plan.token_ids), plan.namespace.layout.block_tokens), "Put")
+        self.check_codec(plan.namespace, "header.namespace.cold_codec")
         return plan
+
+    def check_codec(self, ns, field: str = "namespace.cold_codec") -> None:
+        """:raises InvalidBlock: naming ``field`` and the setting, if ``ns`` chooses a lossy cold codec
+        that ``[store] lossy_codecs`` does not allow for its tenant."""
+        if not ns.cold_codec:
+            return
+        allowed = self.lossy_codecs.get(ns.tenant, []) + self.lossy_codecs.get("*", [])
+        if ns.cold_codec in allowed or ns.cold_codec.partition("/")[0] in allowed:
+            return
+        raise InvalidBlock(f"{field} {ns.cold_codec!r} is not allowed for tenant {ns.tenant!r}: the server's "
+                           f"[store] lossy_codecs setting must list it for the tenant (or \"*\"), e.g. "
+                           f"lossy_codecs = {{\"{ns.tenant}\" = [\"{ns.cold_codec.partition('/')[0]}\"]}}",
+                           field=field)
 
     async def next_message(self, stream):
         """The next message of a Put stream, ``None`` at its end (``put_assembly.next_message``).

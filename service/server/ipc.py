@@ -212,9 +212,10 @@ def _same_user(pid: int) -> bool:
         return False
 
 
-def _hot_prefix(store, keys, tenant: str, deadline: float | None) -> tuple[list, str]:
-    """``[(key, block)...]`` of the leading ``keys`` whose blocks are in the hot tier, and why it ended
-    early (``""``: none left). Reads no lower tier and promotes nothing."""
+def _hot_prefix(store, keys, tenant: str, deadline: float | None, exact_only: bool = True) -> tuple[list, str]:
+    """``[(key, block)...]`` of the leading ``keys`` whose blocks are in the hot tier (with ``exact_only``,
+    up to a lossy one: a miss), and why it ended early (``""``: none left). Reads no lower tier and
+    promotes nothing."""
     out = []
     for key in keys:
         if deadline is not None and time.monotonic() > deadline:
@@ -231,20 +232,21 @@ def _hot_prefix(store, keys, tenant: str, deadline: float | None) -> tuple[list,
         if tier != "hot":
             return out, "not_hot"  # evicted since `where` looked
         ns = store.namespace_of(block.ns_id)
-        if ns is None or ns.tenant != tenant:
+        if ns is None or ns.tenant != tenant or (exact_only and block.lossy):
             return out, "miss"
         out.append((key, block))
     return out, ""
 
 
-def stage(store, leases: IpcLeases, device: torch.device, keys, tenant: str, deadline: float | None) -> Staged:
+def stage(store, leases: IpcLeases, device: torch.device, keys, tenant: str, deadline: float | None,
+          exact_only: bool = True) -> Staged:
     """Copy the hot prefix of ``keys`` into one fresh buffer on ``device`` and share it. Runs on one
     worker thread; the caller owns the result (register it with :meth:`IpcLeases.add`, or
     :meth:`IpcLeases.abandon` it).
 
     Out of budget or of GPU memory, fewer blocks (maybe none) are staged, with reason ``"ipc_budget"``.
     """
-    found, reason = _hot_prefix(store, keys, tenant, deadline)
+    found, reason = _hot_prefix(store, keys, tenant, deadline, exact_only)
     sizes = [align_up(block.nbytes, ALIGN) for _, block in found]
     n = leases.reserve(sizes)
     if n < len(found):
@@ -299,7 +301,7 @@ async def get_ipc(core: ServerCore, shm: ArenaRegistry | None, leases: IpcLeases
             raise IpcUnavailable(f"device {wanted} is not this server's hot-tier GPU, so CUDA IPC cannot reach it; "
                                  "fetch the blocks with GetShm (or ask with the hot tier's device)")
         work = asyncio.ensure_future(asyncio.to_thread(stage, core.store, leases, hot.device, read.wanted, tenant,
-                                                       deadline))
+                                                       deadline, not req.accept_lossy))
         try:
             staged = await asyncio.shield(work)
         except asyncio.CancelledError:

@@ -119,6 +119,13 @@ class StoreCollector(Collector):
         shared = snap.get("shared")
         if shared:
             yield from _remote_families(shared)
+        for which, doc in (("raw", "Raw bytes of blocks written to the cold tier, by record codec."),
+                           ("stored", "Stored record bytes written to the cold tier, by record codec (lossy "
+                                      "codecs: fp8_e4m3, int8, int4).")):
+            fam = CounterMetricFamily(f"kvtier_cold_codec_{which}_bytes", doc, labels=["codec"])
+            for codec, n in snap.get(f"codec_{which}_bytes", {}).items():
+                fam.add_metric([codec], n)
+            yield fam
         ratio = snap.get("compression_ratio")
         yield GaugeMetricFamily("kvtier_compression_ratio",
                                 "Raw bytes over stored record bytes written to the cold tier.",

@@ -89,14 +89,15 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         keys = convert.keys_from_proto(request.keys) if request.keys else None
         tokens = list(request.token_ids)
         store = self.store
+        exact_only = not request.accept_lossy
 
         def lookup():
             if keys is None:
                 chain = chain_keys(ns, tokens)  # derived from the tenant's namespace: its own keys
-                return chain, store.lookup(ns, keys=chain)
+                return chain, store.lookup(ns, keys=chain, exact_only=exact_only)
             owned = store.owned(keys, ns.tenant)
             mine = keys[:next((i for i, ok in enumerate(owned) if not ok), len(keys))]
-            return keys, store.lookup(ns, keys=mine)
+            return keys, store.lookup(ns, keys=mine, exact_only=exact_only)
 
         chain, found = await asyncio.to_thread(lookup)
         return convert.lookup_to_proto(chain, found, n_tokens)
@@ -149,8 +150,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             # would only exit at garbage collection: release the lease when the RPC ends instead.
             context.add_done_callback(blocks.close_soon)
             async for key, block, tier, raw in blocks:
-                if block is None:
-                    reason = "miss"
+                if block is None or (block.lossy and not request.accept_lossy):
+                    reason = "miss"  # an exact-only caller never receives a lossy block's bytes
                     break
                 yield pb.GetResponse(header=convert.block_header_to_proto(read.start + sent, key, block, tier))
                 for off in range(0, len(raw), MAX_CHUNK_BYTES):
@@ -168,9 +169,16 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         tenant = self.core.caller(context).tenant(request.tenant)
         sid = door.session_id(tenant, request.session_id)
         budget = request.prefetch_budget_ms / 1000 if request.prefetch_budget_ms else None
-        session, tiers, _handle = await asyncio.to_thread(self.store.resume, tenant, sid,
-                                                          deadline=deadline_of(context, budget))
-        return convert.resume_to_proto(session, tiers)
+        store = self.store
+
+        def resume():
+            session, tiers, _handle = store.resume(tenant, sid, deadline=deadline_of(context, budget))
+            # a block read back from a lossy record stays lossy: the flags hold while the prefetch runs
+            ns = session.namespace
+            return session, tiers, store.lookup(ns, keys=session.keys).lossy if ns.lossy else []
+
+        session, tiers, lossy = await asyncio.to_thread(resume)
+        return convert.resume_to_proto(session, tiers, lossy, exact_only=not request.accept_lossy)
 
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
         tenant = self.core.caller(context).tenant(request.tenant)

@@ -141,7 +141,7 @@ async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetSh
         region = _range(arena, request.region.offset, request.region.length, "region")
         read = await core.read_chain(request.request, tenant)
         filled, miss, next_bytes = await asyncio.to_thread(_fill, core.store, arena, region, read.wanted, tenant,
-                                                           deadline)
+                                                           deadline, not request.request.accept_lossy)
         resp = pb.GetShmResponse(blocks=[
             pb.ShmBlock(header=convert.block_header_to_proto(read.start + i, key, block, tier), offset=offset)
             for i, (key, block, tier, offset) in enumerate(filled)])
@@ -154,10 +154,12 @@ async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetSh
     return resp
 
 
-def _fill(store, arena: ServerArena, region: tuple[int, int], keys, tenant: str, deadline: float | None):
+def _fill(store, arena: ServerArena, region: tuple[int, int], keys, tenant: str, deadline: float | None,
+          exact_only: bool = True):
     """Write blocks of ``keys`` (prefix order) into ``region`` with :meth:`TieredStore.copy_out` (one
     copy from memory, cold blocks decoded straight into the arena, each checked on the arena's bytes)
-    until a miss, a foreign block, the deadline or a block that does not fit. Runs on one worker thread.
+    until a miss, a foreign block, with ``exact_only`` a lossy block (none of its bytes are written),
+    the deadline or a block that does not fit. Runs on one worker thread.
 
     :returns: ``([(key, block, tier, offset)...], missed, bytes of the block that did not fit or 0)``.
     """
@@ -173,6 +175,6 @@ def _fill(store, arena: ServerArena, region: tuple[int, int], keys, tenant: str,
 
     start, length = region
     got = store.copy_out(keys, arena.arena.array[start:start + length], align=ALIGNMENT, accept=accept,
-                         deadline=deadline)
+                         deadline=deadline, exact_only=exact_only)
     items = [(key, block, tier, start + offset) for key, block, tier, offset in got.items]
     return items, got.stop == "miss", got.next_bytes

@@ -11,6 +11,7 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import KEY_BYTES, MAX_ID_BYTES, BlockKey, Namespace, Shard
 from kvtier.tiering.layout import BlockLayout
+from kvtier.tiering.results import resumed_prefix
 
 TIER_TO_PROTO = {"hot": pb.TIER_HOT, "warm": pb.TIER_WARM, "cold": pb.TIER_COLD, "remote": pb.TIER_REMOTE,
                  None: pb.TIER_UNSPECIFIED, "": pb.TIER_UNSPECIFIED}
@@ -67,7 +68,13 @@ def namespace_from_proto(msg: pb.Namespace, field: str = "namespace", *, tenant:
         raise InvalidBlock(f"{field}.layout is required", field=f"{field}.layout")
     layout = layout_from_proto(msg.layout, f"{field}.layout")
     shard = shard_from_proto(msg.shard, layout, f"{field}.shard") if msg.HasField("shard") else None
-    return Namespace(tenant if tenant is not None else tenant_of(msg.tenant), msg.model, msg.revision, layout, shard)
+    try:
+        return Namespace(tenant if tenant is not None else tenant_of(msg.tenant), msg.model, msg.revision, layout,
+                         shard, msg.cold_codec)
+    except InvalidBlock as exc:
+        if exc.field != "namespace.cold_codec":
+            raise
+        raise InvalidBlock(str(exc), field=f"{field}.cold_codec") from None
 
 
 def shard_from_proto(msg: pb.Shard, layout: BlockLayout, field: str = "namespace.shard") -> Shard:
@@ -86,6 +93,7 @@ def namespace_to_proto(ns: Namespace) -> pb.Namespace:
     msg = pb.Namespace(model=ns.model, revision=ns.revision, layout=layout_to_proto(ns.layout), tenant=ns.tenant)
     if ns.shard is not None:
         msg.shard.CopyFrom(pb.Shard(rank=ns.shard.rank, world_size=ns.shard.world_size, heads=ns.shard.heads))
+    msg.cold_codec = ns.cold_codec
     return msg
 
 
@@ -119,7 +127,8 @@ def lookup_to_proto(chain, found, n_tokens: int | None) -> pb.LookupResponse:
     cached = found.tokens if n_tokens is None else min(found.tokens, n_tokens)
     remote = min(found.remote_tokens, cached)
     return pb.LookupResponse(cached_tokens=cached, cached_blocks=found.blocks, tiers=tiers_to_proto(found.tiers),
-                             keys=keys_to_proto(chain), local_tokens=cached - remote, remote_tokens=remote)
+                             keys=keys_to_proto(chain), local_tokens=cached - remote, remote_tokens=remote,
+                             lossy=found.lossy, lossy_blocks=sum(found.lossy))
 
 
 def put_result_to_proto(result) -> pb.PutResponse:
@@ -132,22 +141,27 @@ def put_result_to_proto(result) -> pb.PutResponse:
 def block_header_to_proto(index: int, key: BlockKey, block, tier: str) -> pb.BlockHeader:
     """The ``BlockHeader`` announcing ``block`` (a :class:`tiering.tier.Block`) at chain position ``index``."""
     return pb.BlockHeader(index=index, key=key.digest, dtype=block.dtype, shape=list(block.shape),
-                          tier=TIER_TO_PROTO[tier], checksum=block.checksum, size=block.nbytes)
+                          tier=TIER_TO_PROTO[tier], checksum=block.checksum, size=block.nbytes, lossy=block.lossy)
 
 
-def resume_to_proto(session, tiers) -> pb.ResumeResponse:
-    """A session (:class:`tiering.sessions.Session`) and its blocks' tiers as a ``ResumeResponse``."""
-    cached = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
+def resume_to_proto(session, tiers, lossy: list[bool] | None = None, *, exact_only: bool = False
+                    ) -> pb.ResumeResponse:
+    """A session (:class:`tiering.sessions.Session`) and its blocks' tiers as a ``ResumeResponse``;
+    ``lossy[i]``: block ``i`` would be served approximate (with ``exact_only`` the cached prefix ends
+    before the first such block): :func:`tiering.results.resumed_prefix`."""
+    cached, lossy = resumed_prefix(tiers, lossy or [], exact_only)
     return pb.ResumeResponse(namespace=namespace_to_proto(session.namespace), tokens=session.tokens,
                              keys=keys_to_proto(session.keys), tiers=tiers_to_proto(tiers), cached_blocks=cached,
-                             priority=session.priority, ttl_seconds=session.ttl_s or 0.0)
+                             priority=session.priority, ttl_seconds=session.ttl_s or 0.0, lossy=lossy,
+                             lossy_blocks=sum(lossy[:cached]))
 
 
 _TIER_COUNTERS = ("hits", "misses", "promotions", "demotions", "evictions", "checksum_failures")
 
 
 def stats_to_proto(snap: dict, version: str) -> pb.StatsResponse:
-    """``TieredStore.snapshot()`` as a ``StatsResponse``: tiers top first, integer counters in ``counters``.
+    """``TieredStore.snapshot()`` as a ``StatsResponse``: tiers top first, integer counters in ``counters``
+    (the bytes written per record codec as ``codec_raw_bytes_<codec>`` and ``codec_stored_bytes_<codec>``).
     The shared (remote) tier also reports its state, errors and dropped writes (``snap["shared"]``)."""
     tiers = []
     shared = snap.get("shared") or {}
@@ -162,6 +176,8 @@ def stats_to_proto(snap: dict, version: str) -> pb.StatsResponse:
     skip = {"tiers", "usage", "bytes_moved", "shared", "pinned_blocks", "write_queue_depth", "pending_writes",
             "compression_ratio"}
     counters = {k: int(v) for k, v in snap.items() if k not in skip and isinstance(v, int) and v >= 0}
+    for per_codec in ("codec_raw_bytes", "codec_stored_bytes"):
+        counters.update({f"{per_codec}_{codec}": int(n) for codec, n in snap.get(per_codec, {}).items()})
     return pb.StatsResponse(tiers=tiers, pinned_blocks=snap["pinned_blocks"],
                             write_queue_depth=snap["write_queue_depth"], pending_writes=snap["pending_writes"],
                             compression_ratio=snap["compression_ratio"] or 0.0,

@@ -33,9 +33,16 @@ SHARD_VECTORS = ["554b3d7f1584daa994857819fe117837",
 #: the same namespace without its shard.
 UNSHARDED_ROOT = "9b449e738a462b72a8df661ac1f95440"
 
+#: NS with the lossy cold codec fp8_e4m3: one more field, "codec:fp8_e4m3", after the layout.
+LOSSY_NS = Namespace(NS.tenant, NS.model, NS.revision, LAYOUT, cold_codec="fp8_e4m3")
+LOSSY_ROOT = "86d1a9630435aefbf7a8a992909d37f5"
+LOSSY_VECTORS = ["095143b98f3578ea548b93affd5b14bd",
+                 "3b5e2a36a01a8b49a52c15f1ad4e3aa5",
+                 "258350d347651dffbb306967d31bbb2c"]
+
 
 def _spec_keys(tenant: str, model: str, revision: str, layout: str, tokens: list[int], bt: int,
-               shard: str | None = None) -> list[str]:
+               shard: str | None = None, codec: str | None = None) -> list[str]:
     """The spec of the keys.py docstring, written out again with hashlib only."""
     def field(s: str) -> bytes:
         raw = s.encode("utf-8")
@@ -45,7 +52,7 @@ def _spec_keys(tenant: str, model: str, revision: str, layout: str, tokens: list
         return hashlib.blake2b(x, digest_size=16).digest()
 
     parent = h(b"kvtier-ns-v1" + field(tenant) + field(model) + field(revision) + field(layout)
-               + (field(shard) if shard is not None else b""))
+               + (field(shard) if shard is not None else b"") + (field("codec:" + codec) if codec else b""))
     out = []
     for start in range(0, len(tokens), bt):
         parent = h(parent + b"".join(struct.pack("<I", t) for t in tokens[start:start + bt]))
@@ -76,6 +83,14 @@ def test_shard_vectors_are_pinned_and_match_the_written_spec():
     unsharded = Namespace(SHARD_NS.tenant, SHARD_NS.model, SHARD_NS.revision, SHARD_NS.layout)
     assert unsharded.root().hex() == UNSHARDED_ROOT != SHARD_ROOT
     assert Namespace(NS.tenant, NS.model, NS.revision, NS.layout, None).root().hex() == ROOT
+
+
+def test_lossy_vectors_are_pinned_and_match_the_written_spec():
+    assert LOSSY_NS.root().hex() == LOSSY_ROOT != ROOT
+    assert [k.hex() for k in chain_keys(LOSSY_NS, list(range(40)))] == LOSSY_VECTORS
+    assert _spec_keys("acme", "HuggingFaceTB/SmolLM2-135M-Instruct", "main", "float16:30x3x64/16",
+                      list(range(40)), 16, codec="fp8_e4m3") == LOSSY_VECTORS
+    assert Namespace(NS.tenant, NS.model, NS.revision, LAYOUT, cold_codec="").root().hex() == ROOT
 
 
 @pytest.mark.parametrize("shard", [Shard(0, 3, (1,)), Shard(1, 2, (1,)), Shard(1, 3, (0,))])

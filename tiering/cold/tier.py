@@ -122,14 +122,14 @@ class ColdTier(Tier):
         with self.env.begin(db=self.db["meta"]) as txn:
             return [txn.get(k.digest) is not None for k in keys]
 
-    def get_record(self, key: BlockKey) -> bytes | None:
-        """The encoded record (one copy out of the map), or ``None``."""
+    def get_record(self, key: BlockKey) -> bytes | None:  # the encoded record (one copy out of the map) or None
         with self.env.begin(db=self.db["blocks"]) as txn:
             return txn.get(key.digest)
 
-    def encode(self, key: BlockKey, raw, dtype: str, shape: tuple[int, ...], csum: int | None = None) -> bytes:
-        """The record to store for a block (``Codec.encode``, then sealed when encryption is on)."""
-        record = self.codec.encode(raw, dtype, shape, csum)
+    def encode(self, key: BlockKey, raw, dtype: str, shape: tuple[int, ...], csum: int | None = None, *,
+               lossy: str = "") -> bytes:
+        """The record to store for a block (``Codec.encode``, lossy codec ``lossy`` if given; sealed if encrypted)."""
+        record = self.codec.encode(raw, dtype, shape, csum, lossy)
         return record if self.sealer is None else self.sealer.seal(key.digest, record)
 
     def open(self, key: BlockKey, record: bytes) -> tuple[RecordHeader, bytes] | None:
@@ -142,9 +142,8 @@ class ColdTier(Tier):
             elif is_sealed(record):
                 raise ChecksumError("record is encrypted and no key is configured")
             return self.codec.read_header(record), record
-        except UnknownKeyId as exc:
-            # Its key was removed from the key file: unreadable for good, so it goes (a put of the same
-            # key can store it again). Not damage: one WARN per key id, the rest at DEBUG.
+        except UnknownKeyId as exc:  # its key left the key file: unreadable for good, so it goes (a put can
+            # store it again); not damage: one WARN per key id, the rest at DEBUG
             level = logging.DEBUG if exc.key_id in self._unknown_ids_seen else logging.WARNING
             self._unknown_ids_seen.add(exc.key_id)
             log.log(level, "cold tier: block %s: %s; dropped (further blocks of key id %d are logged at DEBUG)",
@@ -170,7 +169,8 @@ class ColdTier(Tier):
         except ChecksumError as exc:
             self._drop(key, exc)
             return None
-        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, self.ns_of(key) or b"")
+        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, self.ns_of(key) or b"",
+                     header.lossy_codec, header.lossy)
 
     def _drop(self, key: BlockKey, exc: ChecksumError) -> None:
         self.checksum_failures += 1
@@ -218,7 +218,8 @@ class ColdTier(Tier):
                            hit=block is not None)
             return block
 
-        return Fetched(self.name, header.raw_length, self.ns_of(key) or b"", decode_into=decode_into)
+        return Fetched(self.name, header.raw_length, self.ns_of(key) or b"", decode_into=decode_into,
+                       lossy=header.lossy)
 
     def ns_of(self, key: BlockKey) -> bytes | None:
         with self.env.begin() as txn:
@@ -241,7 +242,8 @@ class ColdTier(Tier):
     # -- writes ---------------------------------------------------------------------------------------
     def put(self, key: BlockKey, block: Block) -> None:
         """Write one block now. :raises CapacityExceeded: when it does not fit (nothing is evicted)."""
-        record = self.encode(key, block.data.cpu().numpy(), block.dtype, block.shape, block.checksum)
+        record = self.encode(key, block.data.cpu().numpy(), block.dtype, block.shape, block.checksum,
+                             lossy=block.cold_codec)
         self.write_batch([ColdWrite(key, record, block.ns_id)])
 
     def write_batch(self, writes: list[ColdWrite], *, sessions: dict[bytes, bytes | None] | None = None,

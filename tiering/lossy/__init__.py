@@ -1,7 +1,7 @@
 """Lossy cold codecs (opt-in): fp8_e4m3, int8 and int4 behind one small registry keyed by name and codec id.
 
-Imports only its own modules (numpy and zstandard underneath; no torch); the record format, the store and
-the tiers use it, never the other way round.
+Imports only its own modules and ``tiering.lossy_spec`` (the names; numpy and zstandard underneath; no
+torch); the record format, the store and the tiers use it, never the other way round.
 
 A lossy codec turns one block's raw bytes into a *payload* and back. The cold record around it
 (header, codec-id byte, checksum) is the record codec's business: the record's codec-id byte selects
@@ -22,10 +22,11 @@ import numpy as np
 
 from .fp8 import Fp8E4M3Codec
 from .kivi import DEFAULT_GROUP, KiviCodec
+from ..lossy_spec import CODEC_IDS, parse_spec
 from .payload import FLOAT_DTYPES, LossyPayloadError, as_float32
 
 __all__ = ["CODEC_IDS", "DEFAULT_GROUP", "FLOAT_DTYPES", "LossyCodec", "LossyPayloadError", "by_id", "by_name",
-           "is_lossy", "make", "values_of"]
+           "for_spec", "is_lossy", "make", "parse_spec", "values_of"]
 
 
 @runtime_checkable
@@ -54,8 +55,6 @@ class LossyCodec(Protocol):
         """Element-wise bound on the round trip's absolute error for float32 block ``values`` (tests)."""
 
 
-#: codec id -> registry name. Part of the on-disk format.
-CODEC_IDS: dict[int, str] = {16: "fp8_e4m3", 17: "int8", 18: "int4"}
 
 
 def make(name: str, *, group: int = DEFAULT_GROUP, zstd_level: int | None = 1) -> LossyCodec:
@@ -83,6 +82,20 @@ def by_name(name: str) -> LossyCodec:
         return _DEFAULTS[name]
     except KeyError:
         raise ValueError(f"unknown lossy codec {name!r}; choose from {', '.join(_DEFAULTS)}") from None
+
+
+_BY_SPEC: dict[str, LossyCodec] = {}
+
+
+def for_spec(spec: str) -> LossyCodec:
+    """The shared codec a namespace's ``cold_codec`` names (see :func:`parse_spec`). Thread-safe.
+
+    :raises ValueError: as :func:`parse_spec`."""
+    codec = _BY_SPEC.get(spec)
+    if codec is None:
+        name, group = parse_spec(spec)
+        codec = _BY_SPEC.setdefault(spec, by_name(name) if group is None else make(name, group=group))
+    return codec
 
 
 def by_id(codec_id: int) -> LossyCodec:

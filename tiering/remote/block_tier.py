@@ -98,7 +98,8 @@ class RemoteBlockTier(Tier):
             with self._lock:
                 self._decode_failures += 1
             return None
-        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, ns_id)
+        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, ns_id, header.lossy_codec,
+                     header.lossy)
 
     def get(self, key: BlockKey) -> Block | None:
         got = self.read(key)
@@ -123,7 +124,7 @@ class RemoteBlockTier(Tier):
     def put(self, key: BlockKey, block: Block) -> None:
         """Queue one block for an asynchronous write (when the write mode is ``all``)."""
         raw = block.data if block.data.device.type == "cpu" else block.data.cpu()
-        record = self.codec.encode(raw.numpy(), block.dtype, block.shape, block.checksum)
+        record = self.codec.encode(raw.numpy(), block.dtype, block.shape, block.checksum, block.cold_codec)
         if self.sealer is not None:
             record = self.sealer.seal(key.digest, record)
         self.remote.put_many([(key, record)], durable=False)

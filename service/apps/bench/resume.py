@@ -5,13 +5,17 @@ prefills all N + 16 tokens with :func:`kvtier.service.apps.model.greedy_generate
 history's KV in a kvtier server first (:func:`kvtier.service.integrations.hf.save_cache`, fp32 blocks: token-exact), then
 times ``restore_cache`` (Resume RPC + Get of the session's blocks + building the ``DynamicCache``)
 plus the prefill of the 16 new tokens over it. Sources: a ``warm`` server, a ``cold`` server (memory
-tiers off: every block read from LMDB and decoded), and ``restart`` (a warm server stopped and
-started again on its data directory: blocks come from disk and are promoted). Every restored run's
-first token is compared with the recomputed one (``token_match``).
+tiers off: every block read from LMDB and decoded), ``cold_fp8`` (the same, for the model's namespace
+with the opt-in lossy cold codec ``fp8_e4m3``, restored with ``accept_lossy``; not in tiny mode) and
+``restart`` (a warm server stopped and started again on its data directory: blocks come from disk and
+are promoted). Every restored run's first token is compared with the recomputed one (``token_match``;
+a lossy restore may differ, which the row then shows).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 import time
 
@@ -25,12 +29,19 @@ from kvtier.service.apps.bench.model import conversation, get_model, prefill
 from kvtier.service.apps.bench.procs import kvtier_server
 
 NEW_TOKENS = 16
+#: source -> (server tier settings, lossy cold codec of the namespace or "")
+SOURCES = {"warm": ("warm", ""), "cold": ("cold", ""), "cold_fp8": ("cold", "fp8_e4m3"), "restart": ("warm", "")}
+
+
+def _settings(source: str) -> dict[str, str]:
+    tier, codec = SOURCES[source]
+    return {**tiers.SETTINGS[tier], **({"lossy_codecs": json.dumps({"*": [codec]})} if codec else {})}
 
 
 def restore_once(client: KVTierClient, bm, ns, sid: str, ids: list[int]) -> tuple[float, float, int, int]:
     """One timed resume of session ``sid`` continued by ``ids``: (ttft_s, restore_s, cached_tokens, first_token)."""
     t0 = time.perf_counter()
-    cache, used = restore_cache(client, sid, ids, namespace=ns)
+    cache, used = restore_cache(client, sid, ids, namespace=ns, accept_lossy=bool(ns.cold_codec))
     t1 = time.perf_counter()
     gen = greedy_generate(bm.model, ids, cache, max_new_tokens=1)
     return time.perf_counter() - t0, t1 - t0, used, gen.tokens[0]
@@ -60,22 +71,22 @@ def run(ctx: BenchContext) -> dict:
                      "cached_tokens": 0, "token_match": 1, "kv_bytes": 0})
         cache = prefill(bm, history)[0]
         # tiny: "restart" already walks the cold read path; a cold-only server would add ~10 s of startup
-        sources = (("warm", "warm"), ("restart", "warm")) if ctx.tiny else \
-            (("warm", "warm"), ("cold", "cold"), ("restart", "warm"))
-        for source, tier in sources:
+        sources = ("warm", "restart") if ctx.tiny else ("warm", "cold", "cold_fp8", "restart")
+        for source in sources:
             ctx.step(f"restore {n} tokens from {source}")
             data_dir = ctx.workdir / f"resume-{source}-{n}"
             sid = f"bench-{n}"
             samples = []
-            with kvtier_server(ctx.workdir, f"resume-{source}", data_dir, store=tiers.SETTINGS[tier]) as address, \
+            src_ns = dataclasses.replace(ns, cold_codec=SOURCES[source][1])
+            with kvtier_server(ctx.workdir, f"resume-{source}", data_dir, store=_settings(source)) as address, \
                     KVTierClient(address, timeout=300) as client:
-                save_cache(client, ns, sid, history, cache, durable=True)
+                save_cache(client, src_ns, sid, history, cache, durable=True)
                 if source != "restart":
-                    samples = [restore_once(client, bm, ns, sid, ids) for _ in range(reps)]
+                    samples = [restore_once(client, bm, src_ns, sid, ids) for _ in range(reps)]
             for _ in range(reps if source == "restart" else 0):
-                with kvtier_server(ctx.workdir, f"resume-{source}", data_dir, store=tiers.SETTINGS[tier]) as address, \
+                with kvtier_server(ctx.workdir, f"resume-{source}", data_dir, store=_settings(source)) as address, \
                         KVTierClient(address, timeout=300) as client:
-                    samples.append(restore_once(client, bm, ns, sid, ids))
+                    samples.append(restore_once(client, bm, src_ns, sid, ids))
             ttft = statistics.median(s[0] for s in samples)
             rows.append({"tokens": n, "source": source, "ttft_s": ttft,
                          "restore_s": statistics.median(s[1] for s in samples), "speedup": ratio(base, ttft),

@@ -111,6 +111,8 @@ TARGETS: list[tuple[str, str, Callable[[dict], tuple[float | None, str]], str, f
      lambda r: _resume(r, "warm"), ">=", 20.0, "2048 tokens"),
     ("resume_cold_speedup", "resume from cold: recompute TTFT / restore TTFT",
      lambda r: _resume(r, "cold"), ">=", 10.0, "2048 tokens"),
+    ("resume_cold_fp8_speedup", "resume from a lossy (fp8_e4m3) cold tier: recompute TTFT / restore TTFT",
+     lambda r: _resume(r, "cold_fp8"), ">=", 10.0, "2048 tokens"),
     ("shm_get_vs_memcpy", "shared-memory Get of warm blocks / memcpy of the same bytes",
      lambda r: _shm_batch(r, "get", ("memcpy_batch",)), ">=", 0.5, "2 MiB blocks"),
     ("shm_get_vs_redis", "shared-memory Get of warm blocks / Redis GET (its faster of GET and MGET)",

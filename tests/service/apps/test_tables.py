@@ -42,3 +42,13 @@ def test_tables_fit_80_columns_and_agree_on_the_ratio(kvtier_process):
     text = render(inspect_tables(summary))
     assert "…" not in text and max(map(len, text.splitlines())) <= 80, text
     assert f"{written:.2f}x" in text and "a-rather-long-organisation-name/and-" in text  # folded, not cut
+
+
+def test_stats_show_what_each_record_codec_saved():
+    stats = pb.StatsResponse(counters={"codec_raw_bytes_fp8_e4m3": 4 << 20, "codec_stored_bytes_fp8_e4m3": 1 << 20,
+                                       "codec_raw_bytes_shuffle_zstd": 2 << 20,
+                                       "codec_stored_bytes_shuffle_zstd": 3 << 19})
+    text = render(stats_tables(stats, "127.0.0.1:1"))
+    assert "written as fp8_e4m3" in text and "4.00x" in text and "saved 3.0 MiB" in text, text
+    assert "written as shuffle_zstd" in text and "1.33x" in text, text
+    assert "codec raw bytes" not in text and max(map(len, text.splitlines())) <= 80, text

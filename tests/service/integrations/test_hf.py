@@ -109,3 +109,19 @@ def test_fingerprint_is_cached_and_follows_the_file(tmp_path):
     assert first == model_fingerprint(weights_path=str(f), model_id="m") and first.model == "m"
     f.write_bytes(b"b" * 1001)
     assert model_fingerprint(weights_path=str(f), model_id="m").revision != first.revision
+
+
+def test_restore_takes_lossy_blocks_only_when_asked(tmp_path):
+    lossy = Namespace("default", "test/hf", "r1", LAYOUT, cold_codec="int8")
+    ids = list(range(900, 940))
+    cache = random_cache(40)
+    cfg = StoreConfig(data_dir=str(tmp_path / "d"), hot_device="off", warm_capacity=256 << 20, durable_sync=False)
+    with TieredStore(cfg) as s:
+        hf.save_cache(s, lossy, "l", ids, cache, durable=True)
+        assert hf.restore_cache(s, lossy, ids)[1] == 39  # memory still holds the exact bytes
+    with TieredStore(cfg) as s:  # reopened: every block comes back from its lossy cold record
+        for target in (lossy, "l"):
+            assert hf.restore_cache(s, target, ids, namespace=lossy) == (None, 0)
+            restored, n = hf.restore_cache(s, target, ids, namespace=lossy, accept_lossy=True)
+            assert n == 39 and not same_cache(cache, restored, 39)
+            assert torch.allclose(restored.layers[0].keys, cache.layers[0].keys[..., :39, :], atol=0.1)

@@ -45,18 +45,20 @@ class Shard(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., heads: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Namespace(_message.Message):
-    __slots__ = ("model", "revision", "layout", "tenant", "shard")
+    __slots__ = ("model", "revision", "layout", "tenant", "shard", "cold_codec")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    COLD_CODEC_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     layout: BlockLayout
     tenant: str
     shard: Shard
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., tenant: _Optional[str] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ...) -> None: ...
+    cold_codec: str
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., layout: _Optional[_Union[BlockLayout, _Mapping]] = ..., tenant: _Optional[str] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ..., cold_codec: _Optional[str] = ...) -> None: ...
 
 class KeyList(_message.Message):
     __slots__ = ("keys",)
@@ -65,30 +67,36 @@ class KeyList(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace", "token_ids", "keys")
+    __slots__ = ("namespace", "token_ids", "keys", "accept_lossy")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_LOSSY_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    accept_lossy: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ..., accept_lossy: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("cached_tokens", "cached_blocks", "tiers", "keys", "local_tokens", "remote_tokens")
+    __slots__ = ("cached_tokens", "cached_blocks", "tiers", "keys", "local_tokens", "remote_tokens", "lossy", "lossy_blocks")
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REMOTE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     cached_tokens: int
     cached_blocks: int
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     local_tokens: int
     remote_tokens: int
-    def __init__(self, cached_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., keys: _Optional[_Iterable[bytes]] = ..., local_tokens: _Optional[int] = ..., remote_tokens: _Optional[int] = ...) -> None: ...
+    lossy: _containers.RepeatedScalarFieldContainer[bool]
+    lossy_blocks: int
+    def __init__(self, cached_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., keys: _Optional[_Iterable[bytes]] = ..., local_tokens: _Optional[int] = ..., remote_tokens: _Optional[int] = ..., lossy: _Optional[_Iterable[bool]] = ..., lossy_blocks: _Optional[int] = ...) -> None: ...
 
 class PutHeader(_message.Message):
     __slots__ = ("namespace", "session_id", "token_ids", "durable", "first_block", "block_count", "priority", "ttl_seconds")
@@ -143,21 +151,23 @@ class PutResponse(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., stored: _Optional[_Iterable[bytes]] = ..., skipped_present: _Optional[_Iterable[bytes]] = ..., skipped_not_admitted: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys", "session_id", "tenant", "start_block", "max_blocks")
+    __slots__ = ("keys", "session_id", "tenant", "start_block", "max_blocks", "accept_lossy")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_LOSSY_FIELD_NUMBER: _ClassVar[int]
     keys: KeyList
     session_id: str
     tenant: str
     start_block: int
     max_blocks: int
-    def __init__(self, keys: _Optional[_Union[KeyList, _Mapping]] = ..., session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_block: _Optional[int] = ..., max_blocks: _Optional[int] = ...) -> None: ...
+    accept_lossy: bool
+    def __init__(self, keys: _Optional[_Union[KeyList, _Mapping]] = ..., session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_block: _Optional[int] = ..., max_blocks: _Optional[int] = ..., accept_lossy: _Optional[bool] = ...) -> None: ...
 
 class BlockHeader(_message.Message):
-    __slots__ = ("index", "key", "dtype", "shape", "tier", "checksum", "size")
+    __slots__ = ("index", "key", "dtype", "shape", "tier", "checksum", "size", "lossy")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +175,7 @@ class BlockHeader(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_FIELD_NUMBER: _ClassVar[int]
     index: int
     key: bytes
     dtype: str
@@ -172,7 +183,8 @@ class BlockHeader(_message.Message):
     tier: Tier
     checksum: int
     size: int
-    def __init__(self, index: _Optional[int] = ..., key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tier: _Optional[_Union[Tier, str]] = ..., checksum: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+    lossy: bool
+    def __init__(self, index: _Optional[int] = ..., key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tier: _Optional[_Union[Tier, str]] = ..., checksum: _Optional[int] = ..., size: _Optional[int] = ..., lossy: _Optional[bool] = ...) -> None: ...
 
 class GetEnd(_message.Message):
     __slots__ = ("blocks_sent", "complete", "stopped_at", "reason", "tokens")
@@ -199,17 +211,19 @@ class GetResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "prefetch_budget_ms")
+    __slots__ = ("tenant", "session_id", "prefetch_budget_ms", "accept_lossy")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_LOSSY_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     prefetch_budget_ms: int
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prefetch_budget_ms: _Optional[int] = ...) -> None: ...
+    accept_lossy: bool
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prefetch_budget_ms: _Optional[int] = ..., accept_lossy: _Optional[bool] = ...) -> None: ...
 
 class ResumeResponse(_message.Message):
-    __slots__ = ("namespace", "tokens", "keys", "tiers", "cached_blocks", "priority", "ttl_seconds")
+    __slots__ = ("namespace", "tokens", "keys", "tiers", "cached_blocks", "priority", "ttl_seconds", "lossy", "lossy_blocks")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +231,8 @@ class ResumeResponse(_message.Message):
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     tokens: int
     keys: _containers.RepeatedScalarFieldContainer[bytes]
@@ -224,7 +240,9 @@ class ResumeResponse(_message.Message):
     cached_blocks: int
     priority: int
     ttl_seconds: float
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., cached_blocks: _Optional[int] = ..., priority: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    lossy: _containers.RepeatedScalarFieldContainer[bool]
+    lossy_blocks: int
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., cached_blocks: _Optional[int] = ..., priority: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., lossy: _Optional[_Iterable[bool]] = ..., lossy_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
     __slots__ = ("keys", "session_id", "tenant", "budget_ms", "wait")
