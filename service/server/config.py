@@ -15,7 +15,7 @@ shaped like a setting (``KVTIER_<X>__<Y>``, ``KVTIER_STORE_<...>``, or a name cl
 setting). Other ``KVTIER_*`` variables (``KVTIER_CONFIG``, ``KVTIER_COLD_KEY``, tools' own ones such
 as ``KVTIER_STRESS``) are left alone. Every problem is one :class:`SettingsError` line naming the
 setting, where its value came from (``env KVTIER_...``, ``file.toml:LINE``, ``--flag``) and, for an
-unknown name, the closest valid one. Only this module imports pydantic; callers see ``SettingsError``.
+unknown name, the closest valid one (the layers: ``config_sources.py``). Callers see ``SettingsError``.
 
 Byte sizes accept integers or human strings: ``"2GiB"``, ``"512MiB"``, ``"1.5 GB"`` (pydantic
 ``ByteSize``: ``KiB/MiB/GiB`` are powers of 1024, ``KB/MB/GB`` powers of 1000).
@@ -23,17 +23,14 @@ Byte sizes accept integers or human strings: ``"2GiB"``, ``"512MiB"``, ``"1.5 GB
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
-import re
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from kvtier.service.server.config_sources import SettingsError, Sources, describe
 from kvtier.tiering.config import StoreConfig
 from kvtier.tiering.lossy_spec import parse_spec
 from kvtier.tiering.remote import RemoteConfig
@@ -46,10 +43,6 @@ ENV_PREFIX = "KVTIER_"
 
 _STRICT = ConfigDict(extra="forbid")
 
-
-class SettingsError(ValueError):
-    """An invalid or unknown setting: one line naming it, where it came from and (if unknown) the
-    closest valid name."""
 
 
 class ServerSettings(BaseModel):
@@ -327,166 +320,10 @@ class Settings(BaseModel):
         :raises SettingsError: on a missing or unparsable TOML file, an unknown name or an invalid
             value (module docstring); the message is one line.
         """
-        origin: dict[tuple[str, ...], str] = {}
-        merged: dict[str, Any] = {}
+        sources = Sources(cls, ENV_PREFIX, OTHER_ENV)
         path = config_file or os.environ.get(CONFIG_ENV) or None
-        if path is not None:
-            _merge(merged, _toml_layer(Path(path), origin))
-        _merge(merged, _env_layer(os.environ, origin))
-        flags = _drop_none(overrides)
-        for loc in _leaves(flags):
-            origin[loc] = "flag --" + loc[-1].replace("_", "-")
-        _merge(merged, flags)
+        merged, origin = sources.layers(Path(path) if path is not None else None, os.environ, overrides)
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:
-            raise SettingsError(_describe(exc, origin)) from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# sources: each returns a nested dict and records where each leaf came from
-# Derived from Settings, so a section or top-level field added there is known here at once.
-SECTIONS: dict[str, type[BaseModel]] = {
-    name: f.annotation for name, f in Settings.model_fields.items()
-    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
-TOP_FIELDS = tuple(name for name in Settings.model_fields if name not in SECTIONS)
-
-
-def _closest(name: str, valid) -> str | None:
-    found = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-def _unknown(what: str, where: str, suggestion: str | None) -> SettingsError:
-    hint = f"; did you mean {suggestion}?" if suggestion else ""
-    return SettingsError(f"unknown setting {what} ({where}){hint}")
-
-
-def _toml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """``(table..., key)`` and ``(table...)`` → 1-based line, for messages (plain tables and keys)."""
-    lines: dict[tuple[str, ...], int] = {}
-    table: tuple[str, ...] = ()
-    for n, line in enumerate(text.splitlines(), 1):
-        if m := re.match(r"\s*\[\s*([^\]\s]+)\s*\]", line):
-            table = tuple(p.strip().strip('"') for p in m.group(1).split("."))
-            lines.setdefault(table, n)
-        elif m := re.match(r'\s*("[^"]*"|[A-Za-z0-9_-]+)\s*=', line):
-            lines.setdefault((*table, m.group(1).strip('"')), n)
-    return lines
-
-
-def _toml_layer(path: Path, origin: dict) -> dict:
-    if not path.is_file():
-        raise SettingsError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"{path}: invalid TOML: {exc}") from None
-    lines = _toml_lines(text)
-
-    def where(*loc: str) -> str:
-        for k in range(len(loc), 0, -1):
-            if loc[:k] in lines:
-                return f"{path}:{lines[loc[:k]]}"
-        return str(path)
-
-    for key, value in data.items():
-        if key in TOP_FIELDS:
-            origin[(key,)] = where(key)
-            continue
-        if key not in SECTIONS:
-            raise _unknown(repr(key), where(key), _closest(key, (*SECTIONS, *TOP_FIELDS)))
-        if not isinstance(value, dict):
-            raise SettingsError(f"{where(key)}: {key} must be a [{key}] table")
-        model_fields = SECTIONS[key].model_fields
-        for field in value:
-            if field not in model_fields:
-                raise _unknown(f"{key}.{field}", where(key, field), _closest(field, model_fields))
-            origin[(key, field)] = where(key, field)
-    return data
-
-
-def _env_value(name: str, value: str, annotation: Any) -> Any:
-    # dict and list fields take JSON, as pydantic-settings did; everything else is parsed by pydantic
-    if getattr(annotation, "__origin__", None) in (dict, list):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise SettingsError(f"env {name}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    return value
-
-
-def _env_layer(environ, origin: dict) -> dict:
-    out: dict[str, Any] = {}
-    for raw_name, value in sorted(environ.items()):
-        name = raw_name.upper()
-        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
-            continue
-        rest = name[len(ENV_PREFIX):].lower()
-        where = f"env {raw_name}"
-        if "__" in rest:
-            section, _, field = rest.partition("__")
-            if section not in SECTIONS:
-                near = _closest(section, SECTIONS)
-                raise _unknown(f"section {section!r}", where,
-                               near and f"{ENV_PREFIX}{near.upper()}__{field.upper()}")
-            model_fields = SECTIONS[section].model_fields
-            if field not in model_fields:
-                near = _closest(field, model_fields)
-                raise _unknown(f"{section}.{field}", where, near and f"{ENV_PREFIX}{section.upper()}__{near.upper()}")
-            out.setdefault(section, {})[field] = _env_value(raw_name, value, model_fields[field].annotation)
-            origin[(section, field)] = where
-        elif rest in TOP_FIELDS:
-            out[rest] = value
-            origin[(rest,)] = where
-        elif rest in SECTIONS:  # a whole section as JSON
-            out[rest] = _env_value(raw_name, value, dict[str, Any])
-            origin[(rest,)] = where
-        elif section := next((s for s in SECTIONS if rest.startswith(s + "_")), None):
-            field = rest[len(section) + 1:]
-            raise _unknown(f"{section}.{field}", where, f"{ENV_PREFIX}{section.upper()}__{field.upper()}")
-        elif near := difflib.get_close_matches(rest, [*TOP_FIELDS, *SECTIONS], n=1, cutoff=0.8):
-            raise _unknown(repr(rest), where, f"{ENV_PREFIX}{near[0].upper()}")
-        # else: not shaped like a setting (a tool's own variable, e.g. KVTIER_STRESS): not ours to judge
-    return out
-
-
-def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str]) -> str:
-    """One line for the first error (plus how many more), naming the setting and its source."""
-    errors = exc.errors(include_url=False, include_input=False)
-    err = errors[0]
-    loc = tuple(str(p) for p in err["loc"])
-    source = next((origin[loc[:k]] for k in range(len(loc), 0, -1) if loc[:k] in origin), "default")
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    msg = err["msg"].replace("\n", " ")
-    return f"invalid setting {'.'.join(loc)} ({source}): {msg}{more}"
-
-
-def _merge(into: dict, layer: dict) -> None:
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict) and key in SECTIONS:
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _leaves(values: dict, prefix: tuple[str, ...] = ()):
-    for key, value in values.items():
-        if isinstance(value, dict) and not prefix:
-            yield from _leaves(value, (key,))
-        else:
-            yield (*prefix, key)
-
-
-def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            value = _drop_none(value)
-            if not value:
-                continue
-        elif value is None:
-            continue
-        out[key] = value
-    return out
+            raise SettingsError(describe(exc, origin)) from None

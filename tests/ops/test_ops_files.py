@@ -199,7 +199,8 @@ def test_readme_toml_example_is_valid_and_uses_the_stack_ports(compose, tmp_path
     from kvtier.service.server.config import Settings
 
     readme = (OPS.parent / "README.md").read_text()
-    example = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    # the Configuration section's example (the one with every section), not a feature's one-line snippet
+    example = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[telemetry]" in b)
     (tmp_path / "kvtier.toml").write_text(example)
     for name in [n for n in os.environ if n.startswith("KVTIER_")]:
         monkeypatch.delenv(name)
