@@ -86,7 +86,13 @@ def test_compare_takes_worst_row_and_skips_unverified_sides():
     assert worst["grpc_speedup"] == (pytest.approx(0.8), "8x2MiB store")
     # same host: 0.5 / min(3, 4) and 1 / min(12, 8): the faster LMCache transport is the reference
     assert worst["same_host_ratio"] == (pytest.approx(0.5 / 3), "chunk-2MiB retrieve")
+    assert worst["same_host_store_ratio"] == (pytest.approx(0.5 / 3), "chunk-2MiB store")
     assert len(comparison) == 4
+    # LMCache's plain TCP server counts among its transports: when it is the fastest, it is the reference
+    rows += peer.make_rows("lmcache", "tcp", WL["8x2MiB"], _raw("8x2MiB", store=(0.5,), retrieve=(4.0,)))
+    worst = peer.compare(rows)[1]
+    assert worst["same_host_store_ratio"] == (pytest.approx(1.0 / 0.5), "8x2MiB store")
+    assert worst["same_host_ratio"] == (pytest.approx(1.0 / 4.0), "8x2MiB retrieve")
 
     for r in rows:  # a mismatched payload never counts as a measurement
         if r["system"] == "lmcache" and r["path"] == "grpc" and r["workload"] == "8x2MiB":
