@@ -46,7 +46,8 @@ from kvtier.service.apps.bench import tiers
 from kvtier.service.apps.bench.context import BenchContext, ratio, summarize
 from kvtier.service.apps.bench.procs import free_port, kvtier_server
 
-_REPO = Path(__file__).resolve().parents[2]
+#: The checkout this module lies in (service/apps/bench/ -> the repository root), when run from one.
+_REPO = Path(__file__).resolve().parents[3]
 DRIVER = Path(__file__).with_name("lmcache_driver.py")
 VENV_ENV = "KVTIER_LMCACHE_VENV"
 CHUNK_TOKENS = 256
@@ -92,9 +93,13 @@ WORKLOADS: list[Workload] = [
 
 
 def lmcache_venv() -> Path | None:
-    """The LMCache virtualenv (``$KVTIER_LMCACHE_VENV`` or ``.lmcache-venv``), or ``None`` if it has no python."""
-    venv = Path(os.environ.get(VENV_ENV) or _REPO / ".lmcache-venv")
-    return venv if (venv / "bin" / "python").is_file() else None
+    """The LMCache virtualenv, or ``None`` if none has a python: ``$KVTIER_LMCACHE_VENV`` when set, else
+    ``.lmcache-venv`` in the current directory, else in the checkout kvtier runs from (``make lmcache-venv``)."""
+    if os.environ.get(VENV_ENV):
+        places = [Path(os.environ[VENV_ENV])]
+    else:
+        places = [Path.cwd() / ".lmcache-venv", _REPO / ".lmcache-venv"]
+    return next((v for v in places if (v / "bin" / "python").is_file()), None)
 
 
 def reps(ctx: BenchContext, wl: Workload) -> int:

@@ -134,6 +134,19 @@ def test_without_the_venv_the_peer_is_not_measured(tmp_path, monkeypatch):
     assert res["status"] == "not measured" and "make lmcache-venv" in res["notes"][0]
 
 
+def test_the_venv_is_found_in_the_current_directory_then_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv(peer.VENV_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path / ".lmcache-venv"
+    (here / "bin").mkdir(parents=True)
+    (here / "bin" / "python").write_text("")
+    assert peer.lmcache_venv() == here
+    (here / "bin" / "python").unlink()
+    checkout = peer._REPO / ".lmcache-venv"
+    assert (peer._REPO / "setup.py").is_file(), "the checkout is the repository root"
+    assert peer.lmcache_venv() == (checkout if (checkout / "bin" / "python").is_file() else None)
+
+
 # --------------------------------------------------------------------------- with LMCache
 
 needs_lmcache = pytest.mark.skipif(peer.lmcache_venv() is None, reason="no .lmcache-venv (make lmcache-venv)")
