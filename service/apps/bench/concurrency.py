@@ -2,7 +2,9 @@
 
 Each client is an :class:`service.client.AsyncKVTierClient` with its own channel, all on one event loop
 in this process, against a warm server subprocess holding 8 such blocks; once over the shared-memory
-path (what a same-host caller gets by default) and once over the gRPC streams (``path``). Per level: aggregate GB/s
+path (what a same-host caller gets by default) and once over the gRPC streams (``path``), then the same
+levels against the bare ``grpc.aio`` echo server (``grpc_echo``: one channel per client, the same bytes per
+Get, nothing else), the ceiling the issue-15 target compares the p99 with. Per level: aggregate GB/s
 (bytes of every Get over the wall time of the level) and p50/p99 of single Gets as each client saw
 them (client-side queueing included, which is what a caller waits for).
 """
@@ -14,9 +16,11 @@ import time
 
 from kvtier.service.client.client import AsyncKVTierClient, KVTierClient
 
-from kvtier.service.apps.bench import tiers
+import grpc
+
+from kvtier.service.apps.bench import echo, tiers
 from kvtier.service.apps.bench.context import BenchContext, percentile
-from kvtier.service.apps.bench.procs import kvtier_server
+from kvtier.service.apps.bench.procs import echo_server, kvtier_server
 from kvtier.service.apps.bench.transport import SIZES, namespace
 
 LEVELS = (1, 4, 16, 32)
@@ -44,6 +48,35 @@ async def _level(address: str, keys: list, clients: int, ops: int, path: str) ->
         await asyncio.gather(*(c.close() for c in conns))
 
 
+async def _echo_level(address: str, size: int, clients: int, ops: int) -> tuple[float, list[float]]:
+    """:func:`_level` against the bare echo server: ``clients`` channels, ``ops`` Gets of ``size`` bytes each."""
+    chans = [grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20)])
+             for _ in range(clients)]
+    try:
+        await asyncio.gather(*(echo.aio_get(c, size) for c in chans))  # connect and warm every channel
+        lat: list[float] = []
+
+        async def loop(c: grpc.aio.Channel) -> None:
+            for _ in range(ops):
+                t0 = time.perf_counter()
+                got = await echo.aio_get(c, size)
+                lat.append(time.perf_counter() - t0)
+                if len(got) != size:
+                    raise RuntimeError("the echo server answered a short Get")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop(c) for c in chans))
+        return time.perf_counter() - t0, lat
+    finally:
+        await asyncio.gather(*(c.close() for c in chans))
+
+
+def _level_row(path: str, clients: int, size: int, wall: float, lat: list[float]) -> dict:
+    return {"path": path, "clients": clients, "ops": len(lat), "block_bytes": size,
+            "gbps": size * len(lat) / wall / 1e9, "ops_per_s": len(lat) / wall,
+            "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3}
+
+
 def run(ctx: BenchContext) -> dict:
     """Rows ``{path, clients, ops, gbps, ops_per_s, p50_ms, p99_ms}``."""
     layout = SIZES["360KiB"]
@@ -64,8 +97,11 @@ def run(ctx: BenchContext) -> dict:
                 ops = max(4 if not ctx.tiny else 2, total // clients)
                 ctx.step(f"{clients} clients x {ops} Gets over {path}")
                 wall, lat = asyncio.run(_level(address, keys, clients, ops, path))
-                rows.append({"path": path, "clients": clients, "ops": len(lat), "block_bytes": size,
-                             "gbps": size * len(lat) / wall / 1e9, "ops_per_s": len(lat) / wall,
-                             "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3})
+                rows.append(_level_row(path, clients, size, wall, lat))
+    with echo_server(ctx.workdir) as address:
+        for clients in levels:
+            ops = max(4 if not ctx.tiny else 2, total // clients)
+            ctx.step(f"{clients} clients x {ops} Gets from the bare grpc.aio echo")
+            rows.append(_level_row("grpc_echo", clients, size, *asyncio.run(_echo_level(address, size, clients, ops))))
     return {"rows": rows, "notes": ["warm server; clients share this process's event loop and its CPU "
                                     "with the server (2-core machines: client-side queueing is part of p99)"]}

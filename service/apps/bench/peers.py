@@ -1,7 +1,9 @@
 """Reference points measured beside kvtier on the same bytes: what moving them could cost at best.
 
 * ``memcpy``: one numpy copy of the block, the limit of any in-memory path (``memcpy_batch``: of
-  ``blocks_per_call`` blocks at once, from a source larger than the caches, as a batched call moves them);
+  ``blocks_per_call`` blocks at once, from a source larger than the caches, as a batched call moves them,
+  mean over the calls; ``copyto_batch``: the same copy into an already-touched buffer, best of 5: the
+  physical limit a batched Get is held to);
 * ``grpc_echo``: the bare ``grpc.aio`` stream of :mod:`service.bench.echo` (same 1 MiB chunking), the
   ceiling of kvtier's transport;
 * ``redis``: ``SET``/``GET`` through redis-py against a local ``redis-server`` without persistence, the
@@ -49,6 +51,16 @@ def memcpy_batch_rows(payload: np.ndarray, blocks: int, n: int) -> list[dict]:
     dst = np.empty_like(src)
     lat = time_ops(lambda i: np.copyto(dst, src), n, warmup=2)
     return [batch_row("memcpy_batch", op, payload.nbytes, blocks, lat) for op in ("put", "get")]
+
+
+def copyto_batch_rows(payload: np.ndarray, blocks: int, tries: int = 5) -> list[dict]:
+    """The physical limit of a batched Get: ONE ``np.copyto`` of ``blocks`` copies of ``payload`` into a
+    buffer already written once (its pages are mapped, as a client's arena is), best of ``tries``."""
+    src = np.tile(payload, blocks)
+    dst = np.empty_like(src)
+    dst.fill(0)  # touch every page before timing
+    best = min(time_ops(lambda i: np.copyto(dst, src), tries, warmup=1))
+    return [{**batch_row("copyto_batch", "get", payload.nbytes, blocks, [best]), "best_of": tries}]
 
 
 def memcpy_rows(payload: np.ndarray, n: int) -> list[dict]:

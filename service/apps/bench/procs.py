@@ -25,7 +25,6 @@ import grpc
 _SERVE = ("import asyncio, logging, sys; logging.basicConfig(level=logging.WARNING); "
           "from kvtier.service.server.config import Settings; from kvtier.service.server.app import serve; "
           "sys.exit(asyncio.run(serve(Settings.load())))")
-_REPO = str(Path(__file__).resolve().parents[2])
 
 
 def free_port() -> int:
@@ -39,7 +38,6 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     # The bench decides about tracing itself: an OTLP endpoint in the caller's environment would
     # silently turn it on in every server (service/server/telemetry.py reads these).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_EXPORTER_OTLP", "KVTIER_"))}
-    env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra)
     return env
 

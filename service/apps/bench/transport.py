@@ -144,6 +144,7 @@ def _shm_batch(ctx: BenchContext, client: KVTierClient, blocks: int, notes: list
     del got
     rows.append(batch_row("shm_batch", "get", data.nbytes, blocks, time_ops(lambda i: client.get(keys), n), tier="warm"))
     rows += peers.memcpy_batch_rows(data, blocks, n)
+    rows += peers.copyto_batch_rows(data, blocks)
     rows += peers.redis_batch_rows(ctx, data, blocks, n, notes)
     return rows
 

@@ -86,7 +86,13 @@ def test_compare_takes_worst_row_and_skips_unverified_sides():
     assert worst["grpc_speedup"] == (pytest.approx(0.8), "8x2MiB store")
     # same host: 0.5 / min(3, 4) and 1 / min(12, 8): the faster LMCache transport is the reference
     assert worst["same_host_ratio"] == (pytest.approx(0.5 / 3), "chunk-2MiB retrieve")
+    assert worst["same_host_store_ratio"] == (pytest.approx(0.5 / 3), "chunk-2MiB store")
     assert len(comparison) == 4
+    # LMCache's plain TCP server counts among its transports: when it is the fastest, it is the reference
+    rows += peer.make_rows("lmcache", "tcp", WL["8x2MiB"], _raw("8x2MiB", store=(0.5,), retrieve=(4.0,)))
+    worst = peer.compare(rows)[1]
+    assert worst["same_host_store_ratio"] == (pytest.approx(1.0 / 0.5), "8x2MiB store")
+    assert worst["same_host_ratio"] == (pytest.approx(1.0 / 4.0), "8x2MiB retrieve")
 
     for r in rows:  # a mismatched payload never counts as a measurement
         if r["system"] == "lmcache" and r["path"] == "grpc" and r["workload"] == "8x2MiB":
@@ -126,6 +132,19 @@ def test_without_the_venv_the_peer_is_not_measured(tmp_path, monkeypatch):
     monkeypatch.setenv(peer.VENV_ENV, str(tmp_path / "no-venv"))
     res = peer.run(BenchContext(out=tmp_path, workdir=tmp_path, quick=True, tiny=True))
     assert res["status"] == "not measured" and "make lmcache-venv" in res["notes"][0]
+
+
+def test_the_venv_is_found_in_the_current_directory_then_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv(peer.VENV_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path / ".lmcache-venv"
+    (here / "bin").mkdir(parents=True)
+    (here / "bin" / "python").write_text("")
+    assert peer.lmcache_venv() == here
+    (here / "bin" / "python").unlink()
+    checkout = peer._REPO / ".lmcache-venv"
+    assert (peer._REPO / "setup.py").is_file(), "the checkout is the repository root"
+    assert peer.lmcache_venv() == (checkout if (checkout / "bin" / "python").is_file() else None)
 
 
 # --------------------------------------------------------------------------- with LMCache

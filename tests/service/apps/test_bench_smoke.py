@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 #: Targets a tiny run cannot measure: tiny mode skips the cold-only servers; the peers run only with --peers.
-NOT_MEASURED_IN_TINY = {"resume_cold_speedup", "resume_cold_fp8_speedup", "lmcache_same_host", "lmcache_grpc"}
+NOT_MEASURED_IN_TINY = {"resume_cold_speedup", "resume_cold_fp8_speedup", "resume_cold_vs_oracle", "lmcache_same_host",
+                        "lmcache_same_host_store", "lmcache_grpc", "resume_warm_vs_oracle"}
 #: Targets of the fleet scenario, which needs redis-server (without it: "not measured", with a note).
 FLEET_TARGETS = {"fleet_resume_speedup", "fleet_get_vs_redis", "fleet_write_vs_raw"}
 #: Targets computed from the codec scenario's rows alone.
@@ -73,7 +74,7 @@ def test_quick_bench_writes_every_scenario(tmp_path, monkeypatch):
     check_scenarios(results, [s for s in SCENARIOS if s != "fleet" or redis_installed()])
     ids = {t["id"] for t in results["targets"]}
     assert {"grpc_get_vs_echo", "resume_warm_speedup", "bf16_disk_fraction", "index_ram_per_block",
-            "concurrency_p99_ms", "tracing_overhead"} <= ids
+            "concurrency_p99_vs_echo", "shm_one_get_vs_redis", "shm_get_vs_copyto", "tracing_overhead"} <= ids
     check_targets(results)
 
 
