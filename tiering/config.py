@@ -19,6 +19,9 @@ class StoreConfig:
     :ivar hot_capacity: bytes of GPU memory for blocks.
     :ivar warm_capacity: bytes of host RAM for blocks (0 switches the warm tier off).
     :ivar warm_pin: ``auto`` / ``on`` / ``off``: page-locked host buffers.
+    :ivar warm_reserve: bytes of host RAM kept faulted in ahead of puts, and recycled as warm blocks
+        are dropped (``tiering/hostpool.py``): a put then copies into memory that costs no page fault.
+        0: no reserve (regions are still recycled). Unused with page-locked warm buffers (CUDA).
     :ivar cold_enabled: keep a cold tier at all (without it nothing survives a restart).
     :ivar cold_capacity: LMDB map size in bytes.
     :ivar policy: eviction policy of the memory tiers: ``lru`` or ``s3fifo``.
@@ -47,6 +50,7 @@ class StoreConfig:
     hot_capacity: int = 4 * GiB
     warm_capacity: int = 2 * GiB
     warm_pin: str = "auto"
+    warm_reserve: int = 64 << 20
     cold_enabled: bool = True
     cold_capacity: int = 16 * GiB
     policy: str = "lru"
@@ -75,7 +79,7 @@ class StoreConfig:
             raise ValueError(f"policy must be lru or s3fifo, not {self.policy!r}")
         if self.codec not in ("shuffle_zstd", "zstd", "raw"):
             raise ValueError(f"codec must be shuffle_zstd, zstd or raw, not {self.codec!r}")
-        for name in ("hot_capacity", "warm_capacity", "cold_capacity", "min_tokens"):
+        for name in ("hot_capacity", "warm_capacity", "warm_reserve", "cold_capacity", "min_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not -7 <= self.zstd_level <= 22:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,14 +66,19 @@ def source(ns: Namespace, data: Payload, tokens: int, index: int, owned: bool) -
     # an owned bytearray is kept as it is; anything else is copied (the caller may reuse it)
     return np.frombuffer(mv, dtype=np.uint8), owned and type(data) is bytearray
 
+def _empty(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, dtype=np.uint8)
+
+
 def to_blocks(ns: Namespace, sources: list[tuple[np.ndarray, bool]], tokens: list[int],
-               store: list[bool], verify: bool) -> tuple[list[Block | None], list[int | None]]:
+              store: list[bool], verify: bool,
+              alloc: Callable[[int], np.ndarray] = _empty) -> tuple[list[Block | None], list[int | None]]:
     """Blocks owning the bytes of the ``sources`` to ``store`` (``None`` for the others), and the
     XXH3-64 of every source (``None`` for one not stored when not ``verify``). Bytes not kept as
-    they are get copied and checksummed in the same pass, on the copy threads (:mod:`tiering.bytecopy`)."""
+    they are get copied (into ``alloc(nbytes)``: the store's :class:`~tiering.hostpool.HostPool`) and
+    checksummed in the same pass, on the copy threads (:mod:`tiering.bytecopy`)."""
     lay = ns.layout
-    dsts = {i: np.empty(src.nbytes, dtype=np.uint8) for i, ((src, keep), c) in enumerate(zip(sources, store))
-            if c and not keep}
+    dsts = {i: alloc(src.nbytes) for i, ((src, keep), c) in enumerate(zip(sources, store)) if c and not keep}
     sums: list[int | None] = [None] * len(sources)
     for i, value in zip(dsts, copy_many([(dsts[i], sources[i][0]) for i in dsts])):
         sums[i] = value
@@ -95,8 +100,10 @@ class Ingest:
 
     def __init__(self, config: StoreConfig, tiers: TierList, placement: Placement, *, lock: threading.RLock,
                  stats: StoreStats, sessions: SessionRecords, namespaces: NamespaceRegistry, tracer,
-                 priorities: Priorities, after_durable=None) -> None:
+                 priorities: Priorities, after_durable=None, alloc: Callable[[int], np.ndarray] = _empty) -> None:
         self.config = config
+        #: where put blocks' bytes are copied to (the store's host pool, or ``np.empty``)
+        self.alloc = alloc
         #: ``after_durable(chain keys, job, session key or None)``, called once a durable put's job is
         #: committed (the fleet's synchronous write to the shared tier); its error is the put's
         self.after_durable = after_durable
@@ -165,7 +172,7 @@ class Ingest:
         present = self._present(block_keys) if admitted else [True] * len(block_keys)
         # A block already stored (or not admitted) is not copied, only checksummed: against the checksum
         # sent, and against the block held (same key, other bytes: a conflict, counted; first writer wins).
-        built, sums = to_blocks(namespace, sources, tokens, [not here for here in present], True)
+        built, sums = to_blocks(namespace, sources, tokens, [not here for here in present], True, self.alloc)
         if checksums is not None:
             bad = next((i for i, (got, want) in enumerate(zip(sums, checksums)) if got != want), None)
             if bad is not None:

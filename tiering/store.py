@@ -55,6 +55,7 @@ from .sessions import Session, session_id_key
 from .spans import session_hash
 from .stats import StoreStats
 from .tier import Block, Tier
+from .hostpool import CHUNK_BYTES, HostPool
 from .tierlist import TierList, build_tiers
 from .tombstones import Tombstones
 
@@ -121,9 +122,14 @@ class TieredStore:
         self.copyouts = CopyOuts(self.tiers, self.placement, leases=self.leases, pool=self._pool,
                                  pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
         self.retention = Retention(self.tiers.caches, self.session_records.all, self.loader.erase, lock)
+        # put blocks' host memory: faulted in ahead and recycled (not for page-locked warm buffers: staging copies)
+        warm = next((t for t in self.tiers.caches if t.name == "warm" and not t.pin_memory), None)
+        self.hostpool = HostPool(cfg.warm_capacity + cfg.warm_reserve + 2 * CHUNK_BYTES if warm is not None else 0,
+                                 cfg.warm_reserve)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
                              sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer,
-                             priorities=self.retention.priorities, after_durable=self.fleet.durable_put)
+                             priorities=self.retention.priorities, after_durable=self.fleet.durable_put,
+                             alloc=self.hostpool.take)
         self._maint = Maintenance(self.leases, self.expire_sessions, self.config.maintenance_s)
         log.info("tiered store open: tiers %s, data dir %s, write policy %s",
                  ", ".join(f"{t.name}={t.device or 'disk'}:{t.capacity_bytes}B" for t in self.tiers.all),
@@ -149,6 +155,7 @@ class TieredStore:
         self._maint.stop()
         self.loader.close()
         self._pool.shutdown(wait=True)
+        self.hostpool.close()
         self.placement.write_back_memory()
         self.tiers.close()
         if self._lockfile is not None:
@@ -394,6 +401,7 @@ class TieredStore:
         raw, rec = snap["cold_raw_bytes_written"], snap["cold_record_bytes_written"]
         snap["compression_ratio"] = raw / rec if rec else None
         snap.update(self.fleet.snapshot())
+        snap.update(self.hostpool.stats())
         return snap
 
     def check(self) -> list[str]:

@@ -109,6 +109,7 @@ class StoreSettings(BaseModel):
     hot_capacity: ByteSize = ByteSize(4 << 30)
     warm_capacity: ByteSize = ByteSize(2 << 30)
     warm_pin: Literal["auto", "on", "off"] = "auto"
+    warm_reserve: ByteSize = ByteSize(64 << 20)
     cold_enabled: bool = True
     cold_capacity: ByteSize = ByteSize(16 << 30)
     policy: Literal["lru", "s3fifo"] = "lru"
@@ -141,7 +142,7 @@ class StoreSettings(BaseModel):
         """
         values = {f.name: getattr(self, f.name) for f in fields(StoreConfig) if f.name != "remote"}
         values["data_dir"] = str(self.data_dir)
-        for name in ("hot_capacity", "warm_capacity", "cold_capacity"):
+        for name in ("hot_capacity", "warm_capacity", "warm_reserve", "cold_capacity"):
             values[name] = int(values[name])
         return StoreConfig(**values).validate()
 

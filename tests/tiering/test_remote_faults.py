@@ -22,7 +22,14 @@ def test_async_writes_are_retried_through_a_short_outage(make_tier, redis_cluste
     master = node_of(redis_cluster, items[0][0])
     mine = [(k, r) for k, r in items if node_of(redis_cluster, k) == master] or items[:1]
     redis_cluster.pause(master)
-    timer = threading.Timer(0.5, redis_cluster.resume, args=(master,))
+
+    def resume_after_a_failure() -> None:  # not on a timer: a loaded machine may start the write late
+        end = time.monotonic() + 10
+        while not tier.stats()["errors"] and time.monotonic() < end:
+            time.sleep(0.02)
+        redis_cluster.resume(master)
+
+    timer = threading.Thread(target=resume_after_a_failure)
     timer.start()
     try:
         tier.put_many(mine, durable=False)
