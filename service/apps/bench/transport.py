@@ -85,6 +85,25 @@ def _client_ops(client: KVTierClient):
     return put, get
 
 
+def put_via_buffers(client: KVTierClient, ns: Namespace, tokens: np.ndarray, payloads: list[np.ndarray], **kwargs):
+    """Put ``payloads`` (one per block of ``tokens``) as a caller that produces its blocks into the
+    client's leased buffers does: lease them (``block_buffers``), write each payload into its buffer
+    (the producer's one copy, timed with the store by the caller), put them (over shared memory they
+    are named in place: no second copy, no client checksum)."""
+    bufs = client.block_buffers(ns, len(tokens))
+    for buf, data in zip(bufs, payloads, strict=True):
+        np.copyto(buf.reshape(-1).view(torch.uint8).numpy(), data.reshape(-1).view(np.uint8))
+    return client.put(ns, tokens, bufs, **kwargs)
+
+
+def _shm_ops(client: KVTierClient):
+    """:func:`_client_ops` with the put of a caller producing into leased buffers (:func:`put_via_buffers`)."""
+    def put(ns, tokens, data, durable):
+        put_via_buffers(client, ns, tokens, [data], durable=durable)
+
+    return put, _client_ops(client)[1]
+
+
 def grpc_rows(ctx: BenchContext, tier: str, notes: list[str]) -> list[dict]:
     """kvtier's gRPC path against a fresh server of ``tier``."""
     with kvtier_server(ctx.workdir, f"transport-{tier}", ctx.workdir / f"transport-grpc-{tier}",
@@ -103,12 +122,14 @@ def shm_rows(ctx: BenchContext, notes: list[str]) -> list[dict]:
                        store=SHM_SETTINGS) as address, \
             KVTierClient(address, timeout=120, data_path="shm") as client:
         client.wait_ready(30)
-        rows = _measure(ctx, "shm", "warm", *_client_ops(client), notes)
+        rows = _measure(ctx, "shm", "warm", *_shm_ops(client), notes)
         for blocks in batches:
             rows += _shm_batch(ctx, client, blocks, notes)
     notes.append("shm: shared-memory data path, memory-only server; shm_batch: blocks_per_call blocks per call, "
                  "fresh blocks every Put (the warm tier is full: evicted blocks' memory is reused), Get of a "
-                 "resident chain; memcpy_batch/redis_batch move the same blocks per call")
+                 "resident chain; memcpy_batch/redis_batch move the same blocks per call; every shm Put is "
+                 "a caller producing its blocks into leased arena buffers (block_buffers), the fill (one copy "
+                 "of the payload) timed as part of the Put")
     return rows
 
 
@@ -127,13 +148,13 @@ def _shm_batch(ctx: BenchContext, client: KVTierClient, blocks: int, notes: list
     warm_up = 2 if ctx.tiny else -(-SHM_WARM_BYTES // per_call) + 1  # tiny: toy sizes, recycling does not matter
     ctx.step(f"shm batch {blocks} x {data.nbytes >> 10} KiB: filling the warm tier ({warm_up} puts)")
     for _ in range(warm_up):
-        client.put(ns, tokens(), [data] * blocks)
+        put_via_buffers(client, ns, tokens(), [data] * blocks)
     ctx.step(f"shm batch put/get {blocks} x {data.nbytes >> 10} KiB x{n}")
     chains: list[np.ndarray] = []
 
     def put(_i: int) -> None:
         chains.append(tokens())
-        client.put(ns, chains[-1], [data] * blocks)
+        put_via_buffers(client, ns, chains[-1], [data] * blocks)
 
     rows = [batch_row("shm_batch", "put", data.nbytes, blocks, time_ops(put, n), tier="warm")]
     keys = chain_keys(ns, chains[-1])
