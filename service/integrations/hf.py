@@ -116,14 +116,19 @@ def cache_to_blocks(cache, layout: BlockLayout, start_token: int = 0, end_token:
     if out is not None and (len(out) != len(shapes) or any(
             tuple(o.shape) != shape or o.dtype != dtype or not o.is_contiguous() for o, shape in zip(out, shapes))):
         raise ValueError(f"out= must be {len(shapes)} contiguous {dtype} tensors of shapes {shapes}")
+    keys, values = [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers]
     blocks = []
     for b, s in enumerate(starts):
         e = min(s + bt, end)
         dst = out[b] if out is not None and out[b].device == k0.device else torch.empty(shapes[b], dtype=dtype,
                                                                                          device=k0.device)
-        for i, layer in enumerate(layers):
-            dst[0, i].copy_(layer.keys[0, :, s:e])
-            dst[1, i].copy_(layer.values[0, :, s:e])
+        if k0.dtype == dtype:  # one stack per half-block (~2x faster than a copy per layer for SmolLM2)
+            torch.stack([k[:, s:e] for k in keys], out=dst[0])
+            torch.stack([v[:, s:e] for v in values], out=dst[1])
+        else:
+            for i in range(len(layers)):
+                dst[0, i].copy_(keys[i][:, s:e])
+                dst[1, i].copy_(values[i][:, s:e])
         if out is not None and dst is not out[b]:  # another device: one copy of the whole block
             dst = out[b].copy_(dst)
         blocks.append(dst)
