@@ -15,6 +15,7 @@ import torch
 
 from kvtier.service.client.client import KVTierClient
 from kvtier.service.wire.convert import DEFAULT_TENANT
+from kvtier.tiering.bytecopy import spread
 from kvtier.tiering.codec import Codec, CodecId
 from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
 from kvtier.tiering.layout import BlockLayout
@@ -91,8 +92,10 @@ def put_via_buffers(client: KVTierClient, ns: Namespace, tokens: np.ndarray, pay
     (the producer's one copy, timed with the store by the caller), put them (over shared memory they
     are named in place: no second copy, no client checksum)."""
     bufs = client.block_buffers(ns, len(tokens))
-    for buf, data in zip(bufs, payloads, strict=True):
-        np.copyto(buf.reshape(-1).view(torch.uint8).numpy(), data.reshape(-1).view(np.uint8))
+    pairs = [(buf.reshape(-1).view(torch.uint8).numpy(), data.reshape(-1).view(np.uint8))
+             for buf, data in zip(bufs, payloads, strict=True)]
+    # spread over the copy threads as the client's own copy was (a producer writes with its threads too)
+    spread(lambda pair: np.copyto(*pair), pairs, sum(d.nbytes for _, d in pairs))
     return client.put(ns, tokens, bufs, **kwargs)
 
 
