@@ -128,7 +128,7 @@ class Ingest:
 
     def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload], *,
             first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
-            ttl_s: float | None = None, checksums: Sequence[int] | None = None,
+            ttl_s: float | None = None, checksums: Sequence[int | None] | None = None,
             owned: bool = False) -> PutResult:
         """Store the KV blocks of ``token_ids`` (and, with ``session_id``, the session's chain).
 
@@ -141,8 +141,10 @@ class Ingest:
             older chain of the same session).
         :param durable: return only once the blocks and the session are committed to LMDB (and, with a
             shared remote tier, acknowledged there: see :mod:`tiering.fleet`).
-        :param checksums: the XXH3-64 each payload must have, checked on the store's own copy (so a
-            payload changing under the call, e.g. in shared memory, can never be stored unverified).
+        :param checksums: the XXH3-64 each payload must have (``None`` for one sent without), checked on
+            the store's own copy (so a payload changing under the call, e.g. in shared memory, can never
+            be stored against it). The store always checksums its own copy: what it keeps and the
+            checksum it keeps with it agree, whether or not one was sent.
         :param owned: ``bytearray`` payloads are handed over (nobody else holds them): the store keeps
             them instead of a copy. Other payloads are copied either way.
         :returns: the keys of all blocks and what happened to each block sent.
@@ -174,7 +176,8 @@ class Ingest:
         # sent, and against the block held (same key, other bytes: a conflict, counted; first writer wins).
         built, sums = to_blocks(namespace, sources, tokens, [not here for here in present], True, self.alloc)
         if checksums is not None:
-            bad = next((i for i, (got, want) in enumerate(zip(sums, checksums)) if got != want), None)
+            bad = next((i for i, (got, want) in enumerate(zip(sums, checksums)) if want is not None and got != want),
+                       None)
             if bad is not None:
                 raise InvalidBlock(f"block {first_block + bad}: checksum {sums[bad]:#018x} of the "
                                    f"bytes differs from {checksums[bad]:#018x} sent", field="checksums")

@@ -187,7 +187,8 @@ class TieredStore:
     # -- blocks in ------------------------------------------------------------------------------------------
     def put(self, namespace: Namespace, token_ids: Sequence[int] | np.ndarray, blocks: Sequence[Payload], *,
             first_block: int = 0, session_id: str | None = None, durable: bool = False, priority: int = 0,
-            ttl_s: float | None = None, checksums: Sequence[int] | None = None, owned: bool = False) -> PutResult:
+            ttl_s: float | None = None, checksums: Sequence[int | None] | None = None,
+            owned: bool = False) -> PutResult:
         """Store the KV blocks of ``token_ids`` (and, with ``session_id``, the session's chain); every
         parameter, the result and the errors are :meth:`Ingest.put <tiering.ingest.Ingest.put>`'s.
         :raises TierUnavailable: also if the store is closed."""

@@ -21,6 +21,7 @@ from kvtier.service.wire.convert import TIER_FROM_PROTO
 from kvtier.service.wire.fast import encode_put_chunk
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.keys import BlockKey
+from kvtier.tiering.layout import BlockLayout, blocks_for
 
 #: Largest ``BlockChunk.data`` the contract allows (1 MiB).
 CHUNK_BYTES = 1 << 20
@@ -172,6 +173,18 @@ class GetAssembler:
         tokens = sum(int(b.shape[3]) for b in self._blocks)
         return GetResult(self._blocks, self._keys, self._tiers, end.complete,
                          None if end.complete else end.stopped_at, end.reason, tokens, self._lossy)
+
+
+def block_shapes(layout: BlockLayout, tokens: int, first_block: int = 0) -> list[tuple[int, ...]]:
+    """Shapes of blocks ``first_block…`` of a sequence of ``tokens`` tokens (the last may be partial).
+
+    :raises KVTierClientError: ``INVALID_ARGUMENT`` for a negative count or a ``first_block`` past the end.
+    """
+    bt = layout.block_tokens
+    n = blocks_for(tokens, bt) if tokens >= 0 else -1
+    if n < 0 or not 0 <= first_block <= n:
+        raise _invalid(f"blocks from index {first_block} of {tokens} tokens: no such blocks")
+    return [layout.shape(min(bt, tokens - i * bt)) for i in range(first_block, n)]
 
 
 def check_payload_count(payloads: Sequence, n_keys: int, first_block: int) -> None:

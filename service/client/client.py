@@ -142,6 +142,21 @@ class KVTierClient(_Client):
                                   durable=durable, priority=priority, ttl_seconds=ttl_seconds, checksums=checksums,
                                   timeout=timeout), self._transport)
 
+    def block_buffers(self, namespace: Namespace, tokens: int, *, first_block: int = 0,
+                      timeout: float | None = None) -> list[torch.Tensor]:
+        """Empty CPU tensors for blocks ``first_block…`` of a ``tokens``-token sequence, to produce blocks
+        into and :meth:`put` (the layout's dtype and shapes; the last block may be partial).
+
+        Through shared memory they view the client's arena, so :meth:`put` sends them without copying
+        or checksumming them (the server checksums the copy it keeps). Each stays leased until it (and
+        every view of it) is garbage: drop them once put. Past half the arena, with Get's blocks still
+        held, or over gRPC, they are ordinary tensors. Never waits for arena space.
+
+        :raises KVTierClientError: ``INVALID_ARGUMENT`` for a ``first_block`` past the sequence's blocks.
+        """
+        return run(self._core.block_buffers(namespace, tokens, first_block=first_block, timeout=timeout),
+                   self._transport)
+
     def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None, tenant: str | None = None,
             namespace: Namespace | None = None, start_block: int = 0, max_blocks: int = 0,
             timeout: float | None = None, device: str | torch.device | None = None,
@@ -246,6 +261,12 @@ class AsyncKVTierClient(_Client):
         return await run_async(self._core.put(
             namespace, token_ids, blocks, first_block=first_block, session_id=session_id, durable=durable,
             priority=priority, ttl_seconds=ttl_seconds, checksums=checksums, timeout=timeout), self._transport)
+
+    async def block_buffers(self, namespace: Namespace, tokens: int, *, first_block: int = 0,
+                            timeout: float | None = None) -> list[torch.Tensor]:
+        """See :meth:`KVTierClient.block_buffers`."""
+        return await run_async(self._core.block_buffers(namespace, tokens, first_block=first_block, timeout=timeout),
+                               self._transport)
 
     async def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
                   tenant: str | None = None, namespace: Namespace | None = None, start_block: int = 0,

@@ -20,11 +20,12 @@ from grpc_health.v1 import health_pb2
 
 from kvtier.service.client import ipc as ipc_client
 from kvtier.service.client import requests as cp
-from kvtier.service.client.blockwire import GetAssembler, Payload, check_payload_count, payload_view, put_requests
+from kvtier.service.client.blockwire import (GetAssembler, Payload, block_shapes, check_payload_count, payload_view,
+                                             put_requests)
 from kvtier.service.client.shm import ShmLink, is_local_target
 from kvtier.service.client.steps import HEALTH, KVCACHE, Steps, Stream, Unary, Wait
 from kvtier.service.client.tenants import SessionTenants
-from kvtier.service.client.types import KVTierClientError
+from kvtier.service.client.types import TORCH_DTYPES, KVTierClientError
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering.keys import BlockKey, Namespace
 from kvtier.tiering.layout import blocks_for
@@ -172,6 +173,15 @@ class ClientCore:
             resp = yield Unary("Put", put_requests(header, views, with_checksums=checksums), deadline)
         self.tenants.remember(session_id, namespace)
         return cp.put_info(resp)
+
+    def block_buffers(self, namespace: Namespace, tokens: int, *, first_block: int, timeout: float | None) -> Steps:
+        """Steps of :meth:`KVTierClient.block_buffers`: leased in the link's arena if there is one
+        (:meth:`ShmLink.buffers`), else ordinary tensors."""
+        shapes = block_shapes(namespace.layout, tokens, first_block)
+        dtype = TORCH_DTYPES[namespace.layout.dtype]
+        if (link := (yield from self.open_link(timeout))) is not None:
+            return link.buffers(shapes, dtype)
+        return [torch.empty(shape, dtype=dtype) for shape in shapes]
 
     def get(self, keys: Sequence[BlockKey] | None, *, session_id: str | None, tenant: str | None,
             namespace: Namespace | None, start_block: int, max_blocks: int, timeout: float | None,

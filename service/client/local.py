@@ -15,9 +15,10 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 import numpy as np
+import torch
 from google.rpc import error_details_pb2
 
-from kvtier.service.client.blockwire import Payload, check_payload_count, payload_view
+from kvtier.service.client.blockwire import Payload, block_shapes, check_payload_count, payload_view
 from kvtier.service.client.tenants import SessionTenants
 from kvtier.service.client.types import (TORCH_DTYPES, GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo,
                                          ResumeInfo)
@@ -96,6 +97,11 @@ class LocalKVTierClient:
                                  durable=durable, priority=priority, ttl_s=ttl_seconds or None)
         self._tenants.remember(session_id, namespace)
         return PutInfo(got.keys, got.stored, got.skipped_present, got.skipped_not_admitted)
+
+    def block_buffers(self, namespace: Namespace, tokens: int, *, first_block: int = 0) -> list[torch.Tensor]:
+        """See :meth:`kvtier.service.client.client.KVTierClient.block_buffers` (ordinary tensors here)."""
+        dtype = TORCH_DTYPES[namespace.layout.dtype]
+        return [torch.empty(shape, dtype=dtype) for shape in block_shapes(namespace.layout, tokens, first_block)]
 
     def get(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None, tenant: str | None = None,
             namespace: Namespace | None = None, start_block: int = 0, max_blocks: int = 0,

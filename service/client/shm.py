@@ -11,7 +11,10 @@ names it in the call and frees it when the call returns (or fails), so the serve
 between calls and a dead client leaves nothing but its arena (reclaimed with the socket).
 
 ``put`` writes the blocks into a range and runs one unary ``PutShm`` (one per piece when they
-exceed half the arena). ``get`` runs one unary ``GetShm`` into a range (more when it fills up);
+exceed half the arena). A block already in the arena, in a buffer :meth:`ShmLink.buffers` leased (the
+caller produced it there), is named where it is: no copy and no checksum on this side; the server
+copies it into its tier and checksums that copy, the one the store keeps.
+``get`` runs one unary ``GetShm`` into a range (more when it fills up);
 each block (verified by the server on the arena's bytes) is handed out as a view of the arena whose range stays
 leased until the tensor is garbage (no copy, and the arena's pages are already mapped, whereas fresh
 memory costs a page fault per 4 KiB), up to an alias budget past which blocks are copied out.
@@ -81,11 +84,15 @@ class ShmLink:
         self._sock = sock
         self.slots = SlotAllocator(arena.size)
         self._freed = threading.Condition()
-        #: Most bytes of the arena that block tensors handed out may view at once (the rest is copied).
+        #: Most bytes of the arena that tensors handed out (Get's blocks, leased buffers) may view at once:
+        #: past it blocks are copied out and buffers are ordinary memory, so calls always find room.
         self.alias_budget = arena.size // 2
         self._aliased = 0
         self._finalizers: dict[int, weakref.finalize] = {}
         self._dead: collections.deque[Slot] = collections.deque()
+        #: Ranges of the buffers :meth:`buffers` leased that are still alive, by offset.
+        self._buffers: dict[int, Slot] = {}
+        self._base = self.arena.array.ctypes.data
         #: Check every block's checksum here too. The server already checked it on the arena's bytes
         #: after writing them (the range is this call's alone from then on), so this only catches the
         #: caller's own stray writes into its arena, at ~0.1 ms per 2 MiB.
@@ -157,22 +164,73 @@ class ShmLink:
     def _left(deadline: float | None) -> float | None:
         return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
+    def buffers(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Tensors of ``shapes`` that view leased ranges of the arena, for the caller to produce blocks into
+        and :meth:`put` to name in place (no copy, no checksum on this side). Never waits.
+
+        A range stays leased until its tensor (and every view of it) is garbage, as for Get's blocks, and
+        counts against :attr:`alias_budget` with them; a shape past that budget, or finding no free range,
+        gets an ordinary tensor instead (which ``put`` copies as any other payload).
+        """
+        self._reclaim()
+        out = []
+        for shape in shapes:
+            n = int(np.prod(shape)) * dtype.itemsize
+            cap = align_up(n)
+            with self._freed:
+                lease = n > 0 and self._aliased + cap <= self.alias_budget
+                if lease:
+                    self._aliased += cap
+            slot = self.slots.alloc(n) if lease else None
+            if slot is None:
+                if lease:
+                    with self._freed:
+                        self._aliased -= cap
+                out.append(torch.empty(shape, dtype=dtype))
+                continue
+            view = self.arena.array[slot.offset:slot.offset + n]
+            with self._freed:
+                self._buffers[slot.offset] = slot
+                self._finalizers[slot.offset] = weakref.finalize(view, self._unalias, slot)
+            out.append(torch.from_numpy(view).view(dtype).reshape(shape))
+        return out
+
+    def _named(self, view: memoryview) -> int | None:
+        """The arena offset of ``view`` when it is (the start of) a live buffer of :meth:`buffers`: then its
+        bytes stay put until the call returns (the caller's payload holds the buffer alive). ``None``
+        for anything else (other memory, a part of the arena that is not a buffer's start), to be copied."""
+        if not len(view):
+            return None
+        offset = np.frombuffer(view, dtype=np.uint8).ctypes.data - self._base
+        with self._freed:
+            slot = self._buffers.get(offset)
+        return offset if slot is not None and len(view) <= slot.length else None
+
     def put(self, header: pb.PutHeader, views: Sequence[memoryview], timeout: float | None) -> Steps:
         """Steps writing the blocks into a leased range and running ``PutShm`` (one call per piece of at
-        most half the arena; the server stores nothing before the last). Return the ``PutResponse``.
+        most half the arena of copies; the server stores nothing before the last). Return the ``PutResponse``.
+
+        A block in a leased buffer (:meth:`buffers`) is named where it is; the others are copied into a
+        range and checksummed in the same pass. A call naming any buffer sends no checksums (the server
+        checksums its own copy, the bytes it keeps: what it stores and its checksum always agree).
 
         :raises KVTierClientError: as a call fails; ``INVALID_ARGUMENT`` for a block larger than the arena.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        sizes = [align_up(len(v)) for v in views]
+        named = [self._named(v) for v in views]
+        sizes = [0 if at is not None else align_up(len(v)) for v, at in zip(views, named)]
         budget = self.arena.size // 2
-        upload_id, i = "", 0
+        upload_id, i, left = "", 0, sum(sizes)
         while True:
+            # a range for as many copies as fit half the arena, or at least the next one (other ranges
+            # may be held by the caller's buffers and Get blocks: take what is free rather than wait)
+            need = next((size for size in sizes[i:] if size), 0)
+            slot = (yield from self._lease(need, min(left, budget), deadline)) if need else None
             j, total = i, 0
-            while j < len(views) and (j == i or total + sizes[j] <= budget):
+            while j < len(views) and total + sizes[j] <= (slot.length if slot is not None else 0):
                 total += sizes[j]
                 j += 1
-            slot = (yield from self._lease(total, total, deadline)) if total else None
+            left -= total
             try:
                 req = pb.PutShmRequest(arena_id=self.arena_id, upload_id=upload_id, more=j < len(views))
                 if not upload_id:
@@ -181,11 +239,16 @@ class ShmLink:
                 pairs = []
                 for k in range(i, j):
                     n = len(views[k])
+                    if named[k] is not None:
+                        req.slots.add(offset=named[k], length=n)
+                        continue
                     pairs.append((self.arena.array[pos:pos + n], views[k]))
                     req.slots.add(offset=pos, length=n)
                     pos += sizes[k]
                 # copied and checksummed in one pass, on the copy threads: the checksum is of the arena's bytes
-                req.checksums.extend(copy_many(pairs))
+                sums = copy_many(pairs)
+                if len(sums) == j - i:  # else named buffers: no checksums at all, the server hashes its copy
+                    req.checksums.extend(sums)
                 resp = yield Unary("PutShm", req, self._left(deadline))
             finally:
                 if slot is not None:
@@ -283,6 +346,7 @@ class ShmLink:
             slot = self._dead.popleft()
             with self._freed:
                 self._finalizers.pop(slot.offset, None)
+                self._buffers.pop(slot.offset, None)
                 self._aliased -= slot.capacity
             self._free(slot)
 

@@ -124,12 +124,13 @@ class ServerCore:
         """
         return await next_message(stream, self.stream_idle_s)
 
-    def commit_put(self, plan: PutPlan, blocks: Sequence, *, checksums: Sequence[int] | None = None,
+    def commit_put(self, plan: PutPlan, blocks: Sequence, *, checksums: Sequence[int | None] | None = None,
                    owned: bool = False) -> PutResult:
         """Store a Put's blocks: quotas against the real byte count, then one ``store.put`` for the
         whole Put (so an error leaves nothing of it). Blocking: call it on a worker thread.
 
-        :param checksums: the XXH3-64 of each block, checked on the store's own copy (``PutShm``).
+        :param checksums: the XXH3-64 of each block (``None``: none sent), checked on the store's own copy
+            (``PutShm``).
         :param owned: the blocks are ``bytearray`` s nobody else holds (``Put``'s assembler): no copy.
         :raises QuotaExceeded: over the tenant's byte quota (after shedding its own memory blocks) or its
             session quota. Store errors pass through.

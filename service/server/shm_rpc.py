@@ -8,9 +8,11 @@ read, Put's plan and commit), so tenants, quotas and "a miss stops the chain" ar
 data paths. Only the bytes move differently, and each is one unary call in the
 common case (the caller owns the arena's space and names the ranges; the server holds none):
 
-* **PutShm**: the caller wrote the blocks into its arena and names where, with their checksums.
-  ``TieredStore.put`` copies each block out of the arena into the warm tier (the one copy) and checks
-  the checksum on that copy, so bytes changing under the call can never be stored unverified.
+* **PutShm**: the caller wrote the blocks into its arena and names where, with their checksums or
+  none (a caller that produced the blocks in its arena does not hash them: ``checksums`` empty).
+  ``TieredStore.put`` copies each block out of the arena into the warm tier (the one copy) and
+  checksums that copy, checking it against the checksum sent if any: what is stored and its checksum
+  always agree, and bytes changing under the call are never stored against a checksum sent.
   A Put larger than the caller's arena comes in pieces: each but the last is copied out and parked
   (:class:`service.server.shm_broker.Upload`) until the next piece, for at most the lease time; the store
   sees the blocks only with the last piece, so an interrupted Put stores nothing. While parked, an
@@ -87,6 +89,7 @@ async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutSh
         parked = False
         try:
             views = _pieces(arena, upload, request)
+            sums = list(request.checksums) or [None] * len(views)  # None: the store checksums its copy
             if request.more:
                 if upload.hold is None:
                     # its copies stay here between calls: an open Put, counted as a Put stream is
@@ -94,7 +97,7 @@ async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutSh
                 # the caller reuses its ranges for the next piece: keep copies (verified at commit, by the store)
                 upload.blocks += await asyncio.to_thread(lambda: [bytearray(v) for v in views])
                 upload.hold.arrived(sum(len(v) for v in views))
-                upload.checksums += request.checksums
+                upload.checksums += sums
                 if not arena.alive:
                     raise ShmUnavailable("the arena was closed by its owner")
                 upload_id = arena.park(upload, registry.lease_s, registry.counters)
@@ -102,8 +105,9 @@ async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutSh
                 return pb.PutShmResponse(upload_id=upload_id)
             # one store.put for the whole Put, which copies every block and checks it against its checksum
             # before storing any
+            sums = upload.checksums + sums
             result = await asyncio.to_thread(core.commit_put, upload.plan, upload.blocks + views,
-                                             checksums=upload.checksums + list(request.checksums))
+                                             checksums=None if all(c is None for c in sums) else sums)
         finally:
             if not parked:
                 upload.release()
@@ -114,11 +118,12 @@ async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutSh
 def _pieces(arena: ServerArena, upload: Upload, request: pb.PutShmRequest) -> list[memoryview]:
     """Views of the blocks one ``PutShm`` call names, after checking them against the upload's plan.
 
-    :raises InvalidBlock: on a count, size or range that does not match.
+    :raises InvalidBlock: on a count, size or range that does not match (``checksums``: one per slot, or none).
     """
     got = len(upload.blocks)
-    if len(request.checksums) != len(request.slots):
-        raise InvalidBlock(f"{len(request.checksums)} checksums for {len(request.slots)} slots", field="checksums")
+    if request.checksums and len(request.checksums) != len(request.slots):
+        raise InvalidBlock(f"{len(request.checksums)} checksums for {len(request.slots)} slots (send one per "
+                           "slot, or none)", field="checksums")
     if got + len(request.slots) > len(upload.sizes) or (not request.more and got + len(request.slots)
                                                         < len(upload.sizes)):
         raise InvalidBlock(f"{got} + {len(request.slots)} blocks sent, {len(upload.sizes)} declared", field="slots")

@@ -45,6 +45,7 @@ from kvtier.tiering.layout import BlockLayout
 from kvtier.service.apps.bench import tiers
 from kvtier.service.apps.bench.context import BenchContext, ratio, summarize
 from kvtier.service.apps.bench.procs import free_port, kvtier_server
+from kvtier.service.apps.bench.transport import fill_warm, put_via_buffers
 
 #: The checkout this module lies in (service/apps/bench/ -> the repository root), when run from one.
 _REPO = Path(__file__).resolve().parents[3]
@@ -53,6 +54,10 @@ VENV_ENV = "KVTIER_LMCACHE_VENV"
 CHUNK_TOKENS = 256
 #: L1 of the multiprocess server: it is allocated up front; 2 GiB holds every workload's live data.
 L1_GB = 2
+#: kvtier's server: host RAM only, a warm tier filled before the timed requests, so stores reuse evicted blocks'
+#: memory as LMCache's L1 (first-touched up front) is; an empty tier faults in fresh pages (~1 ms per 2 MiB here).
+KVTIER_WARM_BYTES = 1 << 30
+KVTIER_SETTINGS = {**tiers.SETTINGS["warm"], "warm_capacity": str(KVTIER_WARM_BYTES), "cold_enabled": "false"}
 #: kvtier data paths measured: name -> ``KVTierClient`` keyword arguments. Named explicitly: the
 #: client's default (``"auto"``) would take shared memory on this host for the gRPC row too.
 KVTIER_PATHS: dict[str, dict] = {"grpc": {"data_path": "grpc"}, "shm": {"data_path": "shm"}}
@@ -192,8 +197,11 @@ def same_bytes(got: list[torch.Tensor], want: list[np.ndarray]) -> bool:
         np.array_equal(g.reshape(-1).view(torch.uint8).numpy(), w.reshape(-1)) for g, w in zip(got, want))
 
 
-def kvtier_samples(client: KVTierClient, wl: Workload, n: int, index: int) -> dict:
-    """Store then get ``n`` (+1 warm-up) fresh requests of ``wl``; raw samples as the driver gives them."""
+def kvtier_samples(client: KVTierClient, wl: Workload, n: int, index: int, produce: bool = False) -> dict:
+    """Store then get ``n`` (+1 warm-up) fresh requests of ``wl``; raw samples as the driver gives them.
+
+    :param produce: store as a caller producing its blocks into the client's leased buffers
+        (:func:`~service.apps.bench.transport.put_via_buffers`; the fill is timed as part of the store)."""
     ns = _namespace(wl)
     tokens_per = wl.chunks * CHUNK_TOKENS
     raw = {"bytes_per_request": wl.request_bytes, "store_ms": [], "retrieve_ms": [], "verified": 0,
@@ -204,7 +212,10 @@ def kvtier_samples(client: KVTierClient, wl: Workload, n: int, index: int) -> di
         payloads = [tiers.payload(wl.layout, seed=base + c) for c in range(wl.chunks)]
         sid = f"lmcache-bench-{index}-{rep}" if wl.resume else None
         t0 = time.perf_counter()
-        client.put(ns, tokens, payloads, session_id=sid)
+        if produce:
+            put_via_buffers(client, ns, tokens, payloads, session_id=sid)
+        else:
+            client.put(ns, tokens, payloads, session_id=sid)
         t1 = time.perf_counter()
         got = client.get(session_id=sid) if wl.resume else client.get(chain_keys(ns, tokens))
         t2 = time.perf_counter()
@@ -222,15 +233,17 @@ def kvtier_samples(client: KVTierClient, wl: Workload, n: int, index: int) -> di
 def kvtier_rows(ctx: BenchContext, path: str, client_kwargs: dict) -> list[dict]:
     """Every workload through a fresh warm kvtier server and one client on data path ``path``."""
     rows = []
-    # the warm tier reserves (faults in ahead) as much host RAM as LMCache's L1 is given up front
-    store = {**tiers.SETTINGS["warm"], "warm_reserve": f"{L1_GB}GiB"}
     with kvtier_server(ctx.workdir, f"lmcache-kvtier-{path}", ctx.workdir / f"lmcache-kvtier-{path}",
-                       store=store) as address, \
+                       store=KVTIER_SETTINGS) as address, \
             KVTierClient(address, timeout=120, **client_kwargs) as client:
         client.wait_ready(30)
+        if not ctx.tiny:  # toy sizes: recycling does not matter
+            ctx.step(f"kvtier/{path}: filling the warm tier ({KVTIER_WARM_BYTES >> 20} MiB)")
+            fill_warm(client, KVTIER_WARM_BYTES + (64 << 20))
         for i, wl in enumerate(WORKLOADS):
             ctx.step(f"kvtier/{path} {wl.name}")
-            rows += make_rows("kvtier", path, wl, kvtier_samples(client, wl, reps(ctx, wl), i + 1))
+            rows += make_rows("kvtier", path, wl, kvtier_samples(client, wl, reps(ctx, wl), i + 1,
+                                                                 produce=path == "shm"))
     return rows
 
 
@@ -382,9 +395,11 @@ def run(ctx: BenchContext) -> dict:
         speedup = "-" if c["grpc_speedup"] is None else f"{c['grpc_speedup']:.2f}"
         same_host = "" if c["same_host_ratio"] is None else f", kvtier-shm/LMCache p50 = {c['same_host_ratio']:.2f}"
         notes.append(f"{c['workload']} {c['op']}: LMCache-gRPC/kvtier-gRPC p50 = {speedup}{same_host}")
-    notes.append(f"LMCache mp server: lmcache_driven over POSIX SHM, L1 ({L1_GB} GiB) in host RAM; tcp server: bytes "
-                 "on the socket, a store timed to the EXIST answer behind it; kvtier: warm tier with store.warm_reserve "
-                 f"= {L1_GB} GiB (host RAM faulted in ahead, as LMCache's L1 is given up front); p50/p99 over "
+    notes.append("LMCache mp server: lmcache_driven over POSIX SHM, L1 in host RAM; tcp server: bytes on the socket, "
+                 f"a store timed to the EXIST answer behind it; kvtier: a {KVTIER_WARM_BYTES >> 20} MiB warm tier, "
+                 "full before the timed requests (stores reuse evicted memory, as LMCache's first-touched L1 does); "
+                 "kvtier/shm store: the caller produces its blocks into leased arena buffers (block_buffers), the "
+                 "fill (one copy of the payload) timed as part of the store; p50/p99 over "
                  f"{', '.join(f'{w.name} x{reps(ctx, w)}' for w in WORKLOADS)}; every payload compared byte for byte")
     try:
         if rows:

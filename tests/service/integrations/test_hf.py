@@ -1,4 +1,5 @@
-"""kvtier.service.integrations.hf without a model: DynamicCache ↔ blocks, and save/restore over an in-process store.
+"""kvtier.service.integrations.hf without a model: DynamicCache ↔ blocks, and save/restore over an in-process store
+(and once over a real server's shared memory).
 
 Caches are random tensors of SmolLM2's geometry; the end-to-end model test is
 ``tests/e2e/test_resume_smollm2.py``.
@@ -6,14 +7,20 @@ Caches are random tensors of SmolLM2's geometry; the end-to-end model test is
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from transformers import DynamicCache
 
+from kvtier.service.client import shm as shm_module
+from kvtier.service.client.client import KVTierClient
 from kvtier.service.integrations import hf
 from kvtier.service.integrations.fingerprint import model_fingerprint
 from kvtier.service.client.local import LocalKVTierClient
 from kvtier.tiering import BlockLayout, Namespace, StoreConfig, TieredStore
+from kvtier.tiering.bytecopy import copy_many
+from tests.fixtures.server import KVTierProcess
 
 LAYOUT = BlockLayout("float32", 30, 3, 64, 16)
 NS = Namespace("default", "test/hf", "r1", LAYOUT)
@@ -125,3 +132,34 @@ def test_restore_takes_lossy_blocks_only_when_asked(tmp_path):
             restored, n = hf.restore_cache(s, target, ids, namespace=lossy, accept_lossy=True)
             assert n == 39 and not same_cache(cache, restored, 39)
             assert torch.allclose(restored.layers[0].keys, cache.layers[0].keys[..., :39, :], atol=0.1)
+
+
+def test_cache_to_blocks_writes_into_out_and_checks_it():
+    cache = random_cache(37)
+    out = [torch.full(LAYOUT.shape(t), float("nan")) for t in (16, 16, 5)]
+    blocks = hf.cache_to_blocks(cache, LAYOUT, out=out)
+    assert all(b is o for b, o in zip(blocks, out))
+    assert same_cache(cache, hf.blocks_to_cache(blocks), 37)
+    with pytest.raises(ValueError):
+        hf.cache_to_blocks(cache, LAYOUT, out=out[:2])
+    with pytest.raises(ValueError):
+        hf.cache_to_blocks(cache, LAYOUT, out=[o.half() for o in out])
+
+
+def test_save_and_restore_over_shared_memory_are_token_exact(tmp_path):
+    """save_cache converts the cache straight into the client's arena buffers (the Put names them, no
+    second copy); the session comes back bit-exact, also after a second turn that sends only new blocks."""
+    proc = KVTierProcess(tmp_path).start()
+    try:
+        ids = list(range(1000, 1075))
+        cache = random_cache(75, seed=3)
+        with KVTierClient(proc.target, data_path="shm") as kv:
+            with mock.patch.object(shm_module, "copy_many", wraps=copy_many) as spy:
+                first = hf.save_cache(kv, NS, "shm", ids[:40], cache)
+                grown = hf.save_cache(kv, NS, "shm", ids, cache)
+            assert sum(len(c.args[0]) for c in spy.call_args_list) == 0  # every block was named in place
+            assert len(first.stored) == 3 and len(grown.stored) == 3  # 40 tokens, then blocks 2.. of 75
+            restored, n = hf.restore_cache(kv, "shm", ids + [7], namespace=NS)
+            assert n == 75 and same_cache(cache, restored, 75)
+    finally:
+        proc.kill()

@@ -1,6 +1,7 @@
 """A PutShm whose checksums do not match the arena's bytes stores nothing and answers INVALID_ARGUMENT,
 through the real shared-memory path of a real server: in one call, and when the wrong checksum came
-with an earlier piece of a multi-call upload. The same requests with the right checksums store."""
+with an earlier piece of a multi-call upload. The same requests with the right checksums store, and so
+do they with none at all (the server checksums its own copy); a count that is neither is refused."""
 
 from __future__ import annotations
 
@@ -73,3 +74,37 @@ def test_wrong_checksum_stores_nothing(proc, pieces, bad):
         done = _put(kv, link, ns, "good", sums, pieces=pieces).done
         assert len(done.stored) == 2
         assert kv.lookup(ns, list(range(N_TOKENS))).cached_blocks == 2
+
+
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_no_checksums_means_the_server_checksums_its_copy(proc, pieces):
+    """A PutShm without checksums (a caller that produced its blocks in the arena) stores them; what is
+    stored verifies on the way out (the Get checks each block against the checksum kept with it)."""
+    ns = Namespace("default", f"shm-nosum-{pieces}", "r1", LAYOUT)
+    with KVTierClient(proc.target, data_path="shm") as kv:
+        link = kv._link(10)
+        _fill(link, seed=40 + pieces)
+        want = bytes(link.arena.array[:2 * LAYOUT.block_bytes()])
+        done = _put(kv, link, ns, "nosum", [], pieces=pieces).done
+        assert len(done.stored) == 2
+        link.arena.array[:2 * LAYOUT.block_bytes()] = 0  # the store holds its own copy
+        got = kv.get(session_id="nosum")
+        assert b"".join(b.reshape(-1).view(torch.uint8).numpy().tobytes() for b in got.blocks) == want
+
+
+def test_checksum_count_must_match_the_slots(proc):
+    ns = Namespace("default", "shm-count", "r1", LAYOUT)
+    size = LAYOUT.block_bytes()
+    with KVTierClient(proc.target, data_path="shm") as kv:
+        link = kv._link(10)
+        sums = _fill(link, seed=50)
+        header = cp.put_header(ns, list(range(N_TOKENS)), first_block=0, block_count=2, session_id=None,
+                               durable=False, priority=0, ttl_seconds=0)
+        req = pb.PutShmRequest(arena_id=link.arena_id, header=header, checksums=sums[:1])
+        req.slots.add(offset=0, length=size)
+        req.slots.add(offset=size, length=size)
+        with pytest.raises(grpc.RpcError) as err:
+            kv._stub.PutShm(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1 checksums for 2 slots" in err.value.details()
+        assert kv.lookup(ns, list(range(N_TOKENS))).cached_blocks == 0
