@@ -11,6 +11,7 @@ into tensors and never hands out a block whose bytes do not match the header's c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
@@ -111,7 +112,7 @@ def decode_block(header: pb.BlockHeader, payload: bytearray | bytes) -> torch.Te
                                 f"{got:016x} != {header.checksum:016x}; the bytes were not used")
     dtype = TORCH_DTYPES.get(header.dtype)
     shape = tuple(header.shape)
-    if dtype is None or len(shape) != 5 or int(np.prod(shape)) * dtype.itemsize != len(payload):
+    if dtype is None or len(shape) != 5 or math.prod(shape) * dtype.itemsize != len(payload):
         raise KVTierClientError(grpc.StatusCode.INTERNAL,
                                 f"block {header.index}: {len(payload)} bytes do not hold {header.dtype} {shape}")
     if not payload:
