@@ -140,7 +140,7 @@ class ColdTier(Tier):
             record = self._plain(key, record)
             return self.codec.read_header(record), record
         except (UnknownKeyId, ChecksumError) as exc:
-            self._refuse(key, exc)
+            self._drop(key, exc)
             return None
 
     def _plain(self, key: BlockKey, record: bytes | memoryview) -> bytes | memoryview:
@@ -151,7 +151,20 @@ class ColdTier(Tier):
             raise ChecksumError("record is encrypted and no key is configured")
         return record
 
-    def _refuse(self, key: BlockKey, exc: Exception) -> None:
+    def decode(self, key: BlockKey, record: bytes | memoryview, out: np.ndarray | None = None, *,
+               opened: bool = False, ns_id: bytes | None = None) -> Block | None:
+        """Decode a record fetched by :meth:`get_record` (or, with ``opened``, returned by :meth:`open`)
+        into a fresh buffer or ``out`` (of exactly the block's size); a damaged one (or, with encryption
+        on, one that fails authentication) is deleted and gives ``None``. ``ns_id``: the block's, if known."""
+        try:
+            header, raw = self.codec.decode(record if opened else self._plain(key, record), out)
+        except (UnknownKeyId, ChecksumError) as exc:
+            self._drop(key, exc)
+            return None
+        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum,
+                     self.ns_of(key) or b"" if ns_id is None else ns_id, header.lossy_codec, header.lossy)
+
+    def _drop(self, key: BlockKey, exc: ChecksumError | UnknownKeyId) -> None:
         """Delete the record of ``key`` that failed to open or decode with ``exc``."""
         if isinstance(exc, UnknownKeyId):  # its key left the key file: unreadable for good, so it goes (a
             # put can store it again); not damage: one WARN per key id, the rest at DEBUG
@@ -159,57 +172,25 @@ class ColdTier(Tier):
             self._unknown_ids_seen.add(exc.key_id)
             log.log(level, "cold tier: block %s: %s; dropped (further blocks of key id %d are logged at DEBUG)",
                     key, exc, exc.key_id)
-            self.delete(key)
         else:
-            self._drop(key, exc)
-
-    def decode(self, key: BlockKey, record: bytes, out: np.ndarray | None = None, *,
-               opened: bool = False, ns_id: bytes | None = None) -> Block | None:
-        """Decode a record fetched by :meth:`get_record` (or, with ``opened``, returned by :meth:`open`)
-        into a fresh buffer or ``out`` (of exactly the block's size); a damaged one (or, with encryption
-        on, one that fails authentication) is deleted and gives ``None``. ``ns_id``: the block's, if known."""
-        try:
-            return self._block(record if opened else self._plain(key, record), out,
-                               self.ns_of(key) or b"" if ns_id is None else ns_id)
-        except (UnknownKeyId, ChecksumError) as exc:
-            self._refuse(key, exc)
-            return None
-
-    def _block(self, plain: bytes | memoryview, out: np.ndarray | None, ns_id: bytes) -> Block:
-        """The block of a plain record. :raises ChecksumError: if it is damaged."""
-        header, raw = self.codec.decode(plain, out)
-        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, ns_id, header.lossy_codec,
-                     header.lossy)
-
-    def _drop(self, key: BlockKey, exc: ChecksumError) -> None:
-        self.checksum_failures += 1
-        log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
+            self.checksum_failures += 1
+            log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
         self.delete(key)
 
     def get(self, key: BlockKey) -> Block | None:
-        got = self.read(key)
-        return None if got is None else got[0]
+        return (self.read(key) or (None,))[0]
 
     def read(self, key: BlockKey, ops: TierOps | None = None) -> tuple[Block, str] | None:
-        """:meth:`get`, recording ``cold.read`` (LMDB read and decode) and ``codec.decode`` into ``ops``.
-
-        One read transaction finds the record and its namespace and decodes the record where it lies in
-        the map (no copy of it out first); a damaged one is deleted after the transaction.
-        """
-        t0 = now_ns() if ops is not None else 0
-        block, failure, size = None, None, 0
+        """:meth:`get`, recording ``cold.read`` (LMDB read and decode) and ``codec.decode`` into ``ops``: one
+        read transaction, the record decoded where it lies in the map (a damaged one deleted beside it)."""
+        t0 = t1 = now_ns() if ops is not None else 0
+        block, size = None, 0
         with self.env.begin(buffers=True) as txn:
             record = txn.get(key.digest, db=self.db["blocks"])
             if record is not None:
-                size = len(record)
-                ns_id = records.ns_of(txn, self.db, key) or b""
+                size, ns_id = len(record), records.ns_of(txn, self.db, key) or b""
                 t1 = now_ns() if ops is not None else 0
-                try:
-                    block = self._block(self._plain(key, record), None, ns_id)
-                except (UnknownKeyId, ChecksumError) as exc:
-                    failure = exc
-        if failure is not None:
-            self._refuse(key, failure)
+                block = self.decode(key, record, ns_id=ns_id)
         if ops is not None:
             t2 = now_ns()
             ops.record("cold.read", t0, t2, nbytes=size, hit=block is not None)
@@ -229,7 +210,7 @@ class ColdTier(Tier):
         if opened is None:
             return None
         header, plain = opened
-        ns_id = self.ns_of(key) or b""
+        ns_id = self.ns_of(key) or b""  # once, for the Fetched and its block
 
         def decode_into(out: np.ndarray, ops: TierOps | None = None) -> Block | None:
             t0 = now_ns() if ops is not None else 0
@@ -239,8 +220,7 @@ class ColdTier(Tier):
                            hit=block is not None)
             return block
 
-        return Fetched(self.name, header.raw_length, ns_id, decode_into=decode_into,
-                       lossy=header.lossy)
+        return Fetched(self.name, header.raw_length, ns_id, decode_into=decode_into, lossy=header.lossy)
 
     def ns_of(self, key: BlockKey) -> bytes | None:
         with self.env.begin() as txn:
