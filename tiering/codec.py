@@ -1,5 +1,5 @@
-"""Record codec of the cold tier: header, byte-shuffle, zstd, checksum.
-Imports numpy, zstandard, ``checksum``, ``errors``, ``layout`` and ``lossy`` only.
+"""Record codec of the cold tier: header, byte-shuffle, zstd (or blosc2's shuffle+zstd), checksum.
+Imports numpy, zstandard, blosc2 (lazily), ``checksum``, ``errors``, ``layout`` and ``lossy`` only.
 
 A record is ``header ‖ payload``. The header (little-endian, :data:`HEADER` layout) holds:
 
@@ -28,8 +28,14 @@ bytes…) so that zstd sees the slowly varying exponent bytes together; on real 
 ratio noticeably. Decoding always verifies the checksum of the raw bytes: a corrupted record raises
 :class:`~tiering.errors.ChecksumError` and is never returned.
 
-Copies: encode = shuffle (1 copy) + compress; decode = decompress (1) + unshuffle (1) into a fresh
-buffer the caller owns.
+``blosc2_zstd`` (codec id 3) lets blosc2 do the same byte-shuffle (SIMD) and zstd per blosc2 block
+(:data:`BLOSC2_BLOCK_BYTES`) inside one blosc2 chunk, decoding straight into the destination; it needs
+the ``blosc2`` package, imported on first use only.
+
+Copies: encode = shuffle (1 copy) + compress; decode writes the block once into the caller's buffer
+(or a fresh one): ``shuffle_zstd`` decompresses into a reused per-thread scratch buffer and unshuffles
+from it into the destination (vectorised for 2-byte elements); ``zstd``, ``raw`` and ``blosc2_zstd``
+decode straight into the destination.
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ class CodecId(enum.IntEnum):
     RAW = 0
     ZSTD = 1
     SHUFFLE_ZSTD = 2
-
+    #: a blosc2 chunk: byte-shuffle + zstd per blosc2 block (``pip install blosc2``)
+    BLOSC2_ZSTD = 3
 
 
 def shuffle(raw: memoryview | bytes, item: int) -> bytes:
@@ -83,22 +90,56 @@ def shuffle(raw: memoryview | bytes, item: int) -> bytes:
     return arr.T.tobytes()
 
 
-def unshuffle(data: bytes, item: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of :func:`shuffle`; returns a fresh uint8 array (or fills ``out``)."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if item == 1:
-        if out is None:
-            return arr.copy()
-        out[:] = arr
-        return out
-    planes = arr.reshape(item, -1)
+def unshuffle(data: bytes | memoryview | np.ndarray, item: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`shuffle`; returns a fresh uint8 array (or fills ``out``, of the same size)."""
+    arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
     dst = np.empty(arr.size, dtype=np.uint8) if out is None else out
+    if item == 1:
+        dst[:] = arr
+        return dst
+    planes = arr.reshape(item, -1)
+    if item == 2:
+        # Two vectorised passes over whole 16-bit words (high plane shifted, low plane or-ed in): ~3x
+        # faster than writing each byte plane into a strided column.
+        words = dst.view("<u2")
+        np.left_shift(planes[1], 8, out=words, dtype="<u2")
+        np.bitwise_or(words, planes[0], out=words)
+        return dst
     grid = dst.reshape(-1, item)
     # One strided column write per byte plane: ~10x faster than copying the transposed view
     # (np.ascontiguousarray(planes.T)), whose reads jump across planes for every element.
     for k in range(item):
         grid[:, k] = planes[k]
     return dst
+
+
+_BLOSC2: list = []  # [module, newest chunk format version it writes], filled on first use
+
+
+def _blosc2():
+    """The ``blosc2`` module, imported on first use (it takes about a second to import).
+
+    :raises ChecksumError: if it is not installed (a ``blosc2_zstd`` record cannot be read without it).
+    """
+    if not _BLOSC2:
+        try:
+            import blosc2
+        except ImportError as exc:  # pragma: no cover - the package is a dependency
+            raise ChecksumError("record is blosc2_zstd and the blosc2 package is not installed") from exc
+        _BLOSC2[:] = [blosc2, blosc2.compress2(bytes(16))[0]]
+    return _BLOSC2[0]
+
+
+#: blosc2's block size for new records. Measured on fp16/bf16 KV blocks of 0.36–2 MiB: decoding runs at
+#: zstd-alone speed (unshuffle included) at the same or a better ratio, where blosc2's automatic choice
+#: (tens of KiB for 2-byte elements) decodes ~15 % slower. Records of any block size decode.
+BLOSC2_BLOCK_BYTES = 1 << 20
+
+
+def blosc2_clevel(level: int) -> int:
+    """blosc2's ``clevel`` (1..9) whose zstd level is closest to zstd ``level``: blosc2 runs zstd at
+    ``2 * clevel - 1``."""
+    return max(1, min(9, (level + 2) // 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +182,8 @@ class Codec:
         self.level = level
         self.codec = CodecId(codec)
         self._local = threading.local()
+        if self.codec is CodecId.BLOSC2_ZSTD:
+            _blosc2()  # imported now (about a second), not in the first Put
 
     def _cctx(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
@@ -153,6 +196,33 @@ class Codec:
         if d is None:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """This thread's scratch buffer of ``n`` bytes (grown, never shrunk): its pages stay faulted in,
+        so decompressing into it costs no page faults, unlike a fresh buffer of every block's size."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.size < n:
+            buf = self._local.scratch = np.empty(max(n, 1), dtype=np.uint8)
+        return buf[:n]
+
+    def _decompress_into(self, payload: memoryview, dst: np.ndarray) -> None:
+        """Decompress the zstd frame ``payload`` into ``dst``, which it must fill exactly.
+
+        :raises ChecksumError: if it does not decompress, or to another length.
+        """
+        try:
+            with self._dctx().stream_reader(payload, read_across_frames=False) as reader:
+                filled, n = 0, dst.size
+                view = memoryview(dst)
+                while filled < n:
+                    got = reader.readinto(view[filled:])
+                    if not got:
+                        break
+                    filled += got
+                if filled != n or reader.read(1):
+                    raise ChecksumError("payload decodes to the wrong length")
+        except zstandard.ZstdError as exc:
+            raise ChecksumError(f"payload does not decompress: {exc}") from exc
 
     def encode(self, raw: memoryview | bytes, dtype: str, shape: tuple[int, ...], csum: int | None = None,
                lossy: str = "") -> bytes:
@@ -194,6 +264,13 @@ class Codec:
             return bytes(raw)
         if self.codec is CodecId.ZSTD:
             return self._cctx().compress(raw)
+        if self.codec is CodecId.BLOSC2_ZSTD:
+            if not len(raw):
+                return b""
+            b2 = _blosc2()
+            return b2.compress2(raw, codec=b2.Codec.ZSTD, clevel=blosc2_clevel(self.level), typesize=item,
+                                filters=[b2.Filter.SHUFFLE if item > 1 else b2.Filter.NOFILTER],
+                                filters_meta=[0], nthreads=1, blocksize=BLOSC2_BLOCK_BYTES)
         return self._cctx().compress(shuffle(raw, item))
 
     @staticmethod
@@ -234,17 +311,43 @@ class Codec:
             if checksum(raw) != header.checksum:
                 raise ChecksumError("checksum of the decoded block does not match its record")
             return header, raw
-        try:
-            if header.codec is CodecId.RAW:
-                data = bytes(payload)
-            else:
-                data = self._dctx().decompress(payload, max_output_size=header.raw_length)
-        except zstandard.ZstdError as exc:
-            raise ChecksumError(f"payload does not decompress: {exc}") from exc
-        if len(data) != header.raw_length:
-            raise ChecksumError("payload decodes to the wrong length")
-        item = itemsize(header.dtype) if header.codec is CodecId.SHUFFLE_ZSTD else 1
-        raw = unshuffle(data, item, out)
+        raw = np.empty(header.raw_length, dtype=np.uint8) if out is None else out
+        if raw.size != header.raw_length:
+            raise InvalidBlock(f"destination of {raw.size} bytes for a block of {header.raw_length}", field="out")
+        if header.codec is CodecId.RAW:
+            if len(payload) != header.raw_length:
+                raise ChecksumError("payload decodes to the wrong length")
+            raw[:] = np.frombuffer(payload, dtype=np.uint8)
+        elif header.codec is CodecId.BLOSC2_ZSTD:
+            self._blosc2_into(payload, raw)
+        elif header.codec is CodecId.ZSTD or itemsize(header.dtype) == 1:
+            self._decompress_into(payload, raw)  # 1-byte elements: the shuffle is the identity
+        else:
+            shuffled = self._scratch(header.raw_length)
+            self._decompress_into(payload, shuffled)
+            unshuffle(shuffled, itemsize(header.dtype), raw)
         if checksum(raw) != header.checksum:
             raise ChecksumError("checksum of the decoded block does not match its record")
         return header, raw
+
+    @staticmethod
+    def _blosc2_into(payload: memoryview, dst: np.ndarray) -> None:
+        """Decode the blosc2 chunk ``payload`` into ``dst`` (unshuffled by blosc2, in place).
+
+        :raises ChecksumError: if it is no blosc2 chunk of exactly ``dst``'s size, or does not decode.
+        """
+        if not dst.size:
+            if len(payload):
+                raise ChecksumError("payload decodes to the wrong length")
+            return
+        b2 = _blosc2()
+        # blosc2 itself ignores its chunk's format byte; a damaged one must not pass unnoticed
+        if not len(payload) or not 1 <= payload[0] <= _BLOSC2[1]:
+            raise ChecksumError(f"blosc2 chunk of unknown format version {payload[0]}")
+        try:
+            nbytes, cbytes, _ = b2.get_cbuffer_sizes(payload)
+            if nbytes != dst.size or cbytes != len(payload):
+                raise ChecksumError("payload decodes to the wrong length")
+            b2.decompress2(payload, dst=dst, nthreads=1)
+        except (RuntimeError, ValueError) as exc:
+            raise ChecksumError(f"payload does not decompress: {exc}") from exc

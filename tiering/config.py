@@ -29,7 +29,8 @@ class StoreConfig:
         costs nothing) or ``write_back`` (blocks reach disk only when demoted out of memory, or when a
         put asks to be durable).
     :ivar zstd_level: compression level of cold records.
-    :ivar codec: ``shuffle_zstd`` (default), ``zstd`` or ``raw``.
+    :ivar codec: codec of new cold records: ``blosc2_zstd`` (default), ``shuffle_zstd``, ``zstd`` or ``raw``
+        (records of every codec stay readable whatever this says).
     :ivar min_tokens: admission: requests of fewer tokens are not cached.
     :ivar lease_s: how long a read or prefetch pins its blocks at most.
     :ivar writer_batch: blocks per LMDB write transaction at most.
@@ -56,7 +57,7 @@ class StoreConfig:
     policy: str = "lru"
     write_policy: str = "write_through"
     zstd_level: int = 3
-    codec: str = "shuffle_zstd"
+    codec: str = "blosc2_zstd"
     min_tokens: int = 0
     lease_s: float = 30.0
     writer_batch: int = 64
@@ -77,8 +78,8 @@ class StoreConfig:
             raise ValueError(f"write_policy must be write_through or write_back, not {self.write_policy!r}")
         if self.policy not in ("lru", "s3fifo"):
             raise ValueError(f"policy must be lru or s3fifo, not {self.policy!r}")
-        if self.codec not in ("shuffle_zstd", "zstd", "raw"):
-            raise ValueError(f"codec must be shuffle_zstd, zstd or raw, not {self.codec!r}")
+        if self.codec not in ("blosc2_zstd", "shuffle_zstd", "zstd", "raw"):
+            raise ValueError(f"codec must be blosc2_zstd, shuffle_zstd, zstd or raw, not {self.codec!r}")
         for name in ("hot_capacity", "warm_capacity", "warm_reserve", "cold_capacity", "min_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

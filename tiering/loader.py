@@ -215,6 +215,38 @@ class Loader:
             if ops is not None:
                 ops.finish()
 
+    def read_resident(self, keys: Sequence[BlockKey], start: int, accept: Callable[[Block], bool]
+                      ) -> tuple[list[Block], str, Callable[[], None]] | None:
+        """Blocks ``keys[start:]`` read without waiting on anything (for a caller on an event loop), when
+        the store's lock is free right now and every key of ``keys`` is in the top cache, in host memory,
+        with ``accept(block)`` true (asked of a peek, under the lock). Their reads count as
+        :meth:`iter_blocks`' do (one get, an access and a hit each, a ``<tier>.read`` span under a
+        recording span); the keys stay pinned until the returned ``release`` is called (or ``lease_s``).
+
+        :returns: ``(blocks, the top cache's name, release)``, or ``None`` when anything is otherwise: then nothing was read,
+            counted or pinned (:meth:`iter_blocks` is the way).
+        """
+        top = self.tiers.caches[0] if self.tiers.caches else None
+        if top is None or top.device is None or top.device.type != "cpu":
+            return None
+        if not self.lock.acquire(blocking=False):  # another thread is in the store: not waiting for it
+            return None
+        try:
+            t0 = now_ns()
+            if not all((b := top.peek(k)) is not None and accept(b) for k in keys):
+                return None
+            blocks = [top.get(k) for k in keys[start:]]  # the accesses
+            self.stats.gets += 1
+            self.stats.tier(top.name).hits += len(blocks)
+            lease = self.leases.acquire(keys[start:], self.lease_s)
+        finally:
+            self.lock.release()
+        ops = TierOps.under_current_span(self.tracer)
+        if ops is not None:
+            ops.record(f"{top.name}.read", t0, now_ns(), nbytes=sum(b.nbytes for b in blocks))
+            ops.finish()
+        return blocks, top.name, lambda: self.leases.release(lease)
+
     def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None,
                  closed: Callable[[], bool] = lambda: False, on_done: Callable[[], None] | None = None
                  ) -> PrefetchHandle:

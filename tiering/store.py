@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -215,6 +215,14 @@ class TieredStore:
         blocks, keys pinned meanwhile, stops at ``deadline``). :raises TierUnavailable: if closed."""
         self._check_open()
         return self.loader.iter_blocks(keys, window=window, deadline=deadline)
+
+    def read_resident(self, keys: Sequence[BlockKey], start: int, accept: Callable[[Block], bool]
+                      ) -> tuple[list[Block], str, Callable[[], None]] | None:
+        """The blocks of ``keys[start:]`` and their tier if every key is in host memory at the top and the store is free
+        right now, else ``None`` with nothing changed: :meth:`Loader.read_resident
+        <tiering.loader.Loader.read_resident>`. Never waits. :raises TierUnavailable: if closed."""
+        self._check_open()
+        return self.loader.read_resident(keys, start, accept)
 
     def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, **options) -> CopyOut:
         """Write the blocks of ``keys`` (prefix order) into ``region``: :meth:`CopyOuts.copy_out

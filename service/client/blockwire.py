@@ -2,13 +2,16 @@
 
 Both gRPC clients (sync and asyncio) use these, so the byte handling exists once. A Put stream is a
 ``PutHeader`` then, per block, chunks of at most :data:`CHUNK_BYTES` with the block's XXH3-64 on its
-last chunk. A Get stream is, per block, a ``BlockHeader`` then ``data`` messages until ``size`` bytes,
-then a ``GetEnd``. :class:`GetAssembler` turns it into tensors and never hands out a block whose
-bytes do not match the header's checksum.
+last chunk (to a server that accepts it, the first chunk rides in the header's message). A Get stream
+is, per block, a ``BlockHeader`` then ``data`` messages until ``size`` bytes, then a ``GetEnd``; or,
+asked for with ``inline_data``, the first bytes in the header's message and the ``GetEnd`` in the last
+block's last message (a small Get is one message). :class:`GetAssembler` reads both forms, turns them
+into tensors and never hands out a block whose bytes do not match the header's checksum.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
@@ -18,7 +21,7 @@ import torch
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.client.types import DTYPE_NAMES, TORCH_DTYPES, GetResult, KVTierClientError
 from kvtier.service.wire.convert import TIER_FROM_PROTO
-from kvtier.service.wire.fast import encode_put_chunk
+from kvtier.service.wire.fast import encode_put_chunk, encode_put_first
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.keys import BlockKey
 from kvtier.tiering.layout import BlockLayout, blocks_for
@@ -56,7 +59,7 @@ def payload_view(data: Payload, dtype: str | None = None, index: int = 0) -> mem
 
 
 def put_requests(header: pb.PutHeader, payloads: Iterable[memoryview], *, with_checksums: bool = True,
-                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.PutRequest | bytes]:
+                 chunk_bytes: int = CHUNK_BYTES, first_chunk: bool = False) -> Iterator[pb.PutRequest | bytes]:
     """The messages of one Put stream: the header, then each payload's chunks in order.
 
     The chunks come already encoded (``bytes``, :func:`service.wire_fast.encode_put_chunk`, one copy
@@ -65,8 +68,12 @@ def put_requests(header: pb.PutHeader, payloads: Iterable[memoryview], *, with_c
     :param header: the ``PutHeader`` (``first_block`` and ``block_count`` already set).
     :param payloads: byte views of blocks ``first_block``, ``first_block + 1``…
     :param with_checksums: send each block's XXH3-64 on its last chunk (the server verifies it).
+    :param first_chunk: send the first chunk in the header's message (``PutRequest.first_chunk``): only
+        to a server whose ``PutResponse`` said ``accepts_first_chunk``.
     """
-    yield pb.PutRequest(header=header)
+    pending = header if first_chunk else None  # the header, until the first chunk goes with it
+    if pending is None:
+        yield pb.PutRequest(header=header)
     for i, view in enumerate(payloads):
         index = header.first_block + i
         csum = checksum(view) if with_checksums else 0
@@ -75,10 +82,16 @@ def put_requests(header: pb.PutHeader, payloads: Iterable[memoryview], *, with_c
         while True:
             end = min(offset + chunk_bytes, size)
             last = end == size
-            yield encode_put_chunk(index, offset, view[offset:end], csum if last else 0)
+            if pending is not None and end:
+                yield encode_put_first(pending, view[offset:end], csum if last else 0)
+                pending = None
+            else:
+                yield encode_put_chunk(index, offset, view[offset:end], csum if last else 0)
             offset = end
             if last:
                 break
+    if pending is not None:  # no bytes at all: the header alone
+        yield pb.PutRequest(header=header)
 
 
 def decode_block(header: pb.BlockHeader, payload: bytearray | bytes) -> torch.Tensor:
@@ -100,7 +113,7 @@ def decode_block(header: pb.BlockHeader, payload: bytearray | bytes) -> torch.Te
                                 f"{got:016x} != {header.checksum:016x}; the bytes were not used")
     dtype = TORCH_DTYPES.get(header.dtype)
     shape = tuple(header.shape)
-    if dtype is None or len(shape) != 5 or int(np.prod(shape)) * dtype.itemsize != len(payload):
+    if dtype is None or len(shape) != 5 or math.prod(shape) * dtype.itemsize != len(payload):
         raise KVTierClientError(grpc.StatusCode.INTERNAL,
                                 f"block {header.index}: {len(payload)} bytes do not hold {header.dtype} {shape}")
     if not payload:
@@ -126,11 +139,14 @@ class GetAssembler:
         self._end: pb.GetEnd | None = None
 
     def feed(self, msg: pb.GetResponse) -> None:
-        """Consume one message.
+        """Consume one message (either form: module docstring).
 
         :raises KVTierClientError: ``DATA_LOSS`` on a checksum mismatch, ``INTERNAL`` on messages
-            out of order (data without a header, more bytes than announced, a header mid-block).
+            out of order (data without a header, more bytes than announced, a header mid-block,
+            anything after the ``GetEnd``).
         """
+        if self._end is not None:
+            raise KVTierClientError(grpc.StatusCode.INTERNAL, "a message arrived after the Get stream's end")
         kind = msg.WhichOneof("msg")
         if kind == "header":
             if self._header is not None:
@@ -139,18 +155,25 @@ class GetAssembler:
             self._header = msg.header
             self._buf = bytearray(msg.header.size)
             self._filled = 0
-            if not msg.header.size:
+            if msg.header_data:
+                self._add(msg.header_data)
+            elif not msg.header.size:
                 self._finish()
         elif kind == "data":
-            if self._header is None or self._filled + len(msg.data) > len(self._buf):
-                raise KVTierClientError(grpc.StatusCode.INTERNAL, "block data arrived without a header or past "
-                                        "the announced size")
-            self._buf[self._filled:self._filled + len(msg.data)] = msg.data
-            self._filled += len(msg.data)
-            if self._filled == len(self._buf):
-                self._finish()
+            self._add(msg.data)
         elif kind == "end":
             self._end = msg.end
+        if msg.HasField("last"):
+            self._end = msg.last
+
+    def _add(self, data) -> None:
+        if self._header is None or self._filled + len(data) > len(self._buf):
+            raise KVTierClientError(grpc.StatusCode.INTERNAL, "block data arrived without a header or past "
+                                    "the announced size")
+        self._buf[self._filled:self._filled + len(data)] = data
+        self._filled += len(data)
+        if self._filled == len(self._buf):
+            self._finish()
 
     def _finish(self) -> None:
         header = self._header

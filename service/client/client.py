@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import grpc
+import grpc.experimental
 import torch
 from grpc_health.v1 import health_pb2_grpc
 
@@ -103,6 +104,10 @@ class KVTierClient(_Client):
                  credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  options: Sequence[tuple[str, object]] = (), data_path: str = "auto") -> None:
+        # Get streams are read by the calling thread itself: no polling thread started (and waited on) for
+        # every call that finds none running, the most of a small Get's client time (grpc's experimental
+        # SingleThreadedUnaryStream; streams are read by one thread here anyway)
+        options = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1), *options]
         super().__init__(grpc, target, timeout=timeout, tenant=tenant, token=token, credentials=credentials,
                          max_message_bytes=max_message_bytes, options=options, data_path=data_path)
 

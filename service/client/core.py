@@ -60,6 +60,8 @@ class ClientCore:
         self.link_tried = data_path == "grpc" or (data_path == "auto" and not is_local_target(target))
         self._state = threading.Condition()
         self._opening = False
+        #: the server said (PutResponse.accepts_first_chunk) that a Put's first chunk may ride in its header
+        self.put_first_chunk = False
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -170,7 +172,7 @@ class ClientCore:
         if (link := (yield from self.open_link(timeout))) is not None:
             resp = yield from self._over_link(link, lambda lk: lk.put(header, views, deadline), timeout)
         else:
-            resp = yield Unary("Put", put_requests(header, views, with_checksums=checksums), deadline)
+            resp = yield from self._put_stream(header, views, checksums, deadline)
         self.tenants.remember(session_id, namespace)
         return cp.put_info(resp)
 
@@ -182,6 +184,23 @@ class ClientCore:
         if (link := (yield from self.open_link(timeout))) is not None:
             return link.buffers(shapes, dtype)
         return [torch.empty(shape, dtype=dtype) for shape in shapes]
+
+    def _put_stream(self, header: pb.PutHeader, views: Sequence[memoryview], checksums: bool,
+                    deadline: float | None) -> Steps:
+        """Steps of one Put stream; the first chunk rides in the header's message once the server said it
+        reads that. A server that stops reading it (an older one behind the same address) refuses the
+        Put as INVALID_ARGUMENT: it is sent once more the long way, which is then kept."""
+        first = self.put_first_chunk
+        try:
+            resp = yield Unary("Put", put_requests(header, views, with_checksums=checksums, first_chunk=first),
+                               deadline)
+        except KVTierClientError as exc:
+            if not first or exc.code is not grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            self.put_first_chunk = False
+            resp = yield Unary("Put", put_requests(header, views, with_checksums=checksums), deadline)
+        self.put_first_chunk = resp.accepts_first_chunk
+        return resp
 
     def get(self, keys: Sequence[BlockKey] | None, *, session_id: str | None, tenant: str | None,
             namespace: Namespace | None, start_block: int, max_blocks: int, timeout: float | None,
@@ -201,7 +220,10 @@ class ClientCore:
             deadline = self._timeout(timeout)
             return (yield from self._over_link(link, lambda lk: lk.get(req, deadline), timeout))
         asm = GetAssembler()
-        yield Stream("Get", req, self._timeout(timeout), asm.feed)
+        stream_req = pb.GetRequest()
+        stream_req.CopyFrom(req)
+        stream_req.inline_data = True  # the assembler reads a block's bytes in its header's message
+        yield Stream("Get", stream_req, self._timeout(timeout), asm.feed)
         return asm.result()
 
     def resume(self, session_id: str, *, tenant: str | None, namespace: Namespace | None, prefetch_budget_ms: int,

@@ -18,6 +18,7 @@ foreign key, ``deadline`` when it ended early, ``max_blocks`` when the range end
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvtier.service.server import door
@@ -78,10 +79,7 @@ async def target_keys(store, limits: Limits, request, tenant: str, rpc: str) -> 
     """
     which = request.WhichOneof("target")
     if which == "keys":
-        keys = convert.keys_from_proto(request.keys.keys, "keys.keys")
-        if not keys:
-            raise InvalidBlock("keys.keys is empty", field="keys.keys")
-        limits.check_blocks(len(keys), rpc)
+        keys = named_keys(limits, request, rpc)
         owned = await asyncio.to_thread(store.owned, keys, tenant)
         return keys, keys[:next((i for i, ok in enumerate(owned) if not ok), len(keys))]
     if which == "session_id":
@@ -97,8 +95,51 @@ async def read_chain(store, limits: Limits, request: pb.GetRequest, tenant: str,
     :raises InvalidBlock: see :func:`target_keys`, and ``start_block`` past the chain.
     """
     chain, mine = await target_keys(store, limits, request, tenant, rpc)
+    return _chain_range(request, chain, len(mine))
+
+
+def named_keys(limits: Limits, request, rpc: str) -> list[BlockKey]:
+    """The keys a request names explicitly (its ``target`` is ``keys``), validated.
+
+    :raises InvalidBlock: on an empty or malformed key list. :raises QuotaExceeded: over ``limits``.
+    """
+    keys = convert.keys_from_proto(request.keys.keys, "keys.keys")
+    if not keys:
+        raise InvalidBlock("keys.keys is empty", field="keys.keys")
+    limits.check_blocks(len(keys), rpc)
+    return keys
+
+
+def _chain_range(request, chain: list[BlockKey], mine: int) -> ChainRead:
+    """The range of ``chain`` a request asks for; the tenant may touch its first ``mine`` keys.
+
+    :raises InvalidBlock: for ``start_block`` past the chain."""
     start = request.start_block
     if start > len(chain):
         raise InvalidBlock(f"start_block {start} is past the {len(chain)} blocks of the chain", field="start_block")
     end = min(len(chain), start + request.max_blocks) if request.max_blocks else len(chain)
-    return ChainRead(chain, start, end, max(start, min(end, len(mine))))
+    return ChainRead(chain, start, end, max(start, min(end, mine)))
+
+
+def read_resident(store, limits: Limits, request: pb.GetRequest, tenant: str, rpc: str = "Get"
+                  ) -> tuple[ChainRead, list, str, Callable[[], None]] | None:
+    """:func:`read_chain` and the blocks it asks for, at once and without a thread hand-off, when the
+    request names its keys and every one up to its range's end is the tenant's, in host memory at the
+    top of the store, and exact unless the request ``accept_lossy`` (``TieredStore.read_resident``: it
+    never waits, so this may run on the event loop).
+
+    :returns: ``(read, blocks, tier, release)``, the blocks (of ``read.wanted``, all in ``tier``) pinned until ``release()``; ``None`` otherwise,
+        nothing read or pinned (then :func:`read_chain` and the store's reads are the way).
+    :raises InvalidBlock, QuotaExceeded: as :func:`read_chain` for a bad key list or range.
+    """
+    if request.WhichOneof("target") != "keys":
+        return None
+    chain = named_keys(limits, request, rpc)
+    read = _chain_range(request, chain, len(chain))
+
+    def accept(block) -> bool:
+        ns = store.namespace_of(block.ns_id)
+        return ns is not None and ns.tenant == tenant and (request.accept_lossy or not block.lossy)
+
+    got = store.read_resident(chain[:read.end], read.start, accept)
+    return None if got is None else (read, *got)

@@ -115,7 +115,7 @@ class StoreSettings(BaseModel):
     policy: Literal["lru", "s3fifo"] = "lru"
     write_policy: Literal["write_through", "write_back"] = "write_through"
     zstd_level: int = Field(3, ge=-7, le=22)
-    codec: Literal["shuffle_zstd", "zstd", "raw"] = "shuffle_zstd"
+    codec: Literal["blosc2_zstd", "shuffle_zstd", "zstd", "raw"] = "blosc2_zstd"
     min_tokens: int = Field(0, ge=0)
     lease_s: float = Field(30.0, gt=0)
     writer_batch: int = Field(64, ge=1)

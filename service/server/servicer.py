@@ -31,7 +31,7 @@ import time
 import grpc
 
 from kvtier.service import __version__
-from kvtier.service.server import door
+from kvtier.service.server import chain, door
 from kvtier.service.server import ipc as shm_ipc
 from kvtier.service.server import shm_rpc
 from kvtier.service.server.core import ServerCore
@@ -42,7 +42,7 @@ from kvtier.service.server.thread_iter import ThreadedIterator
 from kvtier.service.wire import convert
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
-from kvtier.service.wire.fast import encode_get_data
+from kvtier.service.wire.fast import get_block_messages
 from kvtier.tiering.errors import InvalidBlock
 from kvtier.tiering.keys import chain_keys
 from kvtier.tiering.layout import blocks_for
@@ -113,6 +113,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         # the stream holds its place (one of its tenant's open Puts, its declared bytes) until it ends
         with core.puts.hold(plan.namespace.tenant, plan.declared_bytes) as arrived:
             assembler = PutAssembler(plan)
+            if first.HasField("first_chunk"):  # a small Put in one message (PutResponse.accepts_first_chunk)
+                assembler.add(first.first_chunk)
+                arrived(len(first.first_chunk.data))
             while (msg := await core.next_message(stream)) is not None:
                 if msg.WhichOneof("msg") != "chunk":
                     raise InvalidBlock("only the first message of a Put stream is a header", field="header")
@@ -123,11 +126,25 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             result = await asyncio.to_thread(lambda: core.commit_put(plan, assembler.finish(), owned=True))
         log.debug("put: %d blocks stored, %d present, %d not admitted", len(result.stored),
                   len(result.skipped_present), len(result.skipped_not_admitted))
-        return convert.put_result_to_proto(result)
+        resp = convert.put_result_to_proto(result)
+        resp.accepts_first_chunk = True
+        return resp
 
     # -- Get ------------------------------------------------------------------------------------------
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext):
         tenant = self.core.caller(context).tenant(request.tenant)
+        # Blocks named by key and all in host memory at the top are read on the loop: nothing to wait
+        # for, so no thread hand-off (two per one-block Get otherwise, the most of a small Get's time).
+        resident = chain.read_resident(self.store, self.core.limits, request, tenant)
+        if resident is not None:
+            read, found, tier, release = resident
+            try:
+                async for msg in _answer(read, _host_views(read.wanted, found, tier), request.inline_data,
+                                         request.accept_lossy):
+                    yield msg
+            finally:
+                release()
+            return
         read = await self.core.read_chain(request, tenant)
         store = self.store
 
@@ -141,28 +158,13 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 return key, block, tier, memoryview(block.data.cpu().numpy()).cast("B")
             return key, None, "", None
 
-        sent = tokens = 0
-        reason = ""
-        wanted = read.wanted
-        gen = store.iter_blocks(wanted, window=GET_WINDOW, deadline=deadline_of(context))
+        gen = store.iter_blocks(read.wanted, window=GET_WINDOW, deadline=deadline_of(context))
         async with ThreadedIterator(gen, to_host, close_inline=True) as blocks:
             # gRPC may cancel this handler while it is suspended at a yield, where the `async with`
             # would only exit at garbage collection: release the lease when the RPC ends instead.
             context.add_done_callback(blocks.close_soon)
-            async for key, block, tier, raw in blocks:
-                if block is None or (block.lossy and not request.accept_lossy):
-                    reason = "miss"  # an exact-only caller never receives a lossy block's bytes
-                    break
-                yield pb.GetResponse(header=convert.block_header_to_proto(read.start + sent, key, block, tier))
-                for off in range(0, len(raw), MAX_CHUNK_BYTES):
-                    # the chunk's GetResponse encoding, copied once from the block (service/wire/fast.py;
-                    # the server registers Get with the serializer that sends these bytes as they are)
-                    yield encode_get_data(raw[off:off + MAX_CHUNK_BYTES])
-                sent += 1
-                tokens += block.tokens
-                if sent == len(wanted):
-                    break  # the last block: a further step would only find the end (one hand-off less)
-        yield pb.GetResponse(end=read.end_message(sent, tokens, reason))
+            async for msg in _answer(read, blocks, request.inline_data, request.accept_lossy):
+                yield msg
 
     # -- Resume / Prefetch ----------------------------------------------------------------------------
     async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext) -> pb.ResumeResponse:
@@ -242,3 +244,36 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     async def ReleaseIpc(self, request: pb.ReleaseIpcRequest,
                          context: grpc.aio.ServicerContext) -> pb.ReleaseIpcResponse:
         return await shm_ipc.release_ipc(self.core, self.ipc, request, context)
+
+
+async def _host_views(keys, blocks, tier: str):
+    """``(key, block, tier, bytes)`` of blocks already in host memory, as the Get loop takes them."""
+    for key, block in zip(keys, blocks):
+        yield key, block, tier, memoryview(block.data.numpy()).cast("B")
+
+
+async def _answer(read: chain.ChainRead, blocks, inline: bool, accept_lossy: bool):
+    """The messages of a Get answer: each ``(key, block, tier, bytes)`` of ``blocks`` (in ``read.wanted``
+    order) as a header and data, until the first miss (a block of ``None``, or a lossy one for an
+    exact-only caller), then the ``GetEnd``; with ``inline`` the one-message forms
+    (``service/wire/fast.py``: each chunk's encoding copied once from the block; the server registers
+    Get with the serializer that sends these bytes as they are)."""
+    sent = tokens = 0
+    reason = ""
+    last = None  # the GetEnd, once sent inside the last block's message
+    wanted = len(read.wanted)
+    async for key, block, tier, raw in blocks:
+        if block is None or (block.lossy and not accept_lossy):
+            reason = "miss"  # an exact-only caller never receives a lossy block's bytes
+            break
+        header = convert.block_header_to_proto(read.start + sent, key, block, tier)
+        sent += 1
+        tokens += block.tokens
+        if inline and sent == wanted:
+            last = read.end_message(sent, tokens)
+        for msg in get_block_messages(header, raw, MAX_CHUNK_BYTES, inline=inline, last=last):
+            yield msg
+        if sent == wanted:
+            break  # the last block: a further step would only find the end (one hand-off less)
+    if last is None:
+        yield pb.GetResponse(end=read.end_message(sent, tokens, reason))

@@ -44,7 +44,9 @@ def test_flipped_payload_byte_is_reported(make_store, data_dir):
     _flip_payload(data_dir, keys[1])
     s = make_store()
     problems = s.check()
-    assert len(problems) == 1 and f"block {keys[1]} is damaged" in problems[0] and "checksum" in problems[0]
+    # the zstd codecs mostly still decompress a flipped byte and fail the checksum; blosc2 refuses to decompress
+    assert len(problems) == 1 and f"block {keys[1]} is damaged" in problems[0]
+    assert "checksum" in problems[0] or "does not decompress" in problems[0]
     assert s.where(keys[1]) == "cold"  # check() only reads: the record is still there
 
 

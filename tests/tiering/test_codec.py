@@ -102,3 +102,44 @@ def test_codec_is_thread_safe():
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda r: c.decode(c.encode(r, "float32", SHAPE))[1].tobytes(), blocks))
     assert outs == [b.tobytes() for b in blocks]
+
+
+@pytest.mark.parametrize("codec", list(CodecId))
+@pytest.mark.parametrize("dtype", list(TORCH))
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1, 1), (2, 1, 1, 3, 7), (2, 3, 5, 17, 9)])
+def test_odd_sizes_round_trip_bit_exact_into_an_unaligned_buffer(dtype, codec, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    raw = torch.randint(0, 256, (int(np.prod(shape)) * TORCH[dtype].itemsize,), generator=g,
+                        dtype=torch.uint8).numpy()  # every bit pattern: NaNs, infinities, subnormals
+    c = Codec(level=3, codec=codec)
+    record = c.encode(raw, dtype, shape)
+    assert record[5] == int(codec)  # the codec id byte means what it always meant
+    assert c.decode(record)[1].tobytes() == raw.tobytes()
+    backing = np.full(raw.nbytes + 3, 0xEE, dtype=np.uint8)
+    out = backing[1:1 + raw.nbytes]  # odd offset: no alignment for 2- or 4-byte elements
+    _, got = Codec(codec=CodecId.RAW).decode(record, out)
+    assert got is out and out.tobytes() == raw.tobytes()
+    assert backing[0] == 0xEE and (backing[1 + raw.nbytes:] == 0xEE).all()  # nothing written outside
+
+
+@pytest.mark.parametrize("item", [1, 2, 4])
+def test_unshuffle_into_a_buffer_matches_the_element_order(item):
+    data = np.random.default_rng(item).integers(0, 256, 6 * 4 * 5, dtype=np.uint8)
+    out = np.empty(data.size + 1, dtype=np.uint8)[1:]
+    assert unshuffle(shuffle(data, item), item, out) is out and out.tobytes() == data.tobytes()
+
+
+def test_the_blosc2_chunk_format_byte_is_checked():
+    raw, _ = _block("float16", 4)
+    c = Codec(codec=CodecId.BLOSC2_ZSTD)
+    record = bytearray(c.encode(raw, "float16", SHAPE))
+    record[HEADER.size] = 0xFF  # a format version no blosc2 here writes (blosc2 would ignore it)
+    with pytest.raises(ChecksumError, match="format version"):
+        c.decode(bytes(record))
+
+
+def test_a_destination_of_the_wrong_size_is_refused():
+    raw, _ = _block("float16", 5)
+    record = Codec().encode(raw, "float16", SHAPE)
+    with pytest.raises(InvalidBlock):
+        Codec().decode(record, np.empty(raw.nbytes - 2, dtype=np.uint8))

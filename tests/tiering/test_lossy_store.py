@@ -117,7 +117,7 @@ def test_exact_and_lossy_namespaces_of_one_model_coexist(make_store, data_dir):
     assert not set(exact_keys) & set(lossy_keys)
     s.close()
     s = make_store(hot_capacity=1 << 20, warm_capacity=1 << 20)
-    assert _codec_byte(s, exact_keys[0]) == CodecId.SHUFFLE_ZSTD and _codec_byte(s, lossy_keys[0]) == 16
+    assert _codec_byte(s, exact_keys[0]) == CodecId.BLOSC2_ZSTD and _codec_byte(s, lossy_keys[0]) == 16
     exact = s.copy_out(exact_keys, np.zeros(8 << 20, np.uint8), exact_only=True)
     assert [b.lossy for _k, b, _t, _o in exact.items] == [False] * 3
     assert [bytes(s.get(k)[0].data.numpy()) for k in exact_keys] == raw

@@ -137,65 +137,66 @@ class ColdTier(Tier):
         encryption is on), so a caller can size the destination before :meth:`decode`. A damaged one
         (or one that fails authentication) is deleted and gives ``None``."""
         try:
-            if self.sealer is not None:
-                record = self.sealer.open(key.digest, record)
-            elif is_sealed(record):
-                raise ChecksumError("record is encrypted and no key is configured")
+            record = self._plain(key, record)
             return self.codec.read_header(record), record
-        except UnknownKeyId as exc:  # its key left the key file: unreadable for good, so it goes (a put can
-            # store it again); not damage: one WARN per key id, the rest at DEBUG
+        except (UnknownKeyId, ChecksumError) as exc:
+            self._drop(key, exc)
+            return None
+
+    def _plain(self, key: BlockKey, record: bytes | memoryview) -> bytes | memoryview:
+        """``record`` unsealed (as it is when encryption is off). :raises UnknownKeyId, ChecksumError:"""
+        if self.sealer is not None:
+            return self.sealer.open(key.digest, record)
+        if is_sealed(record):
+            raise ChecksumError("record is encrypted and no key is configured")
+        return record
+
+    def decode(self, key: BlockKey, record: bytes | memoryview, out: np.ndarray | None = None, *,
+               opened: bool = False, ns_id: bytes | None = None) -> Block | None:
+        """Decode a record fetched by :meth:`get_record` (or, with ``opened``, returned by :meth:`open`)
+        into a fresh buffer or ``out`` (of exactly the block's size); a damaged one (or, with encryption
+        on, one that fails authentication) is deleted and gives ``None``. ``ns_id``: the block's, if known."""
+        try:
+            header, raw = self.codec.decode(record if opened else self._plain(key, record), out)
+        except (UnknownKeyId, ChecksumError) as exc:
+            self._drop(key, exc)
+            return None
+        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum,
+                     self.ns_of(key) or b"" if ns_id is None else ns_id, header.lossy_codec, header.lossy)
+
+    def _drop(self, key: BlockKey, exc: ChecksumError | UnknownKeyId) -> None:
+        """Delete the record of ``key`` that failed to open or decode with ``exc``."""
+        if isinstance(exc, UnknownKeyId):  # its key left the key file: unreadable for good, so it goes (a
+            # put can store it again); not damage: one WARN per key id, the rest at DEBUG
             level = logging.DEBUG if exc.key_id in self._unknown_ids_seen else logging.WARNING
             self._unknown_ids_seen.add(exc.key_id)
             log.log(level, "cold tier: block %s: %s; dropped (further blocks of key id %d are logged at DEBUG)",
                     key, exc, exc.key_id)
-            self.delete(key)
-            return None
-        except ChecksumError as exc:
-            self._drop(key, exc)
-            return None
-
-    def decode(self, key: BlockKey, record: bytes, out: np.ndarray | None = None, *,
-               opened: bool = False) -> Block | None:
-        """Decode a record fetched by :meth:`get_record` (or, with ``opened``, returned by :meth:`open`)
-        into a fresh buffer or ``out`` (of exactly the block's size); a damaged one (or, with encryption
-        on, one that fails authentication) is deleted and gives ``None``."""
-        if not opened:
-            got = self.open(key, record)
-            if got is None:
-                return None
-            record = got[1]
-        try:
-            header, raw = self.codec.decode(record, out)
-        except ChecksumError as exc:
-            self._drop(key, exc)
-            return None
-        return Block(torch.from_numpy(raw), header.dtype, header.shape, header.checksum, self.ns_of(key) or b"",
-                     header.lossy_codec, header.lossy)
-
-    def _drop(self, key: BlockKey, exc: ChecksumError) -> None:
-        self.checksum_failures += 1
-        log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
+        else:
+            self.checksum_failures += 1
+            log.warning("cold tier: block %s failed its check (%s); dropped, it will be a miss", key, exc)
         self.delete(key)
 
     def get(self, key: BlockKey) -> Block | None:
-        record = self.get_record(key)
-        return None if record is None else self.decode(key, record)
+        return (self.read(key) or (None,))[0]
 
     def read(self, key: BlockKey, ops: TierOps | None = None) -> tuple[Block, str] | None:
-        """:meth:`get`, recording ``cold.read`` (LMDB read and decode) and ``codec.decode`` into ``ops``."""
-        t0 = now_ns() if ops is not None else 0
-        record = self.get_record(key)
-        if record is None:
-            if ops is not None:
-                ops.record("cold.read", t0, now_ns(), hit=False)
-            return None
-        t1 = now_ns() if ops is not None else 0
-        block = self.decode(key, record)
+        """:meth:`get`, recording ``cold.read`` (LMDB read and decode) and ``codec.decode`` into ``ops``: one
+        read transaction, the record decoded where it lies in the map (a damaged one deleted beside it)."""
+        t0 = t1 = now_ns() if ops is not None else 0
+        block, size = None, 0
+        with self.env.begin(buffers=True) as txn:
+            record = txn.get(key.digest, db=self.db["blocks"])
+            if record is not None:
+                size, ns_id = len(record), records.ns_of(txn, self.db, key) or b""
+                t1 = now_ns() if ops is not None else 0
+                block = self.decode(key, record, ns_id=ns_id)
         if ops is not None:
             t2 = now_ns()
-            ops.record("cold.read", t0, t2, nbytes=len(record), hit=block is not None)
-            ops.record("codec.decode", t1, t2, nbytes=len(record), raw_bytes=block.nbytes if block else 0,
-                       hit=block is not None)
+            ops.record("cold.read", t0, t2, nbytes=size, hit=block is not None)
+            if size:
+                ops.record("codec.decode", t1, t2, nbytes=size, raw_bytes=block.nbytes if block else 0,
+                           hit=block is not None)
         return None if block is None else (block, self.name)
 
     def fetch(self, key: BlockKey, ops: TierOps | None = None) -> Fetched | None:
@@ -209,17 +210,17 @@ class ColdTier(Tier):
         if opened is None:
             return None
         header, plain = opened
+        ns_id = self.ns_of(key) or b""  # once, for the Fetched and its block
 
         def decode_into(out: np.ndarray, ops: TierOps | None = None) -> Block | None:
             t0 = now_ns() if ops is not None else 0
-            block = self.decode(key, plain, out, opened=True)
+            block = self.decode(key, plain, out, opened=True, ns_id=ns_id)
             if ops is not None:
                 ops.record("codec.decode", t0, now_ns(), nbytes=len(plain), raw_bytes=header.raw_length,
                            hit=block is not None)
             return block
 
-        return Fetched(self.name, header.raw_length, self.ns_of(key) or b"", decode_into=decode_into,
-                       lossy=header.lossy)
+        return Fetched(self.name, header.raw_length, ns_id, decode_into=decode_into, lossy=header.lossy)
 
     def ns_of(self, key: BlockKey) -> bytes | None:
         with self.env.begin() as txn:

@@ -2,9 +2,10 @@
 
 The KV of one SmolLM2 conversation (2048 tokens in full mode, 512 in quick) is cut into the store's
 16-token blocks, cast to each dtype (fp16, bf16, fp32) and encoded with :class:`tiering.codec.Codec`
-at each zstd level, with and without the byte-shuffle. Per combination: the ratio raw/record (header
-included: what lands on disk), the fraction record/raw, and compress/decompress GB/s over all blocks
-(checksums included, as in the store). Every record is decoded back and compared byte for byte.
+at each zstd level, by each lossless codec (blosc2's shuffle+zstd, the byte-shuffle then zstd, zstd
+alone). Per combination: the ratio raw/record (header included: what lands on disk), the fraction
+record/raw, and compress/decompress GB/s over all blocks (checksums included, as in the store).
+Every record is decoded back and compared byte for byte.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from kvtier.tiering.dtypes import TORCH_DTYPES as DTYPES
 from kvtier.service.apps.bench.context import BenchContext
 from kvtier.service.apps.bench.model import get_model, kv_sample
 
-CODECS = {"shuffle_zstd": CodecId.SHUFFLE_ZSTD, "zstd": CodecId.ZSTD}
+CODECS = {"blosc2_zstd": CodecId.BLOSC2_ZSTD, "shuffle_zstd": CodecId.SHUFFLE_ZSTD, "zstd": CodecId.ZSTD}
 
 
 def _measure(codec: Codec, blocks: list[tuple[memoryview, tuple]], dtype: str) -> dict:

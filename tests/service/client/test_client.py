@@ -146,6 +146,8 @@ def test_tampered_block_raises_data_loss(kv):
             for msg in self.call:
                 if msg.WhichOneof("msg") == "data":
                     msg.data = bytes([msg.data[0] ^ 0x01]) + msg.data[1:]
+                elif msg.WhichOneof("msg") == "header" and len(msg.header_data):  # the one-message form
+                    msg.header_data = bytes([msg.header_data[0] ^ 0x01]) + msg.header_data[1:]
                 yield msg
 
         def cancel(self):

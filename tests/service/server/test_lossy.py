@@ -94,7 +94,7 @@ def test_stats_show_the_bytes_a_lossy_codec_saved(restarted):
     _proc, stats, *_ = restarted
     raw, stored = stats.counters["codec_raw_bytes_fp8_e4m3"], stats.counters["codec_stored_bytes_fp8_e4m3"]
     assert raw == 3 * LAYOUT.block_bytes() and 0 < stored < raw / 3.5
-    assert stats.counters["codec_raw_bytes_shuffle_zstd"] == 3 * LAYOUT.block_bytes()
+    assert stats.counters["codec_raw_bytes_blosc2_zstd"] == 3 * LAYOUT.block_bytes()
 
 
 @pytest.mark.parametrize("ns", [Namespace("other", "m", "r", LAYOUT, cold_codec="fp8_e4m3"),

@@ -124,3 +124,56 @@ def test_fast_handlers_cover_get_and_put():
     assert handlers["Get"].response_serializer is wf.serialize_get_response
     assert handlers["Put"].request_deserializer is wf.decode_put_request
     assert isinstance(handlers["Get"], grpc.RpcMethodHandler)
+
+
+# -- the one-message forms (GetRequest.inline_data, PutRequest.first_chunk) ---------------------------
+_HEADER = pb.BlockHeader(index=2, key=b"k" * 16, dtype="float16", shape=[2, 1, 1, 3, 4], size=48, checksum=9)
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", bytes(range(256)) * 700])
+@pytest.mark.parametrize("last", [None, pb.GetEnd(), pb.GetEnd(blocks_sent=3, complete=True, stopped_at=3, tokens=40)])
+def test_one_message_get_forms_are_protobufs_bytes_and_decode_back(payload, last):
+    want = pb.GetResponse(header=_HEADER, header_data=payload)
+    if last is not None:
+        want.last.CopyFrom(last)
+    raw = wf.encode_get_block(_HEADER, payload, last)
+    assert raw == want.SerializeToString()
+    got = wf.decode_get_response(raw)
+    assert got.WhichOneof("msg") == "header" and got.header == _HEADER and bytes(got.header_data) == payload
+    assert got.HasField("last") == (last is not None) and (last is None or got.last == last)
+    if payload:
+        want = pb.GetResponse(data=payload)
+        if last is not None:
+            want.last.CopyFrom(last)
+        raw = wf.encode_get_data(payload, last)
+        assert raw == want.SerializeToString()
+        got = wf.decode_get_response(raw)
+        assert got.WhichOneof("msg") == "data" and bytes(got.data) == payload
+        assert got.HasField("last") == (last is not None) and (last is None or got.last == last)
+
+
+@pytest.mark.parametrize("payload,checksum", [(b"", 0), (b"abc", 0), (b"abc" * 1000, 2**64 - 1)])
+def test_put_header_with_first_chunk_is_protobufs_bytes_and_decodes_back(payload, checksum):
+    header = pb.PutHeader(token_ids=[5, 6, 7], first_block=4, block_count=1, durable=True)
+    raw = wf.encode_put_first(header, payload, checksum)
+    assert raw == pb.PutRequest(header=header, first_chunk=pb.BlockChunk(block_index=4, data=payload,
+                                                                         checksum=checksum)).SerializeToString()
+    got = wf.decode_put_request(raw)
+    assert got.WhichOneof("msg") == "header" and got.header == header and got.HasField("first_chunk")
+    chunk = got.first_chunk
+    assert (chunk.block_index, chunk.offset, bytes(chunk.data), chunk.checksum) == (4, 0, payload, checksum)
+
+
+def test_get_block_messages_in_both_forms():
+    raw = memoryview(bytes(range(250)) * 10)
+    end = pb.GetEnd(blocks_sent=1, complete=True, stopped_at=1)
+    old = [pb.GetResponse.FromString(wf.serialize_get_response(m))
+           for m in wf.get_block_messages(_HEADER, raw, 1000, inline=False)]
+    assert [m.WhichOneof("msg") for m in old] == ["header", "data", "data", "data"]
+    assert b"".join(m.data for m in old[1:]) == raw and not any(m.HasField("last") for m in old)
+    new = [pb.GetResponse.FromString(m) for m in wf.get_block_messages(_HEADER, raw, 1000, inline=True, last=end)]
+    assert [m.WhichOneof("msg") for m in new] == ["header", "data", "data"]
+    assert new[0].header_data + b"".join(m.data for m in new[1:]) == raw
+    assert [m.HasField("last") for m in new] == [False, False, True] and new[-1].last == end
+    one = [pb.GetResponse.FromString(m) for m in wf.get_block_messages(_HEADER, raw[:10], 1000, inline=True, last=end)]
+    assert len(one) == 1 and one[0].header_data == raw[:10] and one[0].last == end

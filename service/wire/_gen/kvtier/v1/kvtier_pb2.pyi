@@ -131,40 +131,46 @@ class BlockChunk(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "first_chunk")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: PutHeader
     chunk: BlockChunk
-    def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ...) -> None: ...
+    first_chunk: BlockChunk
+    def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., first_chunk: _Optional[_Union[BlockChunk, _Mapping]] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("keys", "stored", "skipped_present", "skipped_not_admitted")
+    __slots__ = ("keys", "stored", "skipped_present", "skipped_not_admitted", "accepts_first_chunk")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_PRESENT_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_NOT_ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     stored: _containers.RepeatedScalarFieldContainer[bytes]
     skipped_present: _containers.RepeatedScalarFieldContainer[bytes]
     skipped_not_admitted: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., stored: _Optional[_Iterable[bytes]] = ..., skipped_present: _Optional[_Iterable[bytes]] = ..., skipped_not_admitted: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    accepts_first_chunk: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., stored: _Optional[_Iterable[bytes]] = ..., skipped_present: _Optional[_Iterable[bytes]] = ..., skipped_not_admitted: _Optional[_Iterable[bytes]] = ..., accepts_first_chunk: _Optional[bool] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys", "session_id", "tenant", "start_block", "max_blocks", "accept_lossy")
+    __slots__ = ("keys", "session_id", "tenant", "start_block", "max_blocks", "accept_lossy", "inline_data")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_LOSSY_FIELD_NUMBER: _ClassVar[int]
+    INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
     keys: KeyList
     session_id: str
     tenant: str
     start_block: int
     max_blocks: int
     accept_lossy: bool
-    def __init__(self, keys: _Optional[_Union[KeyList, _Mapping]] = ..., session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_block: _Optional[int] = ..., max_blocks: _Optional[int] = ..., accept_lossy: _Optional[bool] = ...) -> None: ...
+    inline_data: bool
+    def __init__(self, keys: _Optional[_Union[KeyList, _Mapping]] = ..., session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_block: _Optional[int] = ..., max_blocks: _Optional[int] = ..., accept_lossy: _Optional[bool] = ..., inline_data: _Optional[bool] = ...) -> None: ...
 
 class BlockHeader(_message.Message):
     __slots__ = ("index", "key", "dtype", "shape", "tier", "checksum", "size", "lossy")
@@ -201,14 +207,18 @@ class GetEnd(_message.Message):
     def __init__(self, blocks_sent: _Optional[int] = ..., complete: _Optional[bool] = ..., stopped_at: _Optional[int] = ..., reason: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("header", "data", "end")
+    __slots__ = ("header", "data", "end", "header_data", "last")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    HEADER_DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     header: BlockHeader
     data: bytes
     end: GetEnd
-    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ...) -> None: ...
+    header_data: bytes
+    last: GetEnd
+    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[_Union[GetEnd, _Mapping]] = ..., header_data: _Optional[bytes] = ..., last: _Optional[_Union[GetEnd, _Mapping]] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
     __slots__ = ("tenant", "session_id", "prefetch_budget_ms", "accept_lossy")
