@@ -47,6 +47,8 @@ def source(ns: Namespace, data: Payload, tokens: int, index: int, owned: bool) -
     shape = lay.shape(tokens)
     if isinstance(data, np.ndarray):
         if data.dtype == np.uint8 and data.ndim == 1:
+            if owned and data.flags.c_contiguous and data.flags.writeable and data.nbytes == lay.block_bytes(tokens):
+                return data, True  # an owned flat array (a Put's bytes in the host pool) is kept as it is
             data = memoryview(np.ascontiguousarray(data))
         else:
             data = torch.from_numpy(np.ascontiguousarray(data))
@@ -145,8 +147,8 @@ class Ingest:
             the store's own copy (so a payload changing under the call, e.g. in shared memory, can never
             be stored against it). The store always checksums its own copy: what it keeps and the
             checksum it keeps with it agree, whether or not one was sent.
-        :param owned: ``bytearray`` payloads are handed over (nobody else holds them): the store keeps
-            them instead of a copy. Other payloads are copied either way.
+        :param owned: ``bytearray`` and flat writable ``uint8`` array payloads are handed over (nobody else
+            holds them): the store keeps them instead of a copy. Other payloads are copied either way.
         :returns: the keys of all blocks and what happened to each block sent.
         :raises InvalidBlock: on bad sizes, counts or ids. :raises LayoutMismatch: when a tensor's
             dtype/shape disagrees with the layout. :raises CapacityExceeded: if a durable write finds

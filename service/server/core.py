@@ -131,7 +131,8 @@ class ServerCore:
 
         :param checksums: the XXH3-64 of each block (``None``: none sent), checked on the store's own copy
             (``PutShm``).
-        :param owned: the blocks are ``bytearray`` s nobody else holds (``Put``'s assembler): no copy.
+        :param owned: the blocks are ``bytearray`` s or flat ``uint8`` arrays nobody else holds (``Put``'s
+            assembler, in the store's host pool): no copy.
         :raises QuotaExceeded: over the tenant's byte quota (after shedding its own memory blocks) or its
             session quota. Store errors pass through.
         """

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,7 +134,10 @@ class PutAssembler:
     """Accumulates the chunks of one Put stream (see the module docstring)."""
 
     plan: PutPlan
-    blocks: list[bytearray] = field(default_factory=list)
+    #: where a whole block's bytes go (``n -> uint8 array``: the store's host pool, memory already faulted
+    #: in); ``None``: a fresh ``bytearray``
+    alloc: Callable[[int], np.ndarray] | None = None
+    blocks: list[bytearray | np.ndarray] = field(default_factory=list)
     #: (position in ``blocks``, checksum the client sent) for every block that carried one
     checksums: list[tuple[int, int]] = field(default_factory=list)
     _cur: _Partial | None = None
@@ -177,13 +181,23 @@ class PutAssembler:
         if end == cur.size:
             if chunk.checksum:
                 self.checksums.append((len(self.blocks), chunk.checksum))
-            # the one copy: bytearray.join sizes its result once and copies each part into it
-            self.blocks.append(bytearray().join(cur.parts))
+            self.blocks.append(self._join(cur))
             self._cur = None
         else:
             self._cur = cur
 
-    def finish(self) -> list[bytearray]:
+    def _join(self, cur: _Partial) -> bytearray | np.ndarray:
+        """The one copy of a block's parts into memory of its own."""
+        if self.alloc is None:
+            return bytearray().join(cur.parts)  # sizes its result once and copies each part into it
+        out = self.alloc(cur.size)
+        pos = 0
+        for part in cur.parts:
+            out[pos:pos + len(part)] = np.frombuffer(part, dtype=np.uint8)
+            pos += len(part)
+        return out
+
+    def finish(self) -> list[bytearray | np.ndarray]:
         """The whole blocks, in order, after checking that all arrived and their checksums match.
 
         Verifying hashes every block given a checksum: call it off the event loop.

@@ -112,7 +112,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         plan = core.plan_put(first.header, core.caller(context))
         # the stream holds its place (one of its tenant's open Puts, its declared bytes) until it ends
         with core.puts.hold(plan.namespace.tenant, plan.declared_bytes) as arrived:
-            assembler = PutAssembler(plan)
+            assembler = PutAssembler(plan, alloc=core.store.hostpool.take)
             if first.HasField("first_chunk"):  # a small Put in one message (PutResponse.accepts_first_chunk)
                 assembler.add(first.first_chunk)
                 arrived(len(first.first_chunk.data))

@@ -137,3 +137,20 @@ def test_store_puts_use_the_pool_and_round_trip(tmp_path):
 def test_a_negative_reserve_is_refused(tmp_path, reserve):
     with pytest.raises(ValueError, match="warm_reserve"):
         StoreConfig(data_dir=str(tmp_path), warm_reserve=int(reserve)).validate()
+
+
+def test_an_owned_pool_array_is_kept_without_a_copy_and_a_borrowed_one_is_copied(tmp_path):
+    ns = Namespace("t", "m", "r", BlockLayout("float16", 4, 2, 64, 256))
+    cfg = StoreConfig(data_dir=str(tmp_path), hot_device="off", warm_capacity=64 << 20, cold_enabled=False)
+    with TieredStore(cfg) as store:
+        n = ns.layout.block_bytes(256)
+        mine, lent = store.hostpool.take(n), store.hostpool.take(n)
+        mine[:] = np.arange(n, dtype=np.uint64).astype(np.uint8)
+        lent[:] = 3
+        a = store.put(ns, list(range(256)), [mine], owned=True).keys[0]
+        b = store.put(ns, list(range(1000, 1256)), [lent]).keys[0]
+        assert store.get(a)[0].data.numpy().ctypes.data == mine.ctypes.data
+        kept = store.get(b)[0].data.numpy()
+        assert kept.ctypes.data != lent.ctypes.data
+        lent[:] = 4  # the caller reuses its buffer: the stored block does not change
+        assert int(kept.max()) == 3
