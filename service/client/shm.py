@@ -10,8 +10,8 @@ The client owns the arena's space: :class:`ShmLink` leases a range per call from
 names it in the call and frees it when the call returns (or fails), so the server holds no range
 between calls and a dead client leaves nothing but its arena (reclaimed with the socket).
 
-``put`` writes the blocks into a range and runs one unary ``PutShm`` (one per piece when they
-exceed half the arena). ``get`` runs one unary ``GetShm`` into a range (more when it fills up);
+``put`` writes the blocks into a range and runs one ``PutShm`` (one per piece when they
+exceed half the arena). ``get`` runs one ``GetShm`` into a range (more when it fills up);
 each block (verified by the server on the arena's bytes) is handed out as a view of the arena whose range stays
 leased until the tensor is garbage (no copy, and the arena's pages are already mapped, whereas fresh
 memory costs a page fault per 4 KiB), up to an alias budget past which blocks are copied out.
@@ -20,7 +20,9 @@ Thread-safe: concurrent calls lease disjoint ranges, and wait for one when the a
 Opening, each put and each get are *steps* (``service/client/steps.py``: the unary calls to make, the
 socket exchange, the waits for a free range), run by the blocking or the asyncio driver of the client
 (``service/client/core.py``); the asyncio one never blocks the event loop while waiting for a range.
-Imports wire/, the client's steps, blockwire and types, and tiering's byte copy and checksum.
+``PutShm``/``GetShm`` travel over the arena's socket when the server serves them there (one frame each
+way, ``shm_control.py``), else as unary gRPC calls.
+Imports wire/, the client's steps, blockwire, shm_control and types, and tiering's byte copy and checksum.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ import torch
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.client.blockwire import decode_block
+from kvtier.service.client import shm_control
 from kvtier.service.client.requests import rest_request
+from kvtier.service.client.shm_control import ControlChannel
 from kvtier.service.client.steps import Blocking, Steps, Unary, Wait
 from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
 from kvtier.service.wire.convert import TIER_FROM_PROTO
@@ -75,10 +79,12 @@ class ShmLink:
     :ivar arena_id: the server's handle of the arena (a secret: only this client knows it).
     """
 
-    def __init__(self, arena_id: str, arena: Arena, sock: socket.socket) -> None:
+    def __init__(self, arena_id: str, arena: Arena, sock: socket.socket, *, control: bool = False) -> None:
         self.arena_id = arena_id
         self.arena = arena
         self._sock = sock
+        #: The calls' way over the arena's socket (``None``: they go over gRPC; see :meth:`open`).
+        self.control = ControlChannel(sock) if control else None
         self.slots = SlotAllocator(arena.size)
         self._freed = threading.Condition()
         #: Most bytes of the arena that block tensors handed out may view at once (the rest is copied).
@@ -94,6 +100,10 @@ class ShmLink:
     @classmethod
     def open(cls, timeout: float | None, size: int = 0) -> Steps:
         """Steps leasing an arena from the server (``OpenArena``, then the ticket over its socket).
+
+        When the server offers it (``OpenArenaResponse.control``) and ``KVTIER_SHM_CONTROL`` is not
+        ``grpc``, the link's ``PutShm``/``GetShm`` calls then go over that socket
+        (``service/client/shm_control.py``), else over gRPC.
 
         :raises KVTierClientError: the code the server answered (``FAILED_PRECONDITION``: shared
             memory is off; ``UNIMPLEMENTED``: an older server).
@@ -124,7 +134,7 @@ class ShmLink:
             sock.close()
             raise
         log.debug("shared-memory arena of %d MiB mapped from %s", resp.size_bytes >> 20, resp.socket_path)
-        return cls(resp.arena_id, arena, sock)
+        return cls(resp.arena_id, arena, sock, control=resp.control and shm_control.wanted())
 
     def _lease(self, need: int, want: int, deadline: float | None) -> Steps:
         """Steps giving a range of ``need`` to ``want`` bytes, waiting (until ``deadline``) for other
@@ -186,7 +196,7 @@ class ShmLink:
                     pos += sizes[k]
                 # copied and checksummed in one pass, on the copy threads: the checksum is of the arena's bytes
                 req.checksums.extend(copy_many(pairs))
-                resp = yield Unary("PutShm", req, self._left(deadline))
+                resp = yield Unary("PutShm", req, self._left(deadline), via=self.control)
             finally:
                 if slot is not None:
                     self._free(slot)
@@ -215,7 +225,8 @@ class ShmLink:
             try:
                 resp = yield Unary("GetShm", pb.GetShmRequest(
                     arena_id=self.arena_id, request=request,
-                    region=pb.ShmSlot(offset=region.offset, length=region.length)), self._left(deadline))
+                    region=pb.ShmSlot(offset=region.offset, length=region.length)), self._left(deadline),
+                    via=self.control)
                 for item in resp.blocks:
                     blocks.append(self._block(item, region, base, kept))
                     keys.append(BlockKey(bytes(item.header.key)))
@@ -288,5 +299,8 @@ class ShmLink:
 
     def close(self) -> None:
         """Close the socket (the server drops the arena); the mapping goes with the last reference."""
-        self._sock.close()
+        if self.control is not None:
+            self.control.close()
+        else:
+            self._sock.close()
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvtier.service.server.core import ServerCore
+from kvtier.service.server.core import Caller, ServerCore
 from kvtier.service.server.errors import ShmUnavailable
 from kvtier.service.server.shm_broker import ArenaRegistry, ServerArena, Upload
 from kvtier.service.wire import convert
@@ -68,14 +68,14 @@ async def open_arena(core: ServerCore, shm: ArenaRegistry | None, request: pb.Op
     arena_id, ticket, path, size = await registry.issue(caller.principal, request.size_bytes,
                                                         caller=caller_key(caller, context))
     return pb.OpenArenaResponse(arena_id=arena_id, ticket=ticket, socket_path=path, size_bytes=size,
-                                alignment=ALIGNMENT)
+                                alignment=ALIGNMENT, control=registry.control)
 
 
 async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutShmRequest,
-                  context) -> pb.PutShmResponse:
-    """``PutShm`` (module docstring)."""
+                  caller: Caller) -> pb.PutShmResponse:
+    """``PutShm`` (module docstring), for ``caller`` (``core.caller`` of a gRPC call, or the arena's owner
+    on the same-host socket: ``service/server/shm_control.py``)."""
     registry = _registry(shm)
-    caller = core.caller(context)
     with registry.use(request.arena_id, caller.principal) as arena:
         if request.upload_id:
             upload = arena.take(request.upload_id)
@@ -131,11 +131,10 @@ def _pieces(arena: ServerArena, upload: Upload, request: pb.PutShmRequest) -> li
     return views
 
 
-async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetShmRequest, context,
+async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetShmRequest, caller: Caller,
                   deadline: float | None) -> pb.GetShmResponse:
-    """``GetShm`` (module docstring)."""
+    """``GetShm`` (module docstring), for ``caller`` (as :func:`put_shm`)."""
     registry = _registry(shm)
-    caller = core.caller(context)
     tenant = caller.tenant(request.request.tenant)
     with registry.use(request.arena_id, caller.principal) as arena:  # first: a stranger learns nothing more
         region = _range(arena, request.region.offset, request.region.length, "region")
