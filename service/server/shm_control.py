@@ -1,6 +1,6 @@
 """ControlServer: ``PutShm``/``GetShm`` served as frames over each arena's Unix socket, without gRPC's per-call cost.
 
-May import ``service.wire``, ``service.server`` (core, errors, shm_broker, shm_rpc, telemetry) and grpc's status codes.
+May import ``service.wire``, ``service.server`` (core, errors, offload, shm_broker, shm_rpc, telemetry) and grpc.
 
 Once :class:`~service.server.shm_broker.ArenaRegistry` has handed a caller its arena's fd, the same
 connection carries that caller's calls (frame format: ``service/wire/control.py``), read by an
@@ -41,13 +41,14 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
-from kvtier.service.server import shm_rpc
+from kvtier.service.server import offload, shm_rpc
 from kvtier.service.server.core import Caller, ServerCore
 from kvtier.service.server.errors import (DeadlineExceeded, Draining, ErrorBoundary, QuotaExceeded, Unimplemented,
                                           log_error, status_proto)
 from kvtier.service.server.shm_broker import ArenaRegistry, ServerArena
 from kvtier.service.server.telemetry import ServerTelemetryInterceptor
 from kvtier.service.wire import control as wire
+from kvtier.service.wire import convert
 from kvtier.tiering.errors import InvalidBlock
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ SERVICE = "kvtier.v1.KVCache"
 #: Span attributes that tell a socket call's span from a gRPC call's.
 TRANSPORT = {"kvtier.transport": "unix-control", "network.transport": "unix"}
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+#: Most blocks of a GetShm served in place on the event loop when all sit in host memory (offload.py).
+INLINE_BLOCKS = 4
 
 
 class ControlServer:
@@ -143,6 +146,7 @@ class ControlServer:
         request = wire.METHODS[method_id][1].FromString(body)  # DecodeError: INVALID_ARGUMENT (request)
         self.core.auth.still_admits(arena.principal)
         caller = Caller.of(arena.principal)
+        self.shm.counters["control_calls"] += 1
         with self.boundary.admitted():
             if not timeout_s or math.isinf(timeout_s):
                 return (await handler(request, caller, None)).SerializeToString()
@@ -159,7 +163,30 @@ class ControlServer:
         return await shm_rpc.put_shm(self.core, self.shm, request, caller)
 
     async def _get(self, request, caller: Caller, deadline: float | None):
-        return await shm_rpc.get_shm(self.core, self.shm, request, caller, deadline)
+        if not self._in_host_memory(request.request):
+            return await shm_rpc.get_shm(self.core, self.shm, request, caller, deadline)
+        self.shm.counters["control_inline"] += 1
+        with offload.inline():  # a copy and a checksum of a few blocks: cheaper than two thread hand-offs
+            return await shm_rpc.get_shm(self.core, self.shm, request, caller, deadline)
+
+    def _in_host_memory(self, request) -> bool:
+        """Whether a Get names at most :data:`INLINE_BLOCKS` keys, each held by a host-memory tier now
+        (a peek under the tiers' own short locks; no slow tier is asked). A block evicted between this
+        look and the copy is read from below on the loop: one block, rarely."""
+        if request.WhichOneof("target") != "keys" or not 0 < len(request.keys.keys) <= INLINE_BLOCKS:
+            return False
+        try:
+            keys = convert.keys_from_proto(request.keys.keys, "keys.keys")
+        except InvalidBlock:
+            return False  # the handler answers it, naming the field
+        missing = keys
+        for tier in self.core.store.memory:
+            if tier.device.type != "cpu":
+                continue  # a device tier's copy out synchronises with the GPU: not on the loop
+            missing = [k for k, here in zip(missing, tier.contains_many(missing)) if not here]
+            if not missing:
+                return True
+        return False
 
     def refuse(self, conn: "_Connection", exc: wire.FrameError) -> None:
         """Answer a frame that cannot be trusted, then close its connection (module docstring)."""

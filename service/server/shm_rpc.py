@@ -1,6 +1,6 @@
 """The shared-memory RPCs (``OpenArena``, ``PutShm``, ``GetShm``) as the servicer runs them.
 
-May import ``service.wire``, ``service.server`` (core, errors, shm_broker) and ``tiering``.
+May import ``service.wire``, ``service.server`` (core, errors, offload, shm_broker) and ``tiering``.
 
 :class:`service.server.servicer.KVCacheServicer` delegates to these functions; they use the same
 :class:`~service.server.core.ServerCore` as ``Put`` and ``Get`` (caller check, limits, the chain
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from kvtier.service.server import offload
 from kvtier.service.server.core import Caller, ServerCore
 from kvtier.service.server.errors import ShmUnavailable
 from kvtier.service.server.shm_broker import ArenaRegistry, ServerArena, Upload
@@ -139,7 +140,7 @@ async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetSh
     with registry.use(request.arena_id, caller.principal) as arena:  # first: a stranger learns nothing more
         region = _range(arena, request.region.offset, request.region.length, "region")
         read = await core.read_chain(request.request, tenant)
-        filled, miss, next_bytes = await asyncio.to_thread(_fill, core.store, arena, region, read.wanted, tenant,
+        filled, miss, next_bytes = await offload.run(_fill, core.store, arena, region, read.wanted, tenant,
                                                            deadline, not request.request.accept_lossy)
         resp = pb.GetShmResponse(blocks=[
             pb.ShmBlock(header=convert.block_header_to_proto(read.start + i, key, block, tier), offset=offset)
