@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Environment variable choosing where a same-host client's PutShm/GetShm go: ``socket`` (default) or ``grpc``.
 ENV = "KVTIER_SHM_CONTROL"
+#: Largest request sent over the socket: under the smallest ``max_message_bytes`` a server may have (2 MiB).
+MAX_REQUEST_BYTES = (2 << 20) - 4096
 #: Largest reply frame accepted (a GetShm answer of thousands of blocks' headers stays far below).
 MAX_REPLY_BYTES = 64 << 20
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -122,9 +124,11 @@ class ControlChannel:
         """Stop waiting for call ``rid`` (timed out or cancelled): its reply, if one comes, is dropped."""
         self._pending.pop(rid, None)
 
-    @property
-    def alive(self) -> bool:
-        return self._lost is None
+    def takes(self, request) -> bool:
+        """Whether ``request`` should go over this channel: it is open, and the request is at most
+        :data:`MAX_REQUEST_BYTES` (a larger one, e.g. a Put header of a million token ids, goes over gRPC,
+        whose limits the caller configured)."""
+        return self._lost is None and request.ByteSize() <= MAX_REQUEST_BYTES
 
     def close(self) -> None:
         """Close the socket (the server drops the arena); calls still waiting fail UNAVAILABLE."""

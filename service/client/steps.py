@@ -106,7 +106,7 @@ class Transport:
             return Call(getattr(self.stubs[step.service], step.method),
                         {"timeout": step.timeout, "wait_for_ready": getattr(step, "wait_for_ready", False)})
         via = getattr(step, "via", None)
-        if via is not None and via.alive:
+        if via is not None and via.takes(step.request):
             metadata, span = tracing.start_call(self.tracer, step.service, step.method, self.peer, None)
             if span is not None:
                 span.set_attribute("kvtier.transport", "unix-control")
