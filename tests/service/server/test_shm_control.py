@@ -27,7 +27,6 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from tests.fixtures import hostile
 from tests.fixtures.control import RawArena, status_of
-from tests.fixtures.server import KVTierProcess
 from tests.fixtures.wire import collect_get, namespace, put_stream, random_blocks, tokens
 
 T = 30
@@ -37,10 +36,8 @@ AUTH = {"KVTIER_SECURITY__TOKENS": json.dumps({"tok-a": "a", "tok-b": "b"})}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = KVTierProcess(tmp_path_factory.mktemp("control")).start()
-    yield proc
-    proc.kill()
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +57,15 @@ def assert_intact(target: str, kept) -> None:
         got = collect_get(pb_grpc.KVCacheStub(ch).Get(pb.GetRequest(keys=pb.KeyList(keys=keys),
                                                                     tenant=hostile.KEEP_TENANT), timeout=T))
     assert got.blocks == payloads
+
+
+def assert_gets_kept(raw: RawArena, kept) -> None:
+    """A GetShm of the kept blocks over ``raw``'s socket answers all three."""
+    req = pb.GetShmRequest(arena_id=raw.arena_id, request=pb.GetRequest(keys=pb.KeyList(keys=kept[0]),
+                                                                        tenant=hostile.KEEP_TENANT),
+                           region=pb.ShmSlot(offset=0, length=1 << 20))
+    code, _, body = raw.call("GetShm", req.SerializeToString())
+    assert code == grpc.StatusCode.OK and len(pb.GetShmResponse.FromString(body).blocks) == 3
 
 
 def with_arena(body: bytes, method: str, raw: RawArena) -> bytes:
@@ -119,12 +125,7 @@ def test_unknown_method_and_garbage_protobuf_keep_the_connection(server, kept):
                                           timeout_s=-1.0)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(details) == ["frame.timeout"]
         # the connection still serves: a real Get of the kept blocks
-        keys, payloads = kept
-        req = pb.GetShmRequest(arena_id=raw.arena_id, request=pb.GetRequest(keys=pb.KeyList(keys=keys),
-                                                                            tenant=hostile.KEEP_TENANT),
-                               region=pb.ShmSlot(offset=0, length=1 << 20))
-        code, _, body = raw.call("GetShm", req.SerializeToString())
-        assert code == grpc.StatusCode.OK and len(pb.GetShmResponse.FromString(body).blocks) == 3
+        assert_gets_kept(raw, kept)
     assert_intact(server.target, kept)
 
 
@@ -163,12 +164,7 @@ def test_a_truncated_frame_ends_only_its_connection(server, kept):
     with RawArena(server.target) as other, RawArena(server.target) as raw:
         raw.sock.sendall(wire.REQUEST.pack(100, 2, wire.VERSION, 0, 1, 0.0) + b"\x0a\x20")  # 84 bytes short
         raw.sock.shutdown(2)
-        keys, _ = kept
-        req = pb.GetShmRequest(arena_id=other.arena_id, request=pb.GetRequest(keys=pb.KeyList(keys=keys),
-                                                                              tenant=hostile.KEEP_TENANT),
-                               region=pb.ShmSlot(offset=0, length=1 << 20))
-        code, _, body = other.call("GetShm", req.SerializeToString())
-        assert code == grpc.StatusCode.OK and len(pb.GetShmResponse.FromString(body).blocks) == 3
+        assert_gets_kept(other, kept)
     assert_intact(server.target, kept)
 
 
