@@ -39,7 +39,6 @@ import socket
 import time
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from kvtier.service.server import offload, shm_rpc
 from kvtier.service.server.core import Caller, ServerCore
@@ -212,6 +211,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
+
+    # A caller that sends calls but does not read their replies stops being read from, rather than
+    # growing the server's write buffer without bound (asyncio calls these at its buffer's water marks).
+    def pause_writing(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader

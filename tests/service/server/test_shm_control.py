@@ -4,7 +4,7 @@ Every hostile Put and Get of ``tests/fixtures/hostile.py``, sent as PutShm/GetSh
 arena socket, gets the same code, message and details both ways; malformed frames (bad length, unknown
 method, bad version, garbage protobuf, truncated, oversized) are answered precisely or close their own
 connection, and the server stays up with other callers' data intact; a frame acts for the arena's
-principal only; the frame's timeout is the call's deadline; calls share the server's concurrency limit;
+principal only, and stops when a SIGHUP removes that principal's tokens; the frame's timeout is the call's deadline; calls share the server's concurrency limit;
 a server told ``shm_control = false`` offers no control; SIGTERM refuses new socket calls while in-flight
 work finishes.
 """
@@ -28,6 +28,7 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 from tests.fixtures import hostile
 from tests.fixtures.control import RawArena, status_of
 from tests.fixtures.wire import collect_get, namespace, put_stream, random_blocks, tokens
+from tests.service.server.test_token_reload import _hup
 
 T = 30
 #: The server's default ``max_message_bytes``: the largest gRPC message and control frame it takes.
@@ -261,3 +262,17 @@ def test_sigterm_refuses_new_socket_calls_while_in_flight_work_finishes(kvtier_p
         release.set()
         assert len(put.result(timeout=T).stored) == 2
     assert proc.proc.wait(T) == 0
+
+
+def test_a_socket_stops_acting_once_its_principal_has_no_token(kvtier_process, tmp_path):
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps({"tokens": {"tok-acme": "acme", "tok-other": "other"}}))
+    proc = kvtier_process("revoke", extra_env={"KVTIER_SECURITY__TOKENS_FILE": str(tokens_file)}).start()
+    with RawArena(proc.target, token="tok-acme") as raw:
+        probe = pb.GetShmRequest(arena_id=raw.arena_id, request=pb.GetRequest(session_id="none"),
+                                 region=pb.ShmSlot(offset=0, length=4096)).SerializeToString()
+        assert raw.call("GetShm", probe)[0] == grpc.StatusCode.NOT_FOUND
+        tokens_file.write_text(json.dumps({"tokens": {"tok-other": "other"}}))  # acme's only token goes
+        assert "reloaded" in _hup(proc, 0)
+        assert raw.call("GetShm", probe)[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert raw.grpc_call("GetShm", probe)[0] == grpc.StatusCode.UNAUTHENTICATED
