@@ -24,6 +24,7 @@ from kvtier.service.client import shm_control
 from kvtier.service.client.client import AsyncKVTierClient, KVTierClient
 from kvtier.service.client.requests import client_error
 from kvtier.service.client.types import KVTierClientError
+from kvtier.service.wire import control as wire
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.tiering.keys import Namespace
 from kvtier.tiering.layout import BlockLayout
@@ -152,6 +153,27 @@ def test_a_lost_socket_is_replaced_by_a_new_arena(server):
         first.control.close()  # as if the server had dropped it
         assert round_trip(kv, ns, seed=7)
         assert kv._link(10) is not first and kv._link(10).control is not None
+
+
+def test_an_asyncio_client_recovers_when_the_server_closes_its_socket(server):
+    ns = Namespace("a", "ctl/lost-async", "r1", LAYOUT)
+    blocks = blocks_for(LAYOUT, 40, seed=8)
+
+    async def main() -> bool:
+        async with AsyncKVTierClient(server.target, token="tok-a", data_path="shm") as kv:
+            put = await kv.put(ns, list(range(40)), blocks)  # replies read by this loop
+            first = kv._core.link
+            # a frame the server cannot trust: it answers, then closes the connection (and drops the arena)
+            first.control._sock.sendall(wire.REQUEST.pack(3, 2, wire.VERSION, 0, 0, 0.0))
+            for _ in range(200):
+                if not first.control.takes(pb.GetShmRequest()):
+                    break
+                await asyncio.sleep(0.01)
+            assert not first.control.takes(pb.GetShmRequest())  # the loop saw the close
+            got = await kv.get(put.keys, namespace=ns)  # over a new arena
+            return got.complete and same_bytes(got.blocks, blocks) and kv._core.link is not first
+
+    assert asyncio.run(main())
 
 
 def test_trace_metrics_and_logs_of_socket_calls(tmp_path):
