@@ -44,7 +44,6 @@ from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.client.blockwire import decode_block
 from kvtier.service.client import shm_control
 from kvtier.service.client.requests import rest_request
-from kvtier.service.client.shm_control import ControlChannel
 from kvtier.service.client.steps import Blocking, Steps, Unary, Wait
 from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
 from kvtier.service.wire.convert import TIER_FROM_PROTO
@@ -84,7 +83,7 @@ class ShmLink:
         self.arena = arena
         self._sock = sock
         #: The calls' way over the arena's socket (``None``: they go over gRPC; see :meth:`open`).
-        self.control = ControlChannel(sock) if control else None
+        self.control = shm_control.ControlChannel(sock) if control else None
         self.slots = SlotAllocator(arena.size)
         self._freed = threading.Condition()
         #: Most bytes of the arena that block tensors handed out may view at once (the rest is copied).

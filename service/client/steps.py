@@ -1,6 +1,7 @@
 """The sans-IO vocabulary of the clients: the steps an RPC is written as, and the two drivers that run them.
 
-Imports grpc and the client's tracing, requests and types. Every client call (``service/client/core.py``,
+Imports grpc and the client's tracing, requests and types (a step's ``via`` channel is duck-typed:
+``takes``/``start``, ``service/client/shm_control.py``). Every client call (``service/client/core.py``,
 ``shm.py``, ``ipc.py``) is a generator of *steps*, written once:
 
 * :class:`Unary` — make one unary (or client-streaming) call; the generator is sent its response;
@@ -40,7 +41,7 @@ HEALTH = "grpc.health.v1.Health"
 class Unary:
     """Make the unary (or client-streaming: ``request`` is then an iterator) call ``service/method``;
     through ``via`` (an arena's :class:`~kvtier.service.client.shm_control.ControlChannel`) when given and
-    alive, else over gRPC."""
+    it :meth:`takes <kvtier.service.client.shm_control.ControlChannel.takes>` the request, else over gRPC."""
 
     method: str
     request: object
@@ -105,7 +106,7 @@ class Transport:
         if step.service != KVCACHE:
             return Call(getattr(self.stubs[step.service], step.method),
                         {"timeout": step.timeout, "wait_for_ready": getattr(step, "wait_for_ready", False)})
-        via = getattr(step, "via", None)
+        via = step.via if isinstance(step, Unary) else None
         if via is not None and via.takes(step.request):
             metadata, span = tracing.start_call(self.tracer, step.service, step.method, self.peer, None)
             if span is not None:
