@@ -196,10 +196,12 @@ async def serve(settings: Settings) -> int:
 
         log.info("shutting down: health NOT_SERVING, %.1f s grace for in-flight RPCs", settings.server.grace_s)
         await health_servicer.enter_graceful_shutdown()
-        drains = [server.stop(settings.server.grace_s)]
-        if shm is not None:
-            drains.append(shm.drain(settings.server.grace_s))  # the same-host socket calls alike
-        await asyncio.gather(*drains)
+        # the same-host socket calls drain alike, meanwhile (server.stop is awaited in this task itself:
+        # run inside asyncio.gather it returned at once, cancelling the calls in flight)
+        socket_calls = loop.create_task(shm.drain(settings.server.grace_s)) if shm is not None else None
+        await server.stop(settings.server.grace_s)
+        if socket_calls is not None:
+            await socket_calls
         if shm is not None:
             await shm.close()
     finally:
