@@ -9,11 +9,11 @@ flight (request ids pair the replies, which may come back in any order).
 
 A call is started with :meth:`ControlChannel.start` and its :class:`Pending` waited for by the driver
 running it (``service/client/steps.py``): the blocking driver calls :meth:`Pending.result`, the asyncio
-driver awaits it. Replies complete each call's ``concurrent.futures.Future``; the first wait decides who
-reads them: a reader thread of the channel for blocking callers (measured: a reply then costs ~18 us
-more than the caller reading the socket itself, next to ~500 us a call), or, for asyncio callers, a
-reader callback on their event loop (no thread: 32 asyncio clients in one process would otherwise be
-32 threads contending for the GIL with the loop). Errors are the :class:`KVTierClientError` (code, message, ``google.rpc`` details) the
+driver awaits it. One reader thread per channel reads the replies and completes each call's
+``concurrent.futures.Future`` (an awaiting task is woken with ``call_soon_threadsafe``). Measured here:
+a blocking caller reading the socket itself would save ~18 us a call (~500 us in all); an event loop
+reading it (``add_reader``, no thread) halved the throughput of 32 asyncio clients in one process and
+raised their p50 and p99, so both drivers use the thread. Errors are the :class:`KVTierClientError` (code, message, ``google.rpc`` details) the
 same call over gRPC would raise. ``KVTIER_SHM_CONTROL=grpc`` in the environment keeps the calls on gRPC
 (:func:`wanted`), e.g. to compare the two.
 """
@@ -63,7 +63,6 @@ class Pending:
     def result(self):
         """The response message. :raises KVTierClientError: the call's error; ``DEADLINE_EXCEEDED``
         when no reply came within the timeout (the reply is then ignored)."""
-        self._channel.read_in_thread()
         try:
             return self._future.result(self._timeout)
         except concurrent.futures.TimeoutError:
@@ -73,18 +72,44 @@ class Pending:
         return self._wait().__await__()
 
     async def _wait(self):
-        self._channel.read_on(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        on_loop = threading.get_ident()
+
+        def done(future: concurrent.futures.Future) -> None:  # on the loop if the reply came already
+            if threading.get_ident() == on_loop:
+                _settle(waiter, future)
+            else:
+                loop.call_soon_threadsafe(_settle, waiter, future)
+
+        self._future.add_done_callback(done)
+        timer = loop.call_later(self._timeout, _settle, waiter, None) if self._timeout is not None else None
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(self._future), self._timeout)
+            return await waiter
         except TimeoutError:
             raise self._expired() from None
         except asyncio.CancelledError:
             self._channel.forget(self._rid)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _expired(self) -> KVTierClientError:
         self._channel.forget(self._rid)
         return KVTierClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def _settle(waiter: asyncio.Future, future: concurrent.futures.Future | None) -> None:
+    """Give ``waiter`` the outcome of ``future`` (``None``: the timeout passed), unless it has one."""
+    if waiter.done():
+        return
+    if future is None:
+        waiter.set_exception(TimeoutError())
+    elif (error := future.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(future.result())
 
 
 class ControlChannel:
@@ -100,9 +125,8 @@ class ControlChannel:
         self._ids = itertools.count(1)
         self._lost: str | None = None  # why the channel can carry no more calls
         self._frames = wire.FrameReader(wire.REPLY, MAX_REPLY_BYTES)
-        #: who reads the replies, chosen by the first wait: a thread of ours, or an event loop's reader
-        self._reader: threading.Thread | asyncio.AbstractEventLoop | None = None
-        self._reader_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="kvtier-shm-control", daemon=True)
+        self._reader.start()
 
     def start(self, request, *, method: str, timeout: float | None, trace: dict[str, str]) -> Pending:
         """Send one call of ``method`` (``PutShm``/``GetShm``) and return what waits for its reply.
@@ -137,47 +161,17 @@ class ControlChannel:
         whose limits the caller configured)."""
         return self._lost is None and request.ByteSize() <= MAX_REQUEST_BYTES
 
-    def read_in_thread(self) -> None:
-        """Have replies read by a thread of this channel, unless an event loop reads them already."""
-        with self._reader_lock:
-            if self._reader is None:
-                self._reader = threading.Thread(target=self._read_blocking, name="kvtier-shm-control", daemon=True)
-                self._reader.start()
-
-    def read_on(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Have replies read by ``loop`` (a reader callback: no thread, no hand-off), unless a thread
-        reads them already. Call it on ``loop``."""
-        with self._reader_lock:
-            if self._reader is None and self._lost is None:
-                self._reader = loop
-                loop.add_reader(self._sock.fileno(), self._read_ready)
-
     def close(self) -> None:
         """Close the socket (the server drops the arena); calls still waiting fail UNAVAILABLE."""
         with self._send_lock:
             self._lost = self._lost or "closed by the client"
-        self._stop_loop_reader()
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader thread
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread, which fails what waits
         except OSError:
             pass
         self._sock.close()
-        if not isinstance(self._reader, threading.Thread):
-            self._fail()
 
-    def _stop_loop_reader(self) -> None:
-        loop = self._reader
-        if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is loop:
-                loop.remove_reader(self._sock.fileno())
-            else:  # another thread: a loop's readers are changed on the loop (it may have stopped: no harm)
-                loop.call_soon_threadsafe(loop.remove_reader, self._sock.fileno())
-
-    def _read_blocking(self) -> None:
+    def _read(self) -> None:
         buf = bytearray(1 << 16)
         why = "the server closed the arena's socket"
         try:
@@ -187,29 +181,12 @@ class ControlChannel:
             why = f"the arena's socket failed: {exc}"
         self._fail(why)
 
-    def _read_ready(self) -> None:
-        """The loop's reader callback: take what the socket holds without waiting."""
-        try:
-            while True:
-                try:
-                    data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    return
-                if not data:
-                    break
-                self._feed(data)
-            why = "the server closed the arena's socket"
-        except (OSError, wire.FrameError) as exc:
-            why = f"the arena's socket failed: {exc}"
-        self._stop_loop_reader()
-        self._fail(why)
-
     def _feed(self, data) -> None:
         self._frames.feed(data)
         while (frame := self._frames.next()) is not None:
             self._complete(*frame)
 
-    def _fail(self, why: str = "the arena's socket closed") -> None:
+    def _fail(self, why: str) -> None:
         """No more replies will come: every call still waiting fails UNAVAILABLE."""
         with self._send_lock:
             self._lost = self._lost or why
