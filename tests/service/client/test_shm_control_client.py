@@ -161,7 +161,7 @@ def test_an_asyncio_client_recovers_when_the_server_closes_its_socket(server):
 
     async def main() -> bool:
         async with AsyncKVTierClient(server.target, token="tok-a", data_path="shm") as kv:
-            put = await kv.put(ns, list(range(40)), blocks)  # replies read by this loop
+            put = await kv.put(ns, list(range(40)), blocks)
             first = kv._core.link
             # a frame the server cannot trust: it answers, then closes the connection (and drops the arena)
             first.control._sock.sendall(wire.REQUEST.pack(3, 2, wire.VERSION, 0, 0, 0.0))
@@ -169,7 +169,7 @@ def test_an_asyncio_client_recovers_when_the_server_closes_its_socket(server):
                 if not first.control.takes(pb.GetShmRequest()):
                     break
                 await asyncio.sleep(0.01)
-            assert not first.control.takes(pb.GetShmRequest())  # the loop saw the close
+            assert not first.control.takes(pb.GetShmRequest())  # the reader saw the close
             got = await kv.get(put.keys, namespace=ns)  # over a new arena
             return got.complete and same_bytes(got.blocks, blocks) and kv._core.link is not first
 
