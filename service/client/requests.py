@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 from google.protobuf import any_pb2
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
@@ -34,6 +34,16 @@ def client_error(exc: grpc.RpcError) -> KVTierClientError:
         status = rpc_status.from_call(exc)
     except (ValueError, AttributeError, TypeError):  # trailers that disagree with the status: keep the code
         status = None
+    return _error(code or grpc.StatusCode.UNKNOWN, details or "", status)
+
+
+def status_error(code: grpc.StatusCode, status: status_pb2.Status) -> KVTierClientError:
+    """The :class:`KVTierClientError` of a call answered ``status`` (code ``code``) without gRPC: the
+    same-host socket path (``service/client/shm_control.py``) gets the very Status gRPC would carry."""
+    return _error(code, status.message, status)
+
+
+def _error(code: grpc.StatusCode, details: str, status: status_pb2.Status | None) -> KVTierClientError:
     unpacked: list = []
     for item in status.details if status is not None else ():
         for cls in _DETAIL_TYPES:
@@ -46,7 +56,7 @@ def client_error(exc: grpc.RpcError) -> KVTierClientError:
             copy = any_pb2.Any()
             copy.CopyFrom(item)
             unpacked.append(copy)
-    return KVTierClientError(code or grpc.StatusCode.UNKNOWN, details or "", status=status, error_details=unpacked)
+    return KVTierClientError(code, details, status=status, error_details=unpacked)
 
 
 def _ids(token_ids: Sequence[int] | np.ndarray) -> list[int]:

@@ -10,11 +10,11 @@ The client owns the arena's space: :class:`ShmLink` leases a range per call from
 names it in the call and frees it when the call returns (or fails), so the server holds no range
 between calls and a dead client leaves nothing but its arena (reclaimed with the socket).
 
-``put`` writes the blocks into a range and runs one unary ``PutShm`` (one per piece when they
+``put`` writes the blocks into a range and runs one ``PutShm`` (one per piece when they
 exceed half the arena). A block already in the arena, in a buffer :meth:`ShmLink.buffers` leased (the
 caller produced it there), is named where it is: no copy and no checksum on this side; the server
 copies it into its tier and checksums that copy, the one the store keeps.
-``get`` runs one unary ``GetShm`` into a range (more when it fills up);
+``get`` runs one ``GetShm`` into a range (more when it fills up);
 each block (verified by the server on the arena's bytes) is handed out as a view of the arena whose range stays
 leased until the tensor is garbage (no copy, and the arena's pages are already mapped, whereas fresh
 memory costs a page fault per 4 KiB), up to an alias budget past which blocks are copied out.
@@ -23,7 +23,9 @@ Thread-safe: concurrent calls lease disjoint ranges, and wait for one when the a
 Opening, each put and each get are *steps* (``service/client/steps.py``: the unary calls to make, the
 socket exchange, the waits for a free range), run by the blocking or the asyncio driver of the client
 (``service/client/core.py``); the asyncio one never blocks the event loop while waiting for a range.
-Imports wire/, the client's steps, blockwire and types, and tiering's byte copy and checksum.
+``PutShm``/``GetShm`` travel over the arena's socket when the server serves them there (one frame each
+way, ``shm_control.py``), else as unary gRPC calls.
+Imports wire/, the client's steps, blockwire, shm_control and types, and tiering's byte copy and checksum.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.client.blockwire import decode_block
+from kvtier.service.client import shm_control
 from kvtier.service.client.requests import rest_request
 from kvtier.service.client.steps import Blocking, Steps, Unary, Wait
 from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
@@ -78,10 +81,12 @@ class ShmLink:
     :ivar arena_id: the server's handle of the arena (a secret: only this client knows it).
     """
 
-    def __init__(self, arena_id: str, arena: Arena, sock: socket.socket) -> None:
+    def __init__(self, arena_id: str, arena: Arena, sock: socket.socket, *, control: bool = False) -> None:
         self.arena_id = arena_id
         self.arena = arena
         self._sock = sock
+        #: The calls' way over the arena's socket (``None``: they go over gRPC; see :meth:`open`).
+        self.control = shm_control.ControlChannel(sock) if control else None
         self.slots = SlotAllocator(arena.size)
         self._freed = threading.Condition()
         #: Most bytes of the arena that tensors handed out (Get's blocks, leased buffers) may view at once:
@@ -101,6 +106,10 @@ class ShmLink:
     @classmethod
     def open(cls, timeout: float | None, size: int = 0) -> Steps:
         """Steps leasing an arena from the server (``OpenArena``, then the ticket over its socket).
+
+        When the server offers it (``OpenArenaResponse.control``) and ``KVTIER_SHM_CONTROL`` is not
+        ``grpc``, the link's ``PutShm``/``GetShm`` calls then go over that socket
+        (``service/client/shm_control.py``), else over gRPC.
 
         :raises KVTierClientError: the code the server answered (``FAILED_PRECONDITION``: shared
             memory is off; ``UNIMPLEMENTED``: an older server).
@@ -131,7 +140,7 @@ class ShmLink:
             sock.close()
             raise
         log.debug("shared-memory arena of %d MiB mapped from %s", resp.size_bytes >> 20, resp.socket_path)
-        return cls(resp.arena_id, arena, sock)
+        return cls(resp.arena_id, arena, sock, control=resp.control and shm_control.wanted())
 
     def _lease(self, need: int, want: int, deadline: float | None) -> Steps:
         """Steps giving a range of ``need`` to ``want`` bytes, waiting (until ``deadline``) for other
@@ -249,7 +258,7 @@ class ShmLink:
                 sums = copy_many(pairs)
                 if len(sums) == j - i:  # else named buffers: no checksums at all, the server hashes its copy
                     req.checksums.extend(sums)
-                resp = yield Unary("PutShm", req, self._left(deadline))
+                resp = yield Unary("PutShm", req, self._left(deadline), via=self.control)
             finally:
                 if slot is not None:
                     self._free(slot)
@@ -278,7 +287,8 @@ class ShmLink:
             try:
                 resp = yield Unary("GetShm", pb.GetShmRequest(
                     arena_id=self.arena_id, request=request,
-                    region=pb.ShmSlot(offset=region.offset, length=region.length)), self._left(deadline))
+                    region=pb.ShmSlot(offset=region.offset, length=region.length)), self._left(deadline),
+                    via=self.control)
                 for item in resp.blocks:
                     blocks.append(self._block(item, region, base, kept))
                     keys.append(BlockKey(bytes(item.header.key)))
@@ -352,5 +362,8 @@ class ShmLink:
 
     def close(self) -> None:
         """Close the socket (the server drops the arena); the mapping goes with the last reference."""
-        self._sock.close()
+        if self.control is not None:
+            self.control.close()
+        else:
+            self._sock.close()
 

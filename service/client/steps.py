@@ -1,6 +1,7 @@
 """The sans-IO vocabulary of the clients: the steps an RPC is written as, and the two drivers that run them.
 
-Imports grpc and the client's tracing, requests and types. Every client call (``service/client/core.py``,
+Imports grpc and the client's tracing, requests and types (a step's ``via`` channel is duck-typed:
+``takes``/``start``, ``service/client/shm_control.py``). Every client call (``service/client/core.py``,
 ``shm.py``, ``ipc.py``) is a generator of *steps*, written once:
 
 * :class:`Unary` — make one unary (or client-streaming) call; the generator is sent its response;
@@ -38,13 +39,16 @@ HEALTH = "grpc.health.v1.Health"
 
 @dataclass(slots=True)
 class Unary:
-    """Make the unary (or client-streaming: ``request`` is then an iterator) call ``service/method``."""
+    """Make the unary (or client-streaming: ``request`` is then an iterator) call ``service/method``;
+    through ``via`` (an arena's :class:`~kvtier.service.client.shm_control.ControlChannel`) when given and
+    it :meth:`takes <kvtier.service.client.shm_control.ControlChannel.takes>` the request, else over gRPC."""
 
     method: str
     request: object
     timeout: float | None
     service: str = KVCACHE
     wait_for_ready: bool = False
+    via: object | None = None
 
 
 @dataclass(slots=True)
@@ -97,21 +101,35 @@ class Transport:
         self.tracer = tracing.tracer()
 
     def call(self, step: Unary | Stream) -> "Call":
-        """The call ``step`` asks for: its stub method and keyword arguments, and its span (if traced)."""
-        method = getattr(self.stubs[step.service], step.method)
+        """The call ``step`` asks for: its stub method (or its control channel's ``start``, then
+        :attr:`Call.pending`) and keyword arguments, and its span (if traced)."""
         if step.service != KVCACHE:
-            return Call(method, {"timeout": step.timeout, "wait_for_ready": getattr(step, "wait_for_ready", False)})
+            return Call(getattr(self.stubs[step.service], step.method),
+                        {"timeout": step.timeout, "wait_for_ready": getattr(step, "wait_for_ready", False)})
+        via = step.via if isinstance(step, Unary) else None
+        if via is not None and via.takes(step.request):
+            metadata, span = tracing.start_call(self.tracer, step.service, step.method, self.peer, None)
+            if span is not None:
+                span.set_attribute("kvtier.transport", "unix-control")
+            return Call(via.start, {"method": step.method, "timeout": step.timeout, "trace": dict(metadata or ())},
+                        span, pending=True)
         metadata, span = tracing.start_call(self.tracer, step.service, step.method, self.peer, self.metadata)
-        return Call(method, {"timeout": step.timeout, "metadata": metadata}, span)
+        return Call(getattr(self.stubs[step.service], step.method), {"timeout": step.timeout, "metadata": metadata},
+                    span)
 
 
 class Call:
-    """One call about to be made; as a context, it ends the call's span (if any) with the call's status."""
+    """One call about to be made; as a context, it ends the call's span (if any) with the call's status.
 
-    __slots__ = ("method", "kwargs", "span")
+    :ivar pending: whether ``method`` returns a :class:`~kvtier.service.client.shm_control.Pending` (a
+        call on an arena's socket) that the blocking driver waits for with ``result()``; both it and a
+        ``grpc.aio`` call are awaitable.
+    """
 
-    def __init__(self, method: Callable, kwargs: dict, span=None) -> None:
-        self.method, self.kwargs, self.span = method, kwargs, span
+    __slots__ = ("method", "kwargs", "span", "pending")
+
+    def __init__(self, method: Callable, kwargs: dict, span=None, *, pending: bool = False) -> None:
+        self.method, self.kwargs, self.span, self.pending = method, kwargs, span, pending
 
     def __enter__(self) -> "Call":
         return self
@@ -160,6 +178,8 @@ def run(steps: Steps, transport: Transport):
             if isinstance(step, Unary):
                 with transport.call(step) as call:
                     state.sent = call.method(step.request, **call.kwargs)
+                    if call.pending:
+                        state.sent = state.sent.result()
             elif isinstance(step, Stream):
                 with transport.call(step) as call:
                     _drain(call, step)

@@ -10,7 +10,8 @@ in this order:
 
 1. health says NOT_SERVING (load balancers stop sending; ``Watch`` streams see it at once);
 2. ``server.stop(grace_s)``: new RPCs are refused with UNAVAILABLE, in-flight ones get ``grace_s``
-   seconds to finish, then are cancelled (a cancelled Put stores nothing);
+   seconds to finish, then are cancelled (a cancelled Put stores nothing); the same-host socket calls
+   (``shm_control.py``) are drained alike, at the same time;
 3. ``store.close()``: the write-behind queue is flushed to LMDB, so every accepted block is on disk;
 4. telemetry is flushed; the process exits 0.
 """
@@ -39,7 +40,8 @@ from kvtier.service.server.errors import ErrorBoundary
 from kvtier.service.server.quota import Limits, PutBudget
 from kvtier.service.server.servicer import KVCacheServicer
 from kvtier.service.server.shm_broker import ArenaRegistry
-from kvtier.service.server.telemetry import setup_telemetry
+from kvtier.service.server.shm_control import ControlServer
+from kvtier.service.server.telemetry import ServerTelemetryInterceptor, setup_telemetry
 from kvtier.service.server.tls import check_exposure, server_credentials
 from kvtier.tiering.crypto import RecordSealer, load_keys
 from kvtier.tiering.store import TieredStore
@@ -88,9 +90,10 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
     limits = Limits(sec.max_blocks_per_request, int(sec.tenant_memory_bytes), int(sec.tenant_cold_bytes),
                     sec.max_sessions_per_tenant)
     limit = int(cfg.max_message_bytes)
+    # the one error boundary; it admits KVCache RPCs against max_concurrent_rpcs, health never counts
+    boundary = ErrorBoundary(SERVICE_NAME, observers=interceptors, max_concurrent=cfg.max_concurrent_rpcs)
     server = grpc.aio.server(
-        # the one error boundary; it admits KVCache RPCs against max_concurrent_rpcs, health never counts
-        interceptors=[ErrorBoundary(SERVICE_NAME, observers=interceptors, max_concurrent=cfg.max_concurrent_rpcs)],
+        interceptors=[boundary],
         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
                  # one server per port: never share a port with a stale or second instance
                  ("grpc.so_reuseport", 0)],
@@ -101,6 +104,10 @@ def create_server(settings: Settings, store: TieredStore, *, health_servicer: he
                       puts=PutBudget(cfg.max_open_puts_per_tenant, int(cfg.put_pending_bytes)),
                       stream_idle_s=cfg.stream_idle_s, lossy_codecs=settings.store.lossy_codecs)
     servicer = KVCacheServicer(core, shm=shm)
+    if shm is not None and cfg.shm_control:
+        # PutShm/GetShm also as frames on the arena sockets, under the same boundary and telemetry
+        telemetry = next((i for i in interceptors if isinstance(i, ServerTelemetryInterceptor)), None)
+        shm.serve_control(ControlServer(core, shm, boundary, telemetry, limit))
     pb_grpc.add_KVCacheServicer_to_server(servicer, server)
     # Get and Put again, with codecs that write and read payload chunks without protobuf (same bytes
     # on the wire): this later registration replaces the generated handlers of those two methods.
@@ -189,7 +196,12 @@ async def serve(settings: Settings) -> int:
 
         log.info("shutting down: health NOT_SERVING, %.1f s grace for in-flight RPCs", settings.server.grace_s)
         await health_servicer.enter_graceful_shutdown()
+        # the same-host socket calls drain alike, meanwhile (server.stop is awaited in this task itself:
+        # run inside asyncio.gather it returned at once, cancelling the calls in flight)
+        socket_calls = loop.create_task(shm.drain(settings.server.grace_s)) if shm is not None else None
         await server.stop(settings.server.grace_s)
+        if socket_calls is not None:
+            await socket_calls
         if shm is not None:
             await shm.close()
     finally:

@@ -141,6 +141,17 @@ class Authenticator:
             raise Unauthenticated("unknown bearer token")
         return found
 
+    def still_admits(self, principal: Principal | None) -> None:
+        """Check that some configured token still acts as ``principal`` (a caller authenticated once, e.g.
+        the owner of a same-host arena socket, after a SIGHUP reload).
+
+        :raises Unauthenticated: if no token names that principal any more.
+        """
+        if principal is None and not self._entries:
+            return
+        if not any(p == principal for _, p in self._entries):
+            raise Unauthenticated("the token this arena was opened with is no longer configured; open a new one")
+
 
 def tenant_of(principal: Principal | None) -> str | None:
     """The tenant ``principal`` is bound to (``authenticated`` argument of ``convert.tenant_of``)."""

@@ -1,6 +1,6 @@
 """The one chain read behind every Get path (``Get``, ``GetShm``, ``GetIpc``) and ``Prefetch``.
 
-May import ``service.wire`` (convert, stubs), ``service.server`` (door, quota) and ``tiering``.
+May import ``service.wire`` (convert, stubs), ``service.server`` (door, offload, quota) and ``tiering``.
 
 A Get-shaped request names a *target* (explicit keys, or a session of the tenant) and a range
 (``start_block``, ``max_blocks``). :func:`read_chain` resolves it once, for every data path:
@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvtier.service.server import door
+from kvtier.service.server import door, offload
 from kvtier.service.server.quota import Limits
 from kvtier.service.wire import convert
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
@@ -80,7 +80,7 @@ async def target_keys(store, limits: Limits, request, tenant: str, rpc: str) -> 
     which = request.WhichOneof("target")
     if which == "keys":
         keys = named_keys(limits, request, rpc)
-        owned = await asyncio.to_thread(store.owned, keys, tenant)
+        owned = await offload.run(store.owned, keys, tenant)
         return keys, keys[:next((i for i, ok in enumerate(owned) if not ok), len(keys))]
     if which == "session_id":
         sid = door.session_id(tenant, request.session_id)

@@ -76,6 +76,8 @@ class ServerSettings(BaseModel):
         Blocks larger than an arena travel over gRPC; sessions larger than it move in pieces.
     :ivar shm_arenas_per_caller: arenas one caller may hold (its tenant with tokens, else its
         connection); 0 = no limit beyond the server's 256.
+    :ivar shm_control: also serve ``PutShm``/``GetShm`` as frames over each arena's Unix socket
+        (``service/server/shm_control.py``), which same-host clients prefer to the gRPC unary calls.
     """
 
     model_config = _STRICT
@@ -94,6 +96,7 @@ class ServerSettings(BaseModel):
     shm_socket: Path | None = None
     shm_arena_bytes: ByteSize = Field(ByteSize(256 << 20), ge=1 << 20)
     shm_arenas_per_caller: int = Field(32, ge=0)
+    shm_control: bool = True
 
 
 class StoreSettings(BaseModel):

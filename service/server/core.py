@@ -36,6 +36,11 @@ class Caller:
     principal: Principal | None
     bound: str | None
 
+    @classmethod
+    def of(cls, principal: Principal | None) -> "Caller":
+        """The caller ``principal`` is (bound to its tenant, if it has one)."""
+        return cls(principal, principal.tenant if principal is not None else None)
+
     def tenant(self, requested: str) -> str:
         """The tenant a request naming ``requested`` acts for (``convert.tenant_of``).
 
@@ -74,8 +79,7 @@ class ServerCore:
 
         :raises Unauthenticated: when tokens are configured and the call has none, or an unknown one.
         """
-        principal = self.auth.authenticate(context.invocation_metadata())
-        return Caller(principal, principal.tenant if principal is not None else None)
+        return Caller.of(self.auth.authenticate(context.invocation_metadata()))
 
     # -- reads -----------------------------------------------------------------------------------------
     async def target_keys(self, request, tenant: str, rpc: str):

@@ -108,6 +108,24 @@ class LeaseNotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class Unimplemented(ServiceError):
+    """A method this server does not serve (an unknown method id on the same-host socket)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Draining(ServiceError):
+    """The server is shutting down: calls in flight finish, new ones are refused (as gRPC refuses them)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed while its same-host socket call ran (gRPC answers its own calls so)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class StreamIdle(ServiceError):
     """A request stream sent nothing for longer than the server's idle timeout; it was closed."""
 
@@ -143,15 +161,20 @@ def code_of(exc: BaseException) -> grpc.StatusCode | None:
 
 
 def status_for(exc: BaseException) -> grpc.Status:
-    """The gRPC status (with ``google.rpc`` details) that answers ``exc``.
+    """The gRPC status (with ``google.rpc`` details) that answers ``exc``: :func:`status_proto` as gRPC
+    sends it. Pure: does not log."""
+    return rpc_status.to_status(status_proto(exc))
+
+
+def status_proto(exc: BaseException) -> status_pb2.Status:
+    """The ``google.rpc.Status`` (code, message, details) that answers ``exc`` (module table).
 
     Pure: does not log. Unknown exceptions give ``INTERNAL`` with a generic message, so internals
-    never leak to callers.
+    never leak to callers. The same-host socket path (``service/server/shm_control.py``) sends it as is.
     """
     code = code_of(exc)
     if code is None:
-        return rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL,
-                                                      message="internal error; see the server log"))
+        return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
     message = str(exc) or type(exc).__name__
     details = []
     if isinstance(exc, (InvalidBlock, DecodeError)):
@@ -165,7 +188,7 @@ def status_for(exc: BaseException) -> grpc.Status:
             error_details_pb2.QuotaFailure.Violation(subject=getattr(exc, "subject", "kvtier:capacity"),
                                                      description=message)])))
     # grpc.StatusCode values are (int, name) pairs; google.rpc.Status wants the int.
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 
 def log_error(method: str, exc: BaseException) -> None:
@@ -257,12 +280,21 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
                             response_serializer=handler.response_serializer)
         return handler
 
-    def _admit(self) -> None:
+    @contextlib.contextmanager
+    def admitted(self):
+        """Count one KVCache call in flight for the ``with`` body (gRPC's and the same-host socket's alike).
+
+        :raises QuotaExceeded: ``server:concurrent_rpcs`` when ``max_concurrent`` are in flight already.
+        """
         if self.max_concurrent and self.in_flight >= self.max_concurrent:
             raise QuotaExceeded(f"{self.max_concurrent} KVCache calls are in flight, the most this server serves "
                                 "at once (server.max_concurrent_rpcs); retry with backoff",
                                 subject="server:concurrent_rpcs")
         self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _answer(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
         log_error(method, exc)
@@ -272,20 +304,15 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
     @contextlib.asynccontextmanager
     async def _guard(self, request, context: grpc.aio.ServicerContext, method: str):
         """Admit the call, run the ``with`` body, and answer whatever it raises (module docstring)."""
-        admitted = False
         try:
             if isinstance(request, _Malformed):
                 raise request.error
-            self._admit()
-            admitted = True
-            yield
+            with self.admitted():
+                yield
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
         except Exception as exc:  # noqa: BLE001 - the boundary: every error is answered here
             await self._answer(context, method, exc)
-        finally:
-            if admitted:
-                self.in_flight -= 1
 
     def _unary(self, behavior: Callable, method: str) -> Callable:
         async def boundary(request, context):

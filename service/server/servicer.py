@@ -232,10 +232,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return await shm_rpc.open_arena(self.core, self.shm, request, context)
 
     async def PutShm(self, request: pb.PutShmRequest, context: grpc.aio.ServicerContext) -> pb.PutShmResponse:
-        return await shm_rpc.put_shm(self.core, self.shm, request, context)
+        return await shm_rpc.put_shm(self.core, self.shm, request, self.core.caller(context))
 
     async def GetShm(self, request: pb.GetShmRequest, context: grpc.aio.ServicerContext) -> pb.GetShmResponse:
-        return await shm_rpc.get_shm(self.core, self.shm, request, context, deadline_of(context))
+        return await shm_rpc.get_shm(self.core, self.shm, request, self.core.caller(context), deadline_of(context))
 
     # -- same-host CUDA IPC (service/server/ipc.py) ---------------------------------------------------
     async def GetIpc(self, request: pb.GetIpcRequest, context: grpc.aio.ServicerContext) -> pb.GetIpcResponse:

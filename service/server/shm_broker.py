@@ -15,7 +15,9 @@ Life of an arena:
    connection closed, nothing else.
 3. The connection stays open for the arena's life. When the caller closes it (or dies: the kernel
    closes it), the arena leaves the registry at once; calls still running on it fail, and its memory
-   is released when the last of them has dropped its views.
+   is released when the last of them has dropped its views. With a control server attached
+   (:meth:`ArenaRegistry.serve_control`: ``service/server/shm_control.py``) the connection also carries
+   the caller's ``PutShm``/``GetShm`` calls as frames, acting for the principal that opened the arena.
 
 Calls (``PutShm``/``GetShm``) take an arena with :meth:`ArenaRegistry.use`, which checks the
 principal: an arena id is useless to anyone but the principal that opened it. The caller manages the
@@ -170,11 +172,28 @@ class ArenaRegistry:
         self._conns: set[asyncio.Task] = set()
         self._tickets: dict[bytes, _Ticket] = {}
         self._arenas: dict[str, ServerArena] = {}
+        self._control = None
         self.counters: Counter[str] = Counter()
 
     @property
     def socket_path(self) -> str | None:
         return self._path
+
+    def serve_control(self, control) -> None:
+        """Serve calls as frames on every arena connection from now on: once its fd is handed,
+        ``await control.serve(conn, arena)`` runs until the caller closes ``conn``."""
+        self._control = control
+
+    @property
+    def control(self) -> bool:
+        """Whether arena connections carry calls (``OpenArenaResponse.control``)."""
+        return self._control is not None
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new calls on the arena connections (UNAVAILABLE) and give the ones in flight
+        ``grace_s`` seconds to finish (then they are cancelled); see ``control.drain``."""
+        if self._control is not None:
+            await self._control.drain(grace_s)
 
     # -- control plane ------------------------------------------------------------------------------
     async def issue(self, principal: Principal | None, size: int = 0, *,
@@ -283,8 +302,11 @@ class ArenaRegistry:
             self._arenas[arena.arena_id] = arena
             self.counters["arenas_opened"] += 1
             log.debug("arena %s… (%d bytes) handed to pid %d", arena.arena_id[:8], promised.size, pid)
-            while await loop.sock_recv(conn, 4096):  # the caller sends nothing more: wait for its close
-                pass
+            if self._control is not None:
+                await self._control.serve(conn, arena)
+            else:
+                while await loop.sock_recv(conn, 4096):  # the caller sends nothing more: wait for its close
+                    pass
         except (OSError, TimeoutError) as exc:
             log.debug("arena connection ended: %s", exc)
         finally:

@@ -1,6 +1,6 @@
 """The shared-memory RPCs (``OpenArena``, ``PutShm``, ``GetShm``) as the servicer runs them.
 
-May import ``service.wire``, ``service.server`` (core, errors, shm_broker) and ``tiering``.
+May import ``service.wire``, ``service.server`` (core, errors, offload, shm_broker) and ``tiering``.
 
 :class:`service.server.servicer.KVCacheServicer` delegates to these functions; they use the same
 :class:`~service.server.core.ServerCore` as ``Put`` and ``Get`` (caller check, limits, the chain
@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvtier.service.server.core import ServerCore
+from kvtier.service.server import offload
+from kvtier.service.server.core import Caller, ServerCore
 from kvtier.service.server.errors import ShmUnavailable
 from kvtier.service.server.shm_broker import ArenaRegistry, ServerArena, Upload
 from kvtier.service.wire import convert
@@ -70,14 +71,14 @@ async def open_arena(core: ServerCore, shm: ArenaRegistry | None, request: pb.Op
     arena_id, ticket, path, size = await registry.issue(caller.principal, request.size_bytes,
                                                         caller=caller_key(caller, context))
     return pb.OpenArenaResponse(arena_id=arena_id, ticket=ticket, socket_path=path, size_bytes=size,
-                                alignment=ALIGNMENT)
+                                alignment=ALIGNMENT, control=registry.control)
 
 
 async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutShmRequest,
-                  context) -> pb.PutShmResponse:
-    """``PutShm`` (module docstring)."""
+                  caller: Caller) -> pb.PutShmResponse:
+    """``PutShm`` (module docstring), for ``caller`` (``core.caller`` of a gRPC call, or the arena's owner
+    on the same-host socket: ``service/server/shm_control.py``)."""
     registry = _registry(shm)
-    caller = core.caller(context)
     with registry.use(request.arena_id, caller.principal) as arena:
         if request.upload_id:
             upload = arena.take(request.upload_id)
@@ -136,16 +137,15 @@ def _pieces(arena: ServerArena, upload: Upload, request: pb.PutShmRequest) -> li
     return views
 
 
-async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetShmRequest, context,
+async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetShmRequest, caller: Caller,
                   deadline: float | None) -> pb.GetShmResponse:
-    """``GetShm`` (module docstring)."""
+    """``GetShm`` (module docstring), for ``caller`` (as :func:`put_shm`)."""
     registry = _registry(shm)
-    caller = core.caller(context)
     tenant = caller.tenant(request.request.tenant)
     with registry.use(request.arena_id, caller.principal) as arena:  # first: a stranger learns nothing more
         region = _range(arena, request.region.offset, request.region.length, "region")
         read = await core.read_chain(request.request, tenant)
-        filled, miss, next_bytes = await asyncio.to_thread(_fill, core.store, arena, region, read.wanted, tenant,
+        filled, miss, next_bytes = await offload.run(_fill, core.store, arena, region, read.wanted, tenant,
                                                            deadline, not request.request.accept_lossy)
         resp = pb.GetShmResponse(blocks=[
             pb.ShmBlock(header=convert.block_header_to_proto(read.start + i, key, block, tier), offset=offset)

@@ -276,34 +276,27 @@ class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
             self._wrap_stream(handler.stream_stream, full, method),
             request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
-    def _start(self, context, full: str, method: str):
+    def begin(self, full: str, method: str, carrier: dict[str, str],
+              attributes: dict[str, str] | None = None) -> "RpcObservation":
+        """Start observing one call of ``method`` (full name ``full``): its SERVER span, a child of the
+        caller's trace context in ``carrier`` (W3C ``traceparent``), attached to the current context
+        until :meth:`RpcObservation.end`. The same-host socket path (``service/server/shm_control.py``)
+        calls it directly, with ``attributes`` naming its transport.
+        """
         if self._tracer is None:
-            return None, None
-        carrier = {m.key: m.value for m in (context.invocation_metadata() or ()) if isinstance(m.value, str)}
+            return RpcObservation(self._metrics, method, None, None)
         parent = propagate.extract(carrier)
         span = self._tracer.start_span(full, context=parent, kind=trace.SpanKind.SERVER,
                                        attributes={"rpc.system": "grpc", "rpc.service": "kvtier.v1.KVCache",
-                                                   "rpc.method": method})
-        return span, otel_context.attach(trace.set_span_in_context(span, parent))
-
-    def _finish(self, span, token, context, method: str, t0: float, error: BaseException | None) -> None:
-        code = _status_code(context, error)
-        self._metrics.observe_rpc(method, code.name, time.perf_counter() - t0)
-        if span is None:
-            return
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code in SERVER_ERROR_CODES:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
-        if code != grpc.StatusCode.OK and error is not None and type(error).__name__ != "AbortError":
-            span.record_exception(error)
-        span.end()
-        otel_context.detach(token)
+                                                   "rpc.method": method, **(attributes or {})})
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return RpcObservation(self._metrics, method, span, token)
 
     @contextlib.contextmanager
     def _observed(self, context, full: str, method: str):
         """One server span, duration and status for the call run inside (unary or streaming alike)."""
-        t0 = time.perf_counter()
-        span, token = self._start(context, full, method)
+        carrier = {m.key: m.value for m in (context.invocation_metadata() or ()) if isinstance(m.value, str)}
+        observation = self.begin(full, method, carrier)
         error = None
         try:
             yield
@@ -311,7 +304,7 @@ class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
             error = exc
             raise
         finally:
-            self._finish(span, token, context, method, t0, error)
+            observation.end(_status_code(context, error), error)
 
     def _wrap_unary(self, behavior: Callable, full: str, method: str):
         async def wrapper(request, context):
@@ -330,6 +323,32 @@ class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
                     yield item
 
         return wrapper
+
+
+class RpcObservation:
+    """One call being observed (:meth:`ServerTelemetryInterceptor.begin`); :meth:`end` it exactly once."""
+
+    __slots__ = ("_metrics", "_method", "_t0", "_span", "_token")
+
+    def __init__(self, metrics, method: str, span, token) -> None:
+        self._metrics, self._method, self._span, self._token = metrics, method, span, token
+        self._t0 = time.perf_counter()
+
+    def end(self, code: grpc.StatusCode, error: BaseException | None = None) -> None:
+        """Record the call's duration and status ``code`` (``kvtier_rpc_duration_seconds``), set them on
+        its span (ERROR for :data:`SERVER_ERROR_CODES`; ``error`` recorded unless it is gRPC's abort) and
+        end the span, detaching its context."""
+        self._metrics.observe_rpc(self._method, code.name, time.perf_counter() - self._t0)
+        span = self._span
+        if span is None:
+            return
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code in SERVER_ERROR_CODES:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+        if code != grpc.StatusCode.OK and error is not None and type(error).__name__ != "AbortError":
+            span.record_exception(error)
+        span.end()
+        otel_context.detach(self._token)
 
 
 # ----------------------------------------------------------------------------------------------------

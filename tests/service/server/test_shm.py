@@ -319,14 +319,19 @@ def test_tampered_shm_block_raises_data_loss(small_arena):
         put = kv.put(ns, list(range(32)), blocks_for(layout, 32))
         link = kv._link(10)
         link.verify = True  # the server checked its own writes; this catches the caller's stray ones
-        real = kv._stub.GetShm
+        real = link.control.start  # GetShm goes over the arena's socket (service/client/shm_control.py)
 
-        def flipped(request, **kw):  # what a stray write into the arena would do
-            resp = real(request, **kw)
-            link.arena.array[resp.blocks[0].offset] ^= 1
-            return resp
+        class Flipped:  # what a stray write into the arena would do, once the answer is in
+            def __init__(self, pending):
+                self.pending = pending
 
-        with mock.patch.object(kv._stub, "GetShm", side_effect=flipped), pytest.raises(KVTierClientError) as err:
+            def result(self):
+                resp = self.pending.result()
+                link.arena.array[resp.blocks[0].offset] ^= 1
+                return resp
+
+        with mock.patch.object(link.control, "start", side_effect=lambda req, **kw: Flipped(real(req, **kw))), \
+                pytest.raises(KVTierClientError) as err:
             kv.get(put.keys)
         assert err.value.code == grpc.StatusCode.DATA_LOSS
         assert link.slots.leased_slots == 0 and link._aliased == 0  # the whole range went back

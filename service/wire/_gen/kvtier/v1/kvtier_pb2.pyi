@@ -391,18 +391,20 @@ class OpenArenaRequest(_message.Message):
     def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenArenaResponse(_message.Message):
-    __slots__ = ("arena_id", "ticket", "socket_path", "size_bytes", "alignment")
+    __slots__ = ("arena_id", "ticket", "socket_path", "size_bytes", "alignment", "control")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
     ticket: bytes
     socket_path: str
     size_bytes: int
     alignment: int
-    def __init__(self, arena_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., socket_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., alignment: _Optional[int] = ...) -> None: ...
+    control: bool
+    def __init__(self, arena_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., socket_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., alignment: _Optional[int] = ..., control: _Optional[bool] = ...) -> None: ...
 
 class ShmSlot(_message.Message):
     __slots__ = ("offset", "length")
