@@ -6,11 +6,13 @@ INVALID_ARGUMENT naming the field."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import torch
 
-from kvtier.service.client.client import KVTierClient
+from kvtier.service.client.client import AsyncKVTierClient, KVTierClient
 from kvtier.service.client.local import LocalKVTierClient
 from kvtier.service.client.requests import client_error
 from kvtier.service.client.types import KVTierClientError
@@ -66,6 +68,19 @@ def test_get_kv_is_the_concatenation(proc, data_path, n_tokens):
         with pytest.raises(KVTierClientError) as err:
             kv.get_kv(keys, namespace=ns, capacity=len(keys) * 16 - 1)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("data_path", ["shm", "grpc"])
+def test_the_asyncio_client_gets_the_same_tensor(proc, data_path):
+    ns, blocks = _ns(f"kv-async-{data_path}"), _blocks(21, 8)
+
+    async def main():
+        async with AsyncKVTierClient(proc.target, data_path=data_path) as kv:
+            keys = (await kv.put(ns, list(range(21)), blocks)).keys
+            return await kv.get_kv(keys, namespace=ns)
+
+    got = asyncio.run(main())
+    assert got.complete and got.tokens == 21 and torch.equal(got.kv[:, :, :, :21], torch.cat(blocks, dim=3))
 
 
 @pytest.mark.parametrize("data_path", ["shm", "grpc"])
