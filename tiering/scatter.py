@@ -17,7 +17,9 @@ touched destination; best of 5, under the shared box's load): one contiguous mem
 cache-resident scratch + one-shot hash 19-69 ms (no better, and it needs the scratch); the same work on
 two threads was no faster (4 KiB hash updates keep the GIL). A page fault per 4 KiB of an untouched
 destination costs more than all of that (a fresh 94 MB buffer: ~130 ms), hence destinations that are
-reused (the client's arena).
+reused (the client's arena). Through the store (``TieredStore.scatter_out`` of those 2048 tokens from
+the warm tier, best / median of 7): 46 / 53 ms, against 36 / 40 ms for ``copy_out`` into a plain region,
+whose ``torch.cat`` into the cache's tensors afterwards took 216 / 780 ms in fresh memory.
 """
 
 from __future__ import annotations
