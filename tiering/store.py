@@ -49,6 +49,7 @@ from .maintenance import Maintenance
 from .namespaces import NamespaceRegistry
 from .placement import Placement
 from .retention import Retention
+from .scatter import KVDest
 from .results import LookupResult, PrefetchHandle, PutResult
 from .session_records import SessionRecords
 from .sessions import Session, session_id_key
@@ -229,6 +230,13 @@ class TieredStore:
         <tiering.copyout.CopyOuts.copy_out>` with its keyword ``options``. :raises TierUnavailable: if closed."""
         self._check_open()
         return self.copyouts.copy_out(keys, region, **options)
+
+    def scatter_out(self, keys: Sequence[BlockKey], dest: KVDest, **options) -> CopyOut:
+        """Write the blocks of ``keys`` (prefix order) into the layer-major KV destination ``dest``:
+        :meth:`CopyOuts.scatter_out <tiering.copyout.CopyOuts.scatter_out>` with its keyword ``options``.
+        :raises TierUnavailable: if closed."""
+        self._check_open()
+        return self.copyouts.scatter_out(keys, dest, **options)
 
     def prefetch(self, keys: Sequence[BlockKey], *, deadline: float | None = None) -> PrefetchHandle:
         """Start moving ``keys`` up to the top tier, in order, and return at once: :meth:`Loader.prefetch

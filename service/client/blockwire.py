@@ -12,7 +12,7 @@ into tensors and never hands out a block whose bytes do not match the header's c
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -122,17 +122,19 @@ def decode_block(header: pb.BlockHeader, payload: bytearray | bytes) -> torch.Te
     return raw.view(dtype).reshape(shape)
 
 
-class GetAssembler:
-    """Feeds on ``GetResponse`` messages in stream order; :meth:`result` gives the verified blocks.
+class BlockFramer:
+    """Feeds on ``GetResponse`` messages in stream order and hands each whole block to ``on_block(header,
+    data)``: ``data`` is the message's own bytes when the block came in one message, else a fresh
+    ``bytearray`` of its chunks. Keeps what the stream said of each block (key, tier, lossy) and its end.
 
-    Not thread-safe (one per stream). Each block is verified as soon as its last byte arrives.
+    Not thread-safe (one per stream).
     """
 
-    def __init__(self) -> None:
-        self._blocks: list[torch.Tensor] = []
-        self._keys: list[BlockKey] = []
-        self._tiers: list[str] = []
-        self._lossy: list[bool] = []
+    def __init__(self, on_block: Callable[[pb.BlockHeader, bytes | bytearray], None]) -> None:
+        self._on_block = on_block
+        self.keys: list[BlockKey] = []
+        self.tiers: list[str] = []
+        self.lossy: list[bool] = []
         self._header: pb.BlockHeader | None = None
         self._buf = bytearray()
         self._filled = 0
@@ -141,9 +143,8 @@ class GetAssembler:
     def feed(self, msg: pb.GetResponse) -> None:
         """Consume one message (either form: module docstring).
 
-        :raises KVTierClientError: ``DATA_LOSS`` on a checksum mismatch, ``INTERNAL`` on messages
-            out of order (data without a header, more bytes than announced, a header mid-block,
-            anything after the ``GetEnd``).
+        :raises KVTierClientError: what ``on_block`` raises; ``INTERNAL`` on messages out of order (data
+            without a header, more bytes than announced, a header mid-block, anything after the ``GetEnd``).
         """
         if self._end is not None:
             raise KVTierClientError(grpc.StatusCode.INTERNAL, "a message arrived after the Get stream's end")
@@ -152,13 +153,11 @@ class GetAssembler:
             if self._header is not None:
                 raise KVTierClientError(grpc.StatusCode.INTERNAL, "a block header arrived before the previous "
                                         "block's data was complete")
-            self._header = msg.header
-            self._buf = bytearray(msg.header.size)
-            self._filled = 0
+            self._header, self._filled = msg.header, 0
             if msg.header_data:
                 self._add(msg.header_data)
             elif not msg.header.size:
-                self._finish()
+                self._finish(bytearray())
         elif kind == "data":
             self._add(msg.data)
         elif kind == "end":
@@ -166,36 +165,70 @@ class GetAssembler:
         if msg.HasField("last"):
             self._end = msg.last
 
-    def _add(self, data) -> None:
-        if self._header is None or self._filled + len(data) > len(self._buf):
+    def _add(self, data: bytes) -> None:
+        head = self._header
+        if head is None or self._filled + len(data) > head.size:
             raise KVTierClientError(grpc.StatusCode.INTERNAL, "block data arrived without a header or past "
                                     "the announced size")
+        if self._filled == 0 and len(data) == head.size:
+            self._finish(data)  # the whole block in one message
+            return
+        if self._filled == 0:
+            self._buf = bytearray(head.size)
         self._buf[self._filled:self._filled + len(data)] = data
         self._filled += len(data)
-        if self._filled == len(self._buf):
-            self._finish()
+        if self._filled == head.size:
+            self._finish(self._buf)
 
-    def _finish(self) -> None:
+    def _finish(self, data: bytes | bytearray) -> None:
         header = self._header
-        self._blocks.append(decode_block(header, self._buf))
-        self._keys.append(BlockKey(bytes(header.key)))
-        self._tiers.append(TIER_FROM_PROTO.get(header.tier))
-        self._lossy.append(header.lossy)
+        self._on_block(header, data)
+        self.keys.append(BlockKey(bytes(header.key)))
+        self.tiers.append(TIER_FROM_PROTO.get(header.tier))
+        self.lossy.append(header.lossy)
         self._header = None
         self._buf = bytearray()
 
-    def result(self) -> GetResult:
-        """The blocks received.
+    def end(self) -> pb.GetEnd:
+        """The stream's ``GetEnd``.
 
         :raises KVTierClientError: ``INTERNAL`` if the stream ended inside a block or without a GetEnd.
         """
         if self._header is not None or self._end is None:
             raise KVTierClientError(grpc.StatusCode.INTERNAL, "the Get stream ended early (inside a block or "
                                     "without its GetEnd)")
-        end = self._end
+        return self._end
+
+
+class GetAssembler:
+    """Feeds on ``GetResponse`` messages in stream order; :meth:`result` gives the verified blocks.
+
+    Not thread-safe (one per stream). Each block is verified as soon as its last byte arrives.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: list[torch.Tensor] = []
+        self._framer = BlockFramer(lambda header, data: self._blocks.append(
+            decode_block(header, data if isinstance(data, bytearray) else bytearray(data))))
+
+    def feed(self, msg: pb.GetResponse) -> None:
+        """Consume one message.
+
+        :raises KVTierClientError: ``DATA_LOSS`` on a checksum mismatch, ``INTERNAL`` on messages
+            out of order (data without a header, more bytes than announced, a header mid-block,
+            anything after the ``GetEnd``).
+        """
+        self._framer.feed(msg)
+
+    def result(self) -> GetResult:
+        """The blocks received.
+
+        :raises KVTierClientError: ``INTERNAL`` if the stream ended inside a block or without a GetEnd.
+        """
+        end, f = self._framer.end(), self._framer
         tokens = sum(int(b.shape[3]) for b in self._blocks)
-        return GetResult(self._blocks, self._keys, self._tiers, end.complete,
-                         None if end.complete else end.stopped_at, end.reason, tokens, self._lossy)
+        return GetResult(self._blocks, f.keys, f.tiers, end.complete, None if end.complete else end.stopped_at,
+                         end.reason, tokens, f.lossy)
 
 
 def block_shapes(layout: BlockLayout, tokens: int, first_block: int = 0) -> list[tuple[int, ...]]:

@@ -33,7 +33,7 @@ from kvtier.service.client.blockwire import Payload
 from kvtier.service.client.core import DATA_PATHS, ClientCore  # noqa: F401 - DATA_PATHS re-exported
 from kvtier.service.client.shm import ShmLink
 from kvtier.service.client.steps import HEALTH, KVCACHE, Transport, run, run_async
-from kvtier.service.client.types import GetResult, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo, StatsInfo
+from kvtier.service.client.types import GetResult, KVResult, LookupInfo, PrefetchInfo, PutInfo, ResumeInfo, StatsInfo
 from kvtier.service.wire.fast import FastKVCacheStub
 from kvtier.tiering.keys import BlockKey, Namespace
 
@@ -184,6 +184,24 @@ class KVTierClient(_Client):
                                   start_block=start_block, max_blocks=max_blocks, timeout=timeout, device=device,
                                   accept_lossy=accept_lossy), self._transport)
 
+    def get_kv(self, keys: Sequence[BlockKey], *, namespace: Namespace, capacity: int = 0,
+               timeout: float | None = None, accept_lossy: bool = False) -> KVResult:
+        """Blocks of ``keys`` (prefix order, stopping at the first miss) written layer-major into one host
+        tensor ``[2, layers, kv_heads, capacity, head_dim]`` of ``namespace``'s layout, each verified on
+        the bytes written there: the K/V tensors an attention cache takes as views (no concatenation).
+
+        Over shared memory the server scatters the blocks straight into the client's arena (the range
+        stays leased while the tensor or a view of it lives, within the link's alias budget; past it, and
+        without shared memory, the client scatters the Get stream's blocks into a fresh tensor).
+
+        :param capacity: tokens of the tensor (default: ``len(keys)`` full blocks; never fewer): the
+            rest is room a cache can grow into without copying.
+        :raises KVTierClientError: ``DATA_LOSS`` if a block fails its checksum (nothing is returned);
+            ``INVALID_ARGUMENT`` for a capacity below the blocks or blocks of another layout.
+        """
+        return run(self._core.get_kv(keys, namespace=namespace, capacity=capacity, timeout=timeout,
+                                     accept_lossy=accept_lossy), self._transport)
+
     def resume(self, session_id: str, *, tenant: str | None = None, namespace: Namespace | None = None,
                prefetch_budget_ms: int = 0, timeout: float | None = None, accept_lossy: bool = False) -> ResumeInfo:
         """A session's manifest; the server starts moving its blocks to the top tier.
@@ -289,6 +307,12 @@ class AsyncKVTierClient(_Client):
         return await run_async(self._core.resume(
             session_id, tenant=tenant, namespace=namespace, prefetch_budget_ms=prefetch_budget_ms,
             timeout=timeout, accept_lossy=accept_lossy), self._transport)
+
+    async def get_kv(self, keys: Sequence[BlockKey], *, namespace: Namespace, capacity: int = 0,
+                     timeout: float | None = None, accept_lossy: bool = False) -> KVResult:
+        """See :meth:`KVTierClient.get_kv`."""
+        return await run_async(self._core.get_kv(keys, namespace=namespace, capacity=capacity, timeout=timeout,
+                                                 accept_lossy=accept_lossy), self._transport)
 
     async def prefetch(self, keys: Sequence[BlockKey] | None = None, *, session_id: str | None = None,
                        tenant: str | None = None, namespace: Namespace | None = None, budget_ms: int = 0,

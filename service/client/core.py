@@ -22,6 +22,7 @@ from kvtier.service.client import ipc as ipc_client
 from kvtier.service.client import requests as cp
 from kvtier.service.client.blockwire import (GetAssembler, Payload, block_shapes, check_payload_count, payload_view,
                                              put_requests)
+from kvtier.service.client.kvget import KVAssembler, kv_capacity
 from kvtier.service.client.shm import ShmLink, is_local_target
 from kvtier.service.client.steps import HEALTH, KVCACHE, Steps, Stream, Unary, Wait
 from kvtier.service.client.tenants import SessionTenants
@@ -224,6 +225,22 @@ class ClientCore:
         stream_req.CopyFrom(req)
         stream_req.inline_data = True  # the assembler reads a block's bytes in its header's message
         yield Stream("Get", stream_req, self._timeout(timeout), asm.feed)
+        return asm.result()
+
+    def get_kv(self, keys: Sequence[BlockKey], *, namespace: Namespace, capacity: int, timeout: float | None,
+               accept_lossy: bool = False) -> Steps:
+        """Steps of :meth:`KVTierClient.get_kv`: scattered by the server into the arena when the link's
+        alias budget holds the destination, else by the client from the Get stream."""
+        lay = namespace.layout
+        capacity = kv_capacity(lay, len(keys), capacity)
+        req = cp.get_request(list(keys), None, self.tenants.resolve(None, None, namespace), 0, 0, accept_lossy)
+        kv_bytes = lay.block_bytes(1) * capacity  # a destination holds `capacity` tokens of the layout
+        link = yield from self.open_link(timeout)
+        if link is not None and link.holds_kv(kv_bytes) and link.slots.fits_ever(kv_bytes):
+            deadline = self._timeout(timeout)
+            return (yield from self._over_link(link, lambda lk: lk.get_kv(req, lay, capacity, deadline), timeout))
+        asm = KVAssembler(lay, capacity)
+        yield Stream("Get", req, self._timeout(timeout), asm.feed)
         return asm.result()
 
     def resume(self, session_id: str, *, tenant: str | None, namespace: Namespace | None, prefetch_budget_ms: int,

@@ -19,9 +19,10 @@ import torch
 from google.rpc import error_details_pb2
 
 from kvtier.service.client.blockwire import Payload, block_shapes, check_payload_count, payload_view
+from kvtier.service.client.kvget import as_dest, kv_capacity, kv_shape
 from kvtier.service.client.tenants import SessionTenants
-from kvtier.service.client.types import (TORCH_DTYPES, GetResult, KVTierClientError, LookupInfo, PrefetchInfo, PutInfo,
-                                         ResumeInfo)
+from kvtier.service.client.types import (TORCH_DTYPES, GetResult, KVResult, KVTierClientError, LookupInfo,
+                                         PrefetchInfo, PutInfo, ResumeInfo)
 from kvtier.service.wire.convert import DEFAULT_TENANT
 from kvtier.tiering import errors
 from kvtier.tiering.keys import BlockKey, Namespace, chain_keys
@@ -125,6 +126,27 @@ class LocalKVTierClient:
         reason = "" if complete else ("max_blocks" if len(blocks) == limit else "miss")
         return GetResult(blocks, got_keys, tiers, complete, None if complete else start_block + len(blocks), reason,
                          sum(int(b.shape[3]) for b in blocks), lossy)
+
+    def get_kv(self, keys: Sequence[BlockKey], *, namespace: Namespace, capacity: int = 0,
+               accept_lossy: bool = False) -> KVResult:
+        """See :meth:`kvtier.service.client.client.KVTierClient.get_kv`: the store scatters the blocks into a
+        fresh host tensor (:meth:`TieredStore.scatter_out`), each verified there.
+
+        :raises KVTierClientError: ``DATA_LOSS`` if a block fails its check (nothing is returned);
+            ``INVALID_ARGUMENT`` for a capacity below the blocks or blocks of another layout.
+        """
+        lay = namespace.layout
+        capacity = kv_capacity(lay, len(keys), capacity)
+        kv = torch.empty(kv_shape(lay, capacity), dtype=TORCH_DTYPES[lay.dtype])
+        with engine_errors():
+            out = self.store.scatter_out(list(keys), as_dest(kv, lay.dtype), exact_only=not accept_lossy)
+        if out.stop == "damaged":
+            raise KVTierClientError(grpc.StatusCode.DATA_LOSS, f"block {len(out.items)} of the chain failed its "
+                                    "checksum; no block of this answer is to be used")
+        complete = len(out.items) == len(keys)
+        return KVResult(kv, [k for k, _, _, _ in out.items], [t for _, _, t, _ in out.items], complete,
+                        None if complete else len(out.items), "" if complete else out.stop,
+                        sum(b.tokens for _, b, _, _ in out.items), [b.lossy for _, b, _, _ in out.items])
 
     def resume(self, session_id: str, *, tenant: str | None = None, namespace: Namespace | None = None,
                prefetch_budget_ms: int = 0, accept_lossy: bool = False) -> ResumeInfo:

@@ -19,6 +19,9 @@ each block (verified by the server on the arena's bytes) is handed out as a view
 leased until the tensor is garbage (no copy, and the arena's pages are already mapped, whereas fresh
 memory costs a page fault per 4 KiB), up to an alias budget past which blocks are copied out.
 Thread-safe: concurrent calls lease disjoint ranges, and wait for one when the arena is full.
+``get_kv`` leases one range for a layer-major KV destination (an attention cache's K/V tensors) and
+runs one ``GetShm`` naming it: the server scatters the blocks there, and the tensor over that range
+stays leased as long as it (or any view of it: a cache's layers) lives, counted in the alias budget.
 
 Opening, each put and each get are *steps* (``service/client/steps.py``: the unary calls to make, the
 socket exchange, the waits for a free range), run by the blocking or the asyncio driver of the client
@@ -46,13 +49,15 @@ import torch
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.client.blockwire import decode_block
 from kvtier.service.client import shm_control
+from kvtier.service.client.kvget import as_dest, kv_shape
 from kvtier.service.client.requests import rest_request
 from kvtier.service.client.steps import Blocking, Steps, Unary, Wait
-from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVTierClientError
+from kvtier.service.client.types import TORCH_DTYPES, GetResult, KVResult, KVTierClientError
 from kvtier.service.wire.convert import TIER_FROM_PROTO
 from kvtier.tiering.bytecopy import copy_many
 from kvtier.tiering.codec import checksum
 from kvtier.tiering.keys import BlockKey
+from kvtier.tiering.layout import BlockLayout
 
 from kvtier.service.wire.arena import ALIGNMENT, Arena, Slot, SlotAllocator, align_up
 
@@ -344,6 +349,55 @@ class ShmLink:
                                     f"block {base + head.index}: {head.size} bytes do not hold {head.dtype} {shape}")
         # torch.from_numpy keeps `view` alive for as long as the tensor's storage lives
         return torch.from_numpy(view).view(dtype).reshape(shape)
+
+    def holds_kv(self, nbytes: int) -> bool:
+        """Whether a KV destination of ``nbytes`` fits the alias budget now (else: use the Get stream)."""
+        self._reclaim()
+        with self._freed:
+            return self._aliased + align_up(nbytes) <= self.alias_budget
+
+    def get_kv(self, request: pb.GetRequest, layout: BlockLayout, capacity: int, timeout: float | None) -> Steps:
+        """Steps leasing a KV destination of ``capacity`` tokens in the arena and running one ``GetShm``
+        that scatters the blocks into it (each verified by the server on those bytes). Return the
+        :class:`KVResult`; its ``kv`` keeps the range leased while it or a view of it lives.
+
+        :raises KVTierClientError: as the call fails; ``DATA_LOSS`` when a block failed its check (the
+            range goes back, nothing is returned); ``INVALID_ARGUMENT`` for a layout other than the blocks'
+            or a destination larger than the arena.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        shape = kv_shape(layout, capacity)
+        kv_bytes = int(np.prod(shape)) * TORCH_DTYPES[layout.dtype].itemsize
+        slot = yield from self._lease(align_up(kv_bytes), align_up(kv_bytes), deadline)
+        try:
+            resp = yield Unary("GetShm", pb.GetShmRequest(arena_id=self.arena_id, request=request, destination=
+                               pb.ShmKVDestination(offset=slot.offset, capacity_tokens=capacity, dtype=layout.dtype,
+                                                   layers=layout.layers, kv_heads=layout.kv_heads,
+                                                   head_dim=layout.head_dim)), self._left(deadline))
+            view = self.arena.array[slot.offset:slot.offset + kv_bytes]
+            kv = torch.from_numpy(view).view(TORCH_DTYPES[layout.dtype]).reshape(shape)
+            dest, tokens = as_dest(kv, layout.dtype), 0
+            for item in resp.blocks:
+                head = item.header
+                if item.first_token != tokens or not dest.fits(head.dtype, tuple(head.shape)) \
+                        or tokens + head.shape[3] > capacity:
+                    raise KVTierClientError(grpc.StatusCode.INTERNAL, f"block {head.index} is not the next "
+                                            f"{head.dtype} {tuple(head.shape)} block of the destination")
+                if self.verify and dest.checksum_at(tokens, head.shape[3]) != head.checksum:
+                    raise KVTierClientError(grpc.StatusCode.DATA_LOSS, f"block {head.index} (key {head.key.hex()}) "
+                                            "failed its checksum; the bytes were not used")
+                tokens += head.shape[3]
+        except BaseException:
+            self._free(slot)
+            raise
+        with self._freed:
+            self._aliased += slot.capacity
+            self._finalizers[slot.offset] = weakref.finalize(view, self._unalias, slot)
+        end = resp.end
+        return KVResult(kv, [BlockKey(bytes(b.header.key)) for b in resp.blocks],
+                        [TIER_FROM_PROTO.get(b.header.tier) for b in resp.blocks], end.complete,
+                        None if end.complete else end.stopped_at, end.reason, tokens,
+                        [b.header.lossy for b in resp.blocks])
 
     def _unalias(self, slot: Slot) -> None:
         # A finalizer may run inside any allocation (cyclic GC), even one under the allocator's lock:

@@ -113,6 +113,27 @@ class GetResult:
 
 
 @dataclass(frozen=True, slots=True)
+class KVResult:
+    """Blocks of a chain written layer-major into one tensor (``get_kv``): what a cache's layers take as views.
+
+    :ivar kv: ``[2, layers, kv_heads, capacity, head_dim]`` in the layout's dtype, on the host: tokens
+        ``[0, tokens)`` hold the blocks in order, each checksum-verified there; the rest is uninitialised
+        room. ``kv[0, i]`` / ``kv[1, i]`` are layer ``i``'s keys / values. Over shared memory it lies in
+        the client's arena, whose range stays leased until the tensor and every view of it are garbage.
+    :ivar keys, tiers, complete, stopped_at, reason, tokens, lossy: as :class:`GetResult`'s.
+    """
+
+    kv: torch.Tensor
+    keys: list[BlockKey]
+    tiers: list[str]
+    complete: bool
+    stopped_at: int | None
+    reason: str
+    tokens: int
+    lossy: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeInfo:
     """A session's manifest, as a resume found it.
 

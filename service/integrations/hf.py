@@ -15,6 +15,14 @@ A namespace names the model *and its weights* (:func:`~kvtier.service.integratio
 so a new revision never reuses old blocks; a rank of a sharded model adds its :class:`Shard`. Model loading,
 chat templates and greedy decoding for the demo, bench and tests live in :mod:`kvtier.service.apps.model`.
 The model and caches live on the caller's device; blocks travel on CPU.
+
+A restore writes the blocks straight into the cache's final K/V tensors: the client's ``get_kv`` scatters
+them into one layer-major tensor ``[2, layers, kv_heads, capacity, head_dim]`` (over shared memory, the
+server writes into the client's arena), each checked there, and every layer of the ``DynamicCache`` is a
+:class:`~kvtier.service.integrations.presized.PresizedLayer` over its slices: no concatenation, no second
+copy, and room past the restored tokens so the model's next forward appends without copying the cache
+(transformers' own ``DynamicLayer`` copies the whole layer on every append). Layers of other kinds
+(sliding windows) get their tokens through their own ``update`` (a copy).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from transformers.cache_utils import DynamicLayer
 from kvtier.service.client.types import DTYPE_NAMES, TORCH_DTYPES, KVTierClientError, LookupInfo, PutInfo, ResumeInfo
 from kvtier.service.client.local import LocalKVTierClient
 from kvtier.service.integrations.fingerprint import ModelFingerprint, model_fingerprint
+from kvtier.service.integrations.presized import PresizedLayer
 from kvtier.service.wire.convert import DEFAULT_TENANT
 from kvtier.tiering.keys import BlockKey, Namespace, Shard, chain_keys
 from kvtier.tiering.layout import BlockLayout, blocks_for
@@ -135,30 +144,53 @@ def cache_to_blocks(cache, layout: BlockLayout, start_token: int = 0, end_token:
     return blocks
 
 
-def blocks_to_cache(blocks: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, config=None) -> DynamicCache:
-    """A ``DynamicCache`` holding the blocks' tokens in order (the inverse of :func:`cache_to_blocks`).
+#: Tokens of room a restored cache gets past the prompt for generated tokens (see :func:`restore_cache`).
+GENERATION_ROOM = 128
 
-    :param dtype: dtype of the cache (default: the blocks'); :param device: its device (default: the blocks').
+
+def kv_to_cache(kv: torch.Tensor, tokens: int, *, config=None) -> DynamicCache:
+    """A ``DynamicCache`` over the first ``tokens`` tokens of ``kv`` (``[2, layers, kv_heads, capacity,
+    head_dim]``, batch 1) without copying them: each plain layer is a :class:`PresizedLayer` whose K and V
+    are views of ``kv[0, i]`` and ``kv[1, i]``, the rest of the capacity its room. Layers of other kinds
+    (sliding windows, with ``config``) get a copy of the tokens through their own ``update``.
+
     :param config: the model config, for models whose cache layers differ (sliding windows).
-    :raises ValueError: if there are no blocks.
     """
-    if not blocks:
-        raise ValueError("no blocks to build a cache from")
-    kv = torch.cat(list(blocks), dim=3) if len(blocks) > 1 else blocks[0].clone()
-    kv = kv.to(device=device or kv.device, dtype=dtype or kv.dtype)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     for i in range(kv.shape[1]):
         k, v = kv[0, i].unsqueeze(0), kv[1, i].unsqueeze(0)
         if i < len(cache.layers) and type(cache.layers[i]) is not DynamicLayer:
-            cache.update(k, v, i)  # sliding-window and other layers keep their own rules
+            cache.update(k[:, :, :tokens], v[:, :, :tokens], i)  # sliding-window and other layers keep their rules
             continue
-        # A plain layer gets `kv`'s own slices: `update` on an empty layer would copy the whole cache
-        # once more (~94 MB for 2048 SmolLM2 tokens in fp32, a third of a warm restore).
-        cache.update(k[:, :, :0], v[:, :, :0], i)
-        layer = cache.layers[i]
-        layer.keys, layer.values = k, v
+        layer = PresizedLayer(k, v, tokens)
+        if i < len(cache.layers):
+            cache.layers[i] = layer
+        else:
+            cache.layers.append(layer)
     return cache
+
+
+def blocks_to_cache(blocks: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, config=None, room: int = 0) -> DynamicCache:
+    """A ``DynamicCache`` holding the blocks' tokens in order (the inverse of :func:`cache_to_blocks`):
+    each block is copied once into the layer-major tensor the cache's layers view (:func:`kv_to_cache`).
+
+    :param dtype: dtype of the cache (default: the blocks'); :param device: its device (default: the blocks').
+    :param config: the model config, for models whose cache layers differ (sliding windows).
+    :param room: tokens the layers can take past the blocks' before an append copies them.
+    :raises ValueError: if there are no blocks.
+    """
+    if not blocks:
+        raise ValueError("no blocks to build a cache from")
+    first = blocks[0]
+    total = sum(int(b.shape[3]) for b in blocks)
+    kv = torch.empty((*first.shape[:3], total + room, first.shape[4]), dtype=dtype or first.dtype,
+                     device=device or first.device)
+    pos = 0
+    for b in blocks:
+        kv[:, :, :, pos:pos + b.shape[3]].copy_(b)
+        pos += b.shape[3]
+    return kv_to_cache(kv, total, config=config)
 
 
 def _as_client(client):
@@ -215,7 +247,7 @@ def _session_prefix(ns: Namespace, info: ResumeInfo, ids: list[int]) -> tuple[li
 
 def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, namespace: Namespace | None = None,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None, config=None,
-                  accept_lossy: bool = False) -> tuple[DynamicCache | None, int]:
+                  accept_lossy: bool = False, room: int | None = None) -> tuple[DynamicCache | None, int]:
     """The longest cached prefix of ``token_ids`` as a ``DynamicCache``, and how many tokens it covers.
 
     The cache never covers all of ``token_ids`` (at most ``len(token_ids) - 1``), so ``generate``
@@ -226,18 +258,27 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
     block's length is compared with the partial block's key (a namespace target reuses full blocks
     and an identical partial block only: its length is not known).
 
+    The blocks are written straight into the cache's K/V tensors (the client's ``get_kv``; module
+    docstring), verified there; the layers view them (:func:`kv_to_cache`) with ``room`` tokens to grow
+    into before an append copies. With ``dtype`` or ``device`` other than the layout's dtype on the host
+    (a CUDA model), the restored tokens are then copied once into a tensor of that dtype on that device,
+    with the same room: blocks always land in host memory first (the shared-memory arena, or the Get
+    stream's bytes), never straight in device memory.
+
     :param target: the namespace to look the tokens up in, or a session id whose chain is reused
         (its blocks are compared with ``token_ids``' keys under the session's namespace).
     :param namespace: with a session id, the namespace the caller expects (model, revision, layout):
         a session of another namespace gives a miss. With a namespace target, ignored.
-    :param dtype, device, config: passed to :func:`blocks_to_cache`.
+    :param dtype, device, config: as for :func:`blocks_to_cache`.
     :param accept_lossy: also reuse approximate blocks (a lossy namespace's blocks read back from the
         server's cold tier); by default the restored prefix ends before the first of them.
+    :param room: tokens the cache takes past the restored prefix without copying (default: the rest of
+        ``token_ids`` plus :data:`GENERATION_ROOM`).
     :returns: ``(None, 0)`` on a miss.
     :returns: ``(None, 0)`` also for a session that does not exist (yet): a new conversation is a miss.
-    :raises kvtier.service.client.types.KVTierClientError: on transport errors or a block failing its
-        checksum.
-    :raises ValueError: if the blocks' dtype or shape disagree with the namespace's layout.
+    :raises kvtier.service.client.types.KVTierClientError: on transport errors, ``DATA_LOSS`` for a block
+        failing its checksum (no cache is returned), ``INVALID_ARGUMENT`` for blocks whose dtype or shape
+        disagree with the namespace's layout.
     """
     client = _as_client(client)
     ids = [int(t) for t in token_ids]
@@ -264,20 +305,19 @@ def restore_cache(client, target: Namespace | str, token_ids: Sequence[int], *, 
             return None, 0
         keys, cached_tokens = _session_prefix(ns, info, ids)
     use = min(cached_tokens, limit)
-    need = blocks_for(use, ns.layout.block_tokens)
+    bt = ns.layout.block_tokens
+    need = blocks_for(use, bt)
     if not need:
         return None, 0
-    got = client.get(keys[:need], namespace=ns, accept_lossy=accept_lossy)  # act for the namespace's tenant
-    lay = ns.layout
-    for i, b in enumerate(got.blocks):
-        if DTYPE_NAMES.get(b.dtype) != lay.dtype or (b.shape[1], b.shape[2], b.shape[4]) != (lay.layers, lay.kv_heads,
-                                                                                               lay.head_dim):
-            raise ValueError(f"block {i} is {b.dtype} {tuple(b.shape)}, not of layout {lay.describe()}")
+    room = len(ids) - use + GENERATION_ROOM if room is None else max(room, 0)
+    # acts for the namespace's tenant; the last block may reach past `use`: its tail lies in the room
+    got = client.get_kv(keys[:need], namespace=ns, capacity=max(need * bt, use + room), accept_lossy=accept_lossy)
     use = min(use, got.tokens)
     if not use:
         return None, 0
-    blocks = list(got.blocks[:need])
-    extra = sum(int(b.shape[3]) for b in blocks) - use
-    if extra > 0:  # the last block reaches past `use`: keep its head only
-        blocks[-1] = blocks[-1][:, :, :, :blocks[-1].shape[3] - extra]
-    return blocks_to_cache(blocks, dtype=dtype, device=device, config=config), use
+    kv = got.kv
+    if (dtype is not None and dtype != kv.dtype) or (device is not None and torch.device(device) != kv.device):
+        moved = torch.empty(kv.shape, dtype=dtype or kv.dtype, device=device or kv.device)
+        moved[:, :, :, :use].copy_(kv[:, :, :, :use])
+        kv = moved
+    return kv_to_cache(kv, use, config=config), use

@@ -126,6 +126,12 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class DataLoss(ServiceError):
+    """Stored bytes failed their check on their way to the caller (none of them reached it as a result)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class StreamIdle(ServiceError):
     """A request stream sent nothing for longer than the server's idle timeout; it was closed."""
 

@@ -22,6 +22,10 @@ common case (the caller owns the arena's space and names the ranges; the server 
   region (one copy from the warm or hot tier, a device-to-host copy for a GPU block, cold blocks
   decompressed straight into it; each checked on the arena's bytes), and the answer says where. When the region fills up first the answer says so (reason ``"region"``) with
   the rest of the chain's keys, so the caller's next call reads the same chain.
+  With a ``destination`` instead of a region (the caller's attention-cache tensors, layer-major),
+  ``TieredStore.scatter_out`` writes each block at its tokens, checked on the bytes written there: a
+  block whose namespace layout is not the destination's geometry is ``INVALID_ARGUMENT`` (field
+  ``destination``), a block failing its check ``DATA_LOSS`` (the caller gets no block of the answer).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import logging
 
 from kvtier.service.server import offload
 from kvtier.service.server.core import Caller, ServerCore
-from kvtier.service.server.errors import ShmUnavailable
+from kvtier.service.server.errors import DataLoss, ShmUnavailable
 from kvtier.service.server.shm_broker import ArenaRegistry, ServerArena, Upload
 from kvtier.service.wire import convert
 from kvtier.service.wire._gen.kvtier.v1 import kvtier_pb2 as pb
 from kvtier.service.wire.arena import ALIGNMENT
 from kvtier.tiering.errors import InvalidBlock
+from kvtier.tiering.layout import DTYPES, MAX_DIM, itemsize
+from kvtier.tiering.scatter import KVDest
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +149,18 @@ async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetSh
     registry = _registry(shm)
     tenant = caller.tenant(request.request.tenant)
     with registry.use(request.arena_id, caller.principal) as arena:  # first: a stranger learns nothing more
-        region = _range(arena, request.region.offset, request.region.length, "region")
+        if request.HasField("destination"):
+            target = _destination(arena, request.destination)
+        else:
+            target = _range(arena, request.region.offset, request.region.length, "region")
         read = await core.read_chain(request.request, tenant)
-        filled, miss, next_bytes = await offload.run(_fill, core.store, arena, region, read.wanted, tenant,
+        filled, miss, next_bytes = await offload.run(_fill, core.store, arena, target, read.wanted, tenant,
                                                            deadline, not request.request.accept_lossy)
+        scatter = isinstance(target[1], KVDest)  # `place`: the block's first token there, else its offset
         resp = pb.GetShmResponse(blocks=[
-            pb.ShmBlock(header=convert.block_header_to_proto(read.start + i, key, block, tier), offset=offset)
-            for i, (key, block, tier, offset) in enumerate(filled)])
+            pb.ShmBlock(header=convert.block_header_to_proto(read.start + i, key, block, tier),
+                        offset=target[0] if scatter else place, first_token=place if scatter else 0)
+            for i, (key, block, tier, place) in enumerate(filled)])
         reason = "region" if next_bytes else "miss" if miss else ""
         if next_bytes:
             resp.rest_keys.extend(read.rest(len(filled)))
@@ -159,27 +170,68 @@ async def get_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.GetSh
     return resp
 
 
-def _fill(store, arena: ServerArena, region: tuple[int, int], keys, tenant: str, deadline: float | None,
-          exact_only: bool = True):
-    """Write blocks of ``keys`` (prefix order) into ``region`` with :meth:`TieredStore.copy_out` (one
-    copy from memory, cold blocks decoded straight into the arena, each checked on the arena's bytes)
-    until a miss, a foreign block, with ``exact_only`` a lossy block (none of its bytes are written),
-    the deadline or a block that does not fit. Runs on one worker thread.
+def _destination(arena: ServerArena, d: pb.ShmKVDestination) -> tuple[int, KVDest]:
+    """The arena's bytes a ``ShmKVDestination`` names, as a :class:`KVDest`, after checking them.
 
-    :returns: ``([(key, block, tier, offset)...], missed, bytes of the block that did not fit or 0)``.
+    :raises InvalidBlock: (field ``destination`` or ``destination.<name>``) for an unknown dtype, a
+        dimension out of range, a first token past the capacity, an unaligned offset or a range
+        outside the arena.
+    """
+    if d.dtype not in DTYPES:
+        raise InvalidBlock(f"unknown dtype {d.dtype!r}; expected one of {', '.join(DTYPES)}",
+                           field="destination.dtype")
+    for name in ("capacity_tokens", "layers", "kv_heads", "head_dim"):
+        if not 1 <= getattr(d, name) <= (1 << 24 if name == "capacity_tokens" else MAX_DIM):
+            raise InvalidBlock(f"{name} {getattr(d, name)} is out of range", field=f"destination.{name}")
+    if d.first_token >= d.capacity_tokens:
+        raise InvalidBlock(f"first token {d.first_token} is not below the capacity {d.capacity_tokens}",
+                           field="destination.first_token")
+    if d.offset % ALIGNMENT:
+        raise InvalidBlock(f"offset {d.offset} is not a multiple of {ALIGNMENT}", field="destination.offset")
+    row = d.head_dim * itemsize(d.dtype)
+    shape = (2, d.layers, d.kv_heads, d.capacity_tokens, row)
+    start, length = _range(arena, d.offset, 2 * d.layers * d.kv_heads * d.capacity_tokens * row, "destination")
+    return start, KVDest(arena.arena.array[start:start + length].reshape(shape), d.dtype, d.first_token)
+
+
+def _fill(store, arena: ServerArena, target: tuple[int, int] | tuple[int, KVDest], keys, tenant: str,
+          deadline: float | None, exact_only: bool = True):
+    """Write blocks of ``keys`` (prefix order) into ``target``, a region ``(offset, length)`` with
+    :meth:`TieredStore.copy_out` (one copy from memory, cold blocks decoded straight into the arena)
+    or a destination ``(offset, KVDest)`` with :meth:`TieredStore.scatter_out`, each checked on the
+    arena's bytes, until a miss, a foreign block, with ``exact_only`` a lossy block (none of its bytes
+    are written), the deadline or a block that does not fit. Runs on one worker thread.
+
+    :returns: ``([(key, block, tier, place)...], missed, bytes of the block that did not fit or 0)``,
+        ``place`` the block's offset in the arena, or with a destination its first token there.
+    :raises InvalidBlock: a block of the caller's whose layout is not the destination's geometry.
+    :raises DataLoss: a block failed its check on a destination (none of the answer is sent).
     """
     if not arena.alive:
         raise ShmUnavailable("the arena was closed by its owner")
+    start, where = target
+    dest = where if isinstance(where, KVDest) else None
     owners: dict[bytes, bool] = {}
 
     def accept(ns_id: bytes) -> bool:
         if ns_id not in owners:
             ns = store.namespace_of(ns_id)
             owners[ns_id] = ns is not None and ns.tenant == tenant
+            lay = ns.layout if owners[ns_id] else None
+            if dest is not None and lay is not None and (lay.dtype, lay.layers, lay.kv_heads,
+                                                         lay.head_dim) != dest.geometry:
+                raise InvalidBlock(f"the blocks' layout {lay.describe()} is not the destination's geometry "
+                                   f"{dest.geometry}", field="destination")
         return owners[ns_id]
 
-    start, length = region
-    got = store.copy_out(keys, arena.arena.array[start:start + length], align=ALIGNMENT, accept=accept,
-                         deadline=deadline, exact_only=exact_only)
-    items = [(key, block, tier, start + offset) for key, block, tier, offset in got.items]
+    if dest is None:
+        got = store.copy_out(keys, arena.arena.array[start:start + where], align=ALIGNMENT, accept=accept,
+                             deadline=deadline, exact_only=exact_only)
+        items = [(key, block, tier, start + offset) for key, block, tier, offset in got.items]
+    else:
+        got = store.scatter_out(keys, dest, accept=accept, deadline=deadline, exact_only=exact_only)
+        if got.stop == "damaged":
+            raise DataLoss(f"block {len(got.items)} of the chain failed its checksum on its way to the caller; "
+                           "no block of this answer is to be used")
+        items = got.items
     return items, got.stop == "miss", got.next_bytes

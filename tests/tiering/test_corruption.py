@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
-import lmdb
 import pytest
 from tiering_helpers import NS, cold_of, payload, tokens_for
 
 from kvtier.tiering.codec import HEADER
-
-
-def _flip(data_dir: str, key, at) -> None:
-    """Flip one byte of ``key``'s record with lmdb directly (the store is closed)."""
-    env = lmdb.open(os.path.join(data_dir, "cold"), max_dbs=8, subdir=True)
-    blocks = env.open_db(b"blocks", create=False)
-    with env.begin(write=True, db=blocks) as txn:
-        rec = bytearray(txn.get(key.digest))
-        i = at(len(rec))
-        rec[i] ^= 0xA5
-        txn.put(key.digest, bytes(rec))
-    env.close()
+from tests.fixtures.records import flip_record as _flip
 
 
 def damaged_store(make_store, data_dir: str, seq: int):

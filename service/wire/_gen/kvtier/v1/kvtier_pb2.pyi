@@ -439,22 +439,44 @@ class PutShmResponse(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ..., done: _Optional[_Union[PutResponse, _Mapping]] = ...) -> None: ...
 
 class GetShmRequest(_message.Message):
-    __slots__ = ("arena_id", "request", "region")
+    __slots__ = ("arena_id", "request", "region", "destination")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
     request: GetRequest
     region: ShmSlot
-    def __init__(self, arena_id: _Optional[str] = ..., request: _Optional[_Union[GetRequest, _Mapping]] = ..., region: _Optional[_Union[ShmSlot, _Mapping]] = ...) -> None: ...
+    destination: ShmKVDestination
+    def __init__(self, arena_id: _Optional[str] = ..., request: _Optional[_Union[GetRequest, _Mapping]] = ..., region: _Optional[_Union[ShmSlot, _Mapping]] = ..., destination: _Optional[_Union[ShmKVDestination, _Mapping]] = ...) -> None: ...
+
+class ShmKVDestination(_message.Message):
+    __slots__ = ("offset", "capacity_tokens", "first_token", "dtype", "layers", "kv_heads", "head_dim")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    capacity_tokens: int
+    first_token: int
+    dtype: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    def __init__(self, offset: _Optional[int] = ..., capacity_tokens: _Optional[int] = ..., first_token: _Optional[int] = ..., dtype: _Optional[str] = ..., layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
 
 class ShmBlock(_message.Message):
-    __slots__ = ("header", "offset")
+    __slots__ = ("header", "offset", "first_token")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     header: BlockHeader
     offset: int
-    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+    first_token: int
+    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., offset: _Optional[int] = ..., first_token: _Optional[int] = ...) -> None: ...
 
 class GetShmResponse(_message.Message):
     __slots__ = ("blocks", "end", "rest_keys", "next_block_bytes")
