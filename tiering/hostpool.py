@@ -85,6 +85,16 @@ class HostPool:
             self._wake.set()  # fill the reserve from the start
             self._thread.start()
 
+    @classmethod
+    def for_warm(cls, warm, config) -> "HostPool":
+        """The pool of a store whose warm tier is ``warm`` (``None``: none): up to its capacity plus the
+        reserve (``config.warm_capacity``, ``config.warm_reserve``) and two chunks of slack; no pool
+        (every take is ``np.empty``) without a warm tier or with page-locked warm buffers (CUDA), whose
+        staging copies every block anyway."""
+        if warm is None or getattr(warm, "pin_memory", False):
+            return cls(0)
+        return cls(config.warm_capacity + config.warm_reserve + 2 * CHUNK_BYTES, config.warm_reserve)
+
     # -- taking and giving back ------------------------------------------------------------------
     def take(self, nbytes: int) -> np.ndarray:
         """A writable, C-contiguous ``uint8`` array of ``nbytes``, from the pool when it can (its memory

@@ -56,7 +56,7 @@ from .sessions import Session, session_id_key
 from .spans import session_hash
 from .stats import StoreStats
 from .tier import Block, Tier
-from .hostpool import CHUNK_BYTES, HostPool
+from .hostpool import HostPool
 from .tierlist import TierList, build_tiers
 from .tombstones import Tombstones
 
@@ -123,10 +123,7 @@ class TieredStore:
         self.copyouts = CopyOuts(self.tiers, self.placement, leases=self.leases, pool=self._pool,
                                  pool_threads=fetch_threads, tracer=self.tracer, lease_s=cfg.lease_s, **shared)
         self.retention = Retention(self.tiers.caches, self.session_records.all, self.loader.erase, lock)
-        # put blocks' host memory: faulted in ahead and recycled (not for page-locked warm buffers: staging copies)
-        warm = next((t for t in self.tiers.caches if t.name == "warm" and not t.pin_memory), None)
-        self.hostpool = HostPool(cfg.warm_capacity + cfg.warm_reserve + 2 * CHUNK_BYTES if warm is not None else 0,
-                                 cfg.warm_reserve)
+        self.hostpool = HostPool.for_warm(next((t for t in self.tiers.caches if t.name == "warm"), None), cfg)
         self.ingest = Ingest(cfg, self.tiers, self.placement, lock=lock, stats=self.stats,
                              sessions=self.session_records, namespaces=self.namespaces, tracer=self.tracer,
                              priorities=self.retention.priorities, after_durable=self.fleet.durable_put,
@@ -226,15 +223,13 @@ class TieredStore:
         return self.loader.read_resident(keys, start, accept)
 
     def copy_out(self, keys: Sequence[BlockKey], region: np.ndarray, **options) -> CopyOut:
-        """Write the blocks of ``keys`` (prefix order) into ``region``: :meth:`CopyOuts.copy_out
-        <tiering.copyout.CopyOuts.copy_out>` with its keyword ``options``. :raises TierUnavailable: if closed."""
+        """:meth:`CopyOuts.copy_out <tiering.copyout.CopyOuts.copy_out>`. :raises TierUnavailable: if closed."""
         self._check_open()
         return self.copyouts.copy_out(keys, region, **options)
 
     def scatter_out(self, keys: Sequence[BlockKey], dest: KVDest, **options) -> CopyOut:
-        """Write the blocks of ``keys`` (prefix order) into the layer-major KV destination ``dest``:
-        :meth:`CopyOuts.scatter_out <tiering.copyout.CopyOuts.scatter_out>` with its keyword ``options``.
-        :raises TierUnavailable: if closed."""
+        """:meth:`CopyOuts.scatter_out <tiering.copyout.CopyOuts.scatter_out>` (into a layer-major KV
+        destination). :raises TierUnavailable: if closed."""
         self._check_open()
         return self.copyouts.scatter_out(keys, dest, **options)
 
@@ -248,12 +243,11 @@ class TieredStore:
                                     on_done=lambda: self._report_timing("prefetch", t0))
 
     def _report_timing(self, what: str, t0: float) -> None:
-        hook = self.on_timing
-        if hook is not None:
-            try:
-                hook(what, time.monotonic() - t0)
-            except Exception:  # a metrics hook must never break a prefetch
-                log.debug("timing hook failed", exc_info=True)
+        try:  # a metrics hook must never break a prefetch
+            if self.on_timing is not None:
+                self.on_timing(what, time.monotonic() - t0)
+        except Exception:
+            log.debug("timing hook failed", exc_info=True)
 
     # -- where things are (no data movement, no recency change) -----------------------------------------------
     def where(self, key: BlockKey) -> str | None:
@@ -409,14 +403,10 @@ class TieredStore:
             snap = self.stats.snapshot()
         durable = self.tiers.durable
         queued, jobs = durable.queue_depth() if durable is not None else (0, 0)
-        snap["pending_writes"] = queued
-        snap["inflight_loads"] = self.loader.inflight()
-        snap["usage"] = self.usage()
-        snap["pinned_blocks"] = self.leases.pinned_keys()
-        snap["active_leases"] = self.leases.active()
-        snap["write_queue_depth"] = jobs
         raw, rec = snap["cold_raw_bytes_written"], snap["cold_record_bytes_written"]
-        snap["compression_ratio"] = raw / rec if rec else None
+        snap.update(pending_writes=queued, inflight_loads=self.loader.inflight(), usage=self.usage(),
+                    pinned_blocks=self.leases.pinned_keys(), active_leases=self.leases.active(),
+                    write_queue_depth=jobs, compression_ratio=raw / rec if rec else None)
         snap.update(self.fleet.snapshot())
         snap.update(self.hostpool.stats())
         return snap
