@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 
 #: Targets a tiny run cannot measure: tiny mode skips the cold-only servers; the peers run only with --peers.
 NOT_MEASURED_IN_TINY = {"resume_cold_speedup", "resume_cold_fp8_speedup", "resume_cold_vs_oracle", "lmcache_same_host",
-                        "lmcache_same_host_store", "lmcache_grpc", "resume_warm_vs_oracle"}
+                        "lmcache_same_host_store", "lmcache_grpc"}
 #: Targets of the fleet scenario, which needs redis-server (without it: "not measured", with a note).
 FLEET_TARGETS = {"fleet_resume_speedup", "fleet_get_vs_redis", "fleet_write_vs_raw"}
 #: Targets computed from the codec scenario's rows alone.
