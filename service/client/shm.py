@@ -90,6 +90,8 @@ class ShmLink:
         self.arena_id = arena_id
         self.arena = arena
         self._sock = sock
+        #: set by :meth:`close` (stops the arena's prefault thread, if any)
+        self.closed = threading.Event()
         #: The calls' way over the arena's socket (``None``: they go over gRPC; see :meth:`open`).
         self.control = shm_control.ControlChannel(sock) if control else None
         self.slots = SlotAllocator(arena.size)
@@ -137,6 +139,9 @@ class ShmLink:
             try:
                 os.set_inheritable(fds[0], False)
                 arena = Arena(fds[0], resp.size_bytes)
+                closed = threading.Event()
+                if resp.prefault:  # the server allocates the pages; this fills our page tables, reads only
+                    arena.prefault_in_background(closed)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -145,7 +150,9 @@ class ShmLink:
             sock.close()
             raise
         log.debug("shared-memory arena of %d MiB mapped from %s", resp.size_bytes >> 20, resp.socket_path)
-        return cls(resp.arena_id, arena, sock, control=resp.control and shm_control.wanted())
+        link = cls(resp.arena_id, arena, sock, control=resp.control and shm_control.wanted())
+        link.closed = closed
+        return link
 
     def _lease(self, need: int, want: int, deadline: float | None) -> Steps:
         """Steps giving a range of ``need`` to ``want`` bytes, waiting (until ``deadline``) for other
@@ -416,6 +423,7 @@ class ShmLink:
 
     def close(self) -> None:
         """Close the socket (the server drops the arena); the mapping goes with the last reference."""
+        self.closed.set()
         if self.control is not None:
             self.control.close()
         else:

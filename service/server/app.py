@@ -131,7 +131,7 @@ def shm_registry(settings: Settings, store: TieredStore) -> ArenaRegistry | None
     if not cfg.shm_enabled:
         return None
     return ArenaRegistry(cfg.shm_socket, int(cfg.shm_arena_bytes), lease_s=store.config.lease_s,
-                         max_per_caller=cfg.shm_arenas_per_caller)
+                         max_per_caller=cfg.shm_arenas_per_caller, prefault=cfg.shm_prefault)
 
 
 def _write_port_file(path: Path, port: int) -> None:

@@ -39,6 +39,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class ServerArena:
     peer_pid: int
     caller: str = ""
     alive: bool = True
+    #: set when the arena is dropped (stops its prefault thread)
+    closed: threading.Event = field(default_factory=threading.Event)
     calls: int = 0
     uploads: dict[str, Upload] = field(default_factory=dict)
 
@@ -161,8 +164,10 @@ class ArenaRegistry:
     """
 
     def __init__(self, socket_path: str | os.PathLike | None, arena_bytes: int, *, lease_s: float = 30.0,
-                 max_per_caller: int = MAX_ARENAS_PER_CALLER) -> None:
+                 max_per_caller: int = MAX_ARENAS_PER_CALLER, prefault: bool = False) -> None:
         self.arena_bytes = int(arena_bytes)
+        #: touch each arena's pages as it is handed out, on a background thread (``server.shm_prefault``)
+        self.prefault = prefault
         self.lease_s = lease_s
         self.max_per_caller = max_per_caller
         self._path = os.fspath(socket_path) if socket_path is not None else None
@@ -299,6 +304,8 @@ class ArenaRegistry:
             finally:
                 os.close(fd)  # the server keeps only the mapping
             arena = ServerArena(promised.arena_id, promised.principal, mapped, pid, promised.caller)
+            if self.prefault:  # reads only, stopped when the arena is dropped
+                mapped.prefault_in_background(arena.closed)
             self._arenas[arena.arena_id] = arena
             self.counters["arenas_opened"] += 1
             log.debug("arena %s… (%d bytes) handed to pid %d", arena.arena_id[:8], promised.size, pid)
@@ -318,6 +325,7 @@ class ArenaRegistry:
         """Forget ``arena`` and its unfinished uploads: new calls cannot use it; its memory goes with the
         last view (Python reference counting keeps it mapped while a copy runs)."""
         arena.alive = False
+        arena.closed.set()
         arena.drop_uploads()
         if self._arenas.pop(arena.arena_id, None) is not None:
             self.counters["arenas_reclaimed"] += 1

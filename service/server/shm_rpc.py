@@ -77,7 +77,7 @@ async def open_arena(core: ServerCore, shm: ArenaRegistry | None, request: pb.Op
     arena_id, ticket, path, size = await registry.issue(caller.principal, request.size_bytes,
                                                         caller=caller_key(caller, context))
     return pb.OpenArenaResponse(arena_id=arena_id, ticket=ticket, socket_path=path, size_bytes=size,
-                                alignment=ALIGNMENT, control=registry.control)
+                                alignment=ALIGNMENT, control=registry.control, prefault=registry.prefault)
 
 
 async def put_shm(core: ServerCore, shm: ArenaRegistry | None, request: pb.PutShmRequest,

@@ -391,20 +391,22 @@ class OpenArenaRequest(_message.Message):
     def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenArenaResponse(_message.Message):
-    __slots__ = ("arena_id", "ticket", "socket_path", "size_bytes", "alignment", "control")
+    __slots__ = ("arena_id", "ticket", "socket_path", "size_bytes", "alignment", "control", "prefault")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FIELD_NUMBER: _ClassVar[int]
+    PREFAULT_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
     ticket: bytes
     socket_path: str
     size_bytes: int
     alignment: int
     control: bool
-    def __init__(self, arena_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., socket_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., alignment: _Optional[int] = ..., control: _Optional[bool] = ...) -> None: ...
+    prefault: bool
+    def __init__(self, arena_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., socket_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., alignment: _Optional[int] = ..., control: _Optional[bool] = ..., prefault: _Optional[bool] = ...) -> None: ...
 
 class ShmSlot(_message.Message):
     __slots__ = ("offset", "length")
