@@ -63,6 +63,9 @@ class Slot:
 
 #: Bytes touched per step of :meth:`Arena.prefault` (the GIL is free during each step's numpy read).
 PREFAULT_STEP = 8 << 20
+#: One prefault pass at a time in a process: many arenas opening at once (32 clients) are touched one
+#: after another instead of all competing for the CPUs and memory bandwidth their calls need.
+_PREFAULT_LOCK = threading.Lock()
 
 
 class Arena:
@@ -86,11 +89,13 @@ class Arena:
     def prefault(self, stop: threading.Event | None = None) -> None:
         """Read one byte of every page (until ``stop`` is set): the shared memory's pages are allocated
         and this mapping's page tables filled now, not by the first copy into each range (a fault per
-        4 KiB costs about as much as the copy itself). Reads only: safe while calls use the arena."""
-        for start in range(0, self.size, PREFAULT_STEP):
-            if stop is not None and stop.is_set():
-                return
-            self.array[start:start + PREFAULT_STEP:4096].max()
+        4 KiB costs about as much as the copy itself). Reads only: safe while calls use the arena. One pass
+        at a time per process (:data:`_PREFAULT_LOCK`)."""
+        with _PREFAULT_LOCK:
+            for start in range(0, self.size, PREFAULT_STEP):
+                if stop is not None and stop.is_set():
+                    return
+                self.array[start:start + PREFAULT_STEP:4096].max()
 
     def prefault_in_background(self, stop: threading.Event | None = None) -> threading.Thread:
         """:meth:`prefault` on a daemon thread (it keeps the mapping alive until it ends)."""
