@@ -72,14 +72,15 @@ class ServerSettings(BaseModel):
         clients use the gRPC streams.
     :ivar shm_socket: Unix socket that hands arena fds to callers; unset: a fresh private (0700)
         directory under the temp dir, reachable by this uid only. Name a path to serve other uids.
-    :ivar shm_arena_bytes: size of each caller's arena (committed at once with ``shm_prefault``, else as used).
+    :ivar shm_arena_bytes: size of each caller's arena (committed as used, or at once with ``shm_prefault``).
         Blocks larger than an arena travel over gRPC; sessions larger than it move in pieces.
     :ivar shm_arenas_per_caller: arenas one caller may hold (its tenant with tokens, else its
         connection); 0 = no limit beyond the server's 256.
     :ivar shm_prefault: touch every page of an arena as it is handed out (on a background thread, and
         the client its own mapping): each arena's full size is committed at once, and no call pays the
-        first-touch page faults of a fresh range (~1 ms per MiB on small VMs). Off: memory is committed
-        as ranges are first used.
+        first-touch page faults of a fresh range (~1 ms per MiB on small VMs). Off (the default): memory
+        is committed as ranges are first used, and many clients opening at once do not compete with
+        their calls for the CPU. Turn it on for long-lived same-host clients that hold results.
     :ivar shm_control: also serve ``PutShm``/``GetShm`` as frames over each arena's Unix socket
         (``service/server/shm_control.py``), which same-host clients prefer to the gRPC unary calls.
     """
@@ -101,7 +102,7 @@ class ServerSettings(BaseModel):
     shm_arena_bytes: ByteSize = Field(ByteSize(256 << 20), ge=1 << 20)
     shm_arenas_per_caller: int = Field(32, ge=0)
     shm_control: bool = True
-    shm_prefault: bool = True
+    shm_prefault: bool = False
 
 
 class StoreSettings(BaseModel):

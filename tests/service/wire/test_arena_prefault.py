@@ -1,6 +1,6 @@
 """Arena prefault: every page of the shared memory is allocated by one read pass (fstat's block count
-says so), a stop event ends it early, and a server hands its arenas out prefaulted unless
-``server.shm_prefault`` is off."""
+says so), a stop event ends it early, and a server hands its arenas out prefaulted only with
+``server.shm_prefault`` on (off by default)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_a_set_stop_event_ends_the_pass_before_it_allocates():
         os.close(fd)
 
 
-@pytest.mark.parametrize("setting, want", [(None, True), ("false", False)])
+@pytest.mark.parametrize("setting, want", [(None, False), ("true", True)])
 def test_the_server_says_whether_it_prefaults(kvtier_process, setting, want):
     env = {} if setting is None else {"KVTIER_SERVER__SHM_PREFAULT": setting}
     proc = kvtier_process(f"prefault-{setting}", extra_env=env).start()
